@@ -1,0 +1,42 @@
+# Shoal — run `make help` for the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+# uv installs everything from uv.lock; it is installed with pip when missing.
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+RUN := $(UV) run --locked --no-sync
+PYTEST_ARGS ?=
+
+.PHONY: help install up test test-chaos lint fmt typecheck bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+install: ## install uv (if missing) and the locked environment into .venv
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --locked --all-packages
+
+up: install ## run the whole fleet on this machine (embedded NATS + PostgreSQL), Ctrl-C stops it
+	$(RUN) shoal up $(UP_ARGS)
+
+lint: install ## ruff lint + format check
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+fmt: install ## format and auto-fix
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
+
+typecheck: install ## mypy strict
+	$(RUN) mypy libs/common/src libs/client/src services/*/src
+
+test: lint typecheck ## lint, typecheck and run the tests (short fault tests included)
+	$(RUN) pytest -m "not chaos" $(PYTEST_ARGS)
+
+test-chaos: install ## the long fault-injection runs
+	$(RUN) pytest -m chaos $(PYTEST_ARGS)
+
+bench: install ## benchmarks (print figures)
+	$(RUN) python -m bench
+
+clean: ## remove caches and the local fleet's data (.shoal)
+	rm -rf .shoal .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,113 @@
+"""The public message contract: command and event types, their payloads, the session snapshot.
+
+Commands go to ``<prefix>.session.cmd.<session>``; the gateway stamps ``id`` and ``time`` so a
+re-run of the handler gives the same result. Events go to
+``<prefix>.session.evt.<session>.<type>`` with ``seq`` contiguous per session from 1.
+The session snapshot is the value of the ``session-state`` KV bucket; other services read it
+(never write it) — the session service is its single writer.
+
+Example::
+
+    Envelope(id=new_id("cmd"), type=Command.PROMPT_SUBMIT, source="gateway", time=now,
+             subject=session_id, owner=owner, data={"prompt_id": pid, "content": "hi"})
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+
+
+class Command(StrEnum):
+    SESSION_CREATE = "session.create"
+    SESSION_TERMINATE = "session.terminate"
+    PROMPT_SUBMIT = "prompt.submit"
+    PROMPT_ABORT = "prompt.abort"
+    RUNNER_CONNECT = "runner.connect"
+    RUNNER_DISCONNECT = "runner.disconnect"
+    MESSAGE_COMPLETE = "message.complete"
+    QUESTION_ASK = "question.ask"
+    QUESTION_ANSWER = "question.answer"
+
+
+class Event(StrEnum):
+    SESSION_CREATED = "session.created"
+    SESSION_STATUS = "session.status"
+    SESSION_TERMINATED = "session.terminated"
+    PROMPT_QUEUED = "prompt.queued"
+    PROMPT_DISPATCHED = "prompt.dispatched"
+    PROMPT_ABORTED = "prompt.aborted"
+    MESSAGE_CREATED = "message.created"
+    MESSAGE_DELTA = "message.delta"
+    MESSAGE_COMPLETED = "message.completed"
+    QUESTION_ASKED = "question.asked"
+    QUESTION_ANSWERED = "question.answered"
+    QUESTION_EXPIRED = "question.expired"
+    RUNNER_CONNECTED = "runner.connected"
+    RUNNER_DISCONNECTED = "runner.disconnected"
+    COMMAND_REJECTED = "command.rejected"
+
+
+class Status(StrEnum):
+    IDLE = "idle"
+    RUNNING = "running"
+    WAITING_INPUT = "waiting_input"
+    HIBERNATED = "hibernated"
+    TERMINATED = "terminated"
+    ERROR = "error"
+
+
+class QueuedPrompt(msgspec.Struct, kw_only=True):
+    prompt_id: str
+    content: str
+    queued_at: str
+
+
+class SessionSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The hot state of one session (KV ``session-state``, key = session id). Keep it small."""
+
+    id: str
+    owner: str
+    status: str = Status.IDLE
+    created_at: str
+    updated_at: str
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    runner_token_hash: str = ""
+    runner_connected: bool = False
+    runner_epoch: int = 0
+    current_prompt: QueuedPrompt | None = None
+    queue: list[QueuedPrompt] = msgspec.field(default_factory=list)
+    prompt_ids: list[str] = msgspec.field(default_factory=list)  # recent, for idempotency
+    event_seq: int = 0  # last event seq published for this session
+    applied_seq: int = 0  # stream sequence of the last command applied
+    message_count: int = 0
+
+
+_snapshot_encoder = msgspec.json.Encoder()
+_snapshot_decoder = msgspec.json.Decoder(SessionSnapshot)
+
+
+def encode_snapshot(snapshot: SessionSnapshot) -> bytes:
+    return _snapshot_encoder.encode(snapshot)
+
+
+def decode_snapshot(raw: bytes) -> SessionSnapshot:
+    return _snapshot_decoder.decode(raw)
+
+
+def public_session(snapshot: SessionSnapshot) -> dict[str, Any]:
+    """The API's view of a session (no token hash, no internal counters)."""
+    return {
+        "id": snapshot.id,
+        "owner": snapshot.owner,
+        "status": snapshot.status,
+        "created_at": snapshot.created_at,
+        "updated_at": snapshot.updated_at,
+        "metadata": snapshot.metadata,
+        "runner_connected": snapshot.runner_connected,
+        "current_prompt_id": snapshot.current_prompt.prompt_id if snapshot.current_prompt else None,
+        "queued_prompts": len(snapshot.queue),
+        "last_seq": snapshot.event_seq,
+    }

@@ -1,0 +1,44 @@
+"""Messaging: subjects, envelopes, the stream/KV catalog and its provisioning, RPC.
+
+Example::
+
+    from shoal.common.messaging import Subjects, Envelope, encode, decode, partition
+"""
+
+from shoal.common.messaging.catalog import Catalog, provision
+from shoal.common.messaging.connection import connect_nats
+from shoal.common.messaging.envelope import (
+    MSG_ID_HEADER,
+    REPLY_TO_HEADER,
+    TRACEPARENT_HEADER,
+    Envelope,
+    decode,
+    dumps,
+    encode,
+    loads,
+    new_id,
+)
+from shoal.common.messaging.partition import fnv1a32, partition
+from shoal.common.messaging.rpc import request, serve
+from shoal.common.messaging.subjects import Subjects, is_token
+
+__all__ = [
+    "MSG_ID_HEADER",
+    "REPLY_TO_HEADER",
+    "TRACEPARENT_HEADER",
+    "Catalog",
+    "Envelope",
+    "Subjects",
+    "connect_nats",
+    "decode",
+    "dumps",
+    "encode",
+    "fnv1a32",
+    "is_token",
+    "loads",
+    "new_id",
+    "partition",
+    "provision",
+    "request",
+    "serve",
+]

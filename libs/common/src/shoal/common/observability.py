@@ -1,0 +1,97 @@
+"""Structured JSON logs and OpenTelemetry tracing, with W3C trace context in NATS headers.
+
+Example::
+
+    setup_logging(settings)
+    setup_tracing("gateway", settings)
+    headers = inject_trace({})              # add traceparent of the current span
+    with start_span("session.apply", headers): ...   # continue a trace from a message
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import msgspec
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+from shoal.common.settings import CommonSettings
+
+_encoder = msgspec.json.Encoder()
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, service, trace id, extras."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = format(span.trace_id, "032x")
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value if isinstance(value, str | int | float | bool) else repr(value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return _encoder.encode(entry).decode()
+
+
+def setup_logging(settings: CommonSettings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_json:
+        handler.setFormatter(JsonFormatter(settings.service_name))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for noisy in ("uvicorn.access", "aiobotocore", "botocore", "nats.aio.client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def setup_tracing(service: str, settings: CommonSettings) -> TracerProvider:
+    """Install a tracer provider; spans are exported only when ``SHOAL_OTEL_EXPORTER`` asks."""
+    provider = TracerProvider(resource=Resource.create({"service.name": f"shoal-{service}"}))
+    if settings.otel_exporter == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif settings.otel_exporter == "otlp":  # pragma: no cover - needs an exporter package
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+            OTLPSpanExporter,
+        )
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def inject_trace(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current span's ``traceparent`` to outgoing NATS headers."""
+    propagate.inject(headers)
+    return headers
+
+
+@contextmanager
+def start_span(name: str, headers: Mapping[str, str] | None = None, **attributes: Any) -> Iterator[trace.Span]:
+    """A span that continues the trace carried in ``headers`` (if any)."""
+    ctx = propagate.extract(dict(headers or {}))
+    tracer = trace.get_tracer("shoal")
+    with tracer.start_as_current_span(name, context=ctx, attributes=attributes) as span:
+        yield span

@@ -1,0 +1,85 @@
+"""Typed settings shared by every Shoal process, read from ``SHOAL_*`` environment variables.
+
+Example::
+
+    settings = CommonSettings()              # reads SHOAL_NATS_URL, SHOAL_DATABASE_URL, ...
+    settings.subject_prefix                  # "shoal"
+
+Each service subclasses :class:`CommonSettings` with its own fields (see ``<service>/config.py``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["development", "test", "production"]
+
+# Values that must never reach production: they are the README's and the chart's examples.
+_PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "dev", "admin"})
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service shares: where NATS, PostgreSQL and objects live, and how to log."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOAL_", extra="ignore", frozen=True)
+
+    environment: Environment = "development"
+    service_name: str = "shoal"
+    instance_id: str = Field(default="", description="Replica name; defaults to host:pid")
+
+    nats_url: str = "nats://127.0.0.1:14222"
+    nats_connect_timeout: timedelta = timedelta(seconds=5)
+    subject_prefix: str = Field(default="shoal", pattern=r"^[A-Za-z0-9_-]+$")
+    # Number of session partitions. Fixed when SESSION_CMD is first created: changing it later
+    # would move sessions between partitions, so provisioning refuses a different value.
+    session_partitions: int = Field(default=64, ge=1, le=1024)
+    # JetStream replication for streams and buckets (1 on one machine, 3 on a cluster).
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    event_retention: timedelta = timedelta(days=30)
+
+    database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:15432/shoal")
+    database_pool_size: int = 5
+
+    object_store: Literal["fs", "s3"] = "fs"
+    object_store_path: Path = Path(".shoal/objects")
+    s3_bucket: str = "shoal"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=0, ge=0, le=65535)
+    shutdown_grace: timedelta = timedelta(seconds=10)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+
+    dev_admin_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _refuse_placeholders_in_production(self) -> CommonSettings:
+        if self.environment == "production":
+            if self.dev_admin_key is not None:
+                raise ValueError("SHOAL_DEV_ADMIN_KEY is for development only; create keys with the API")
+            for name in ("s3_secret_access_key",):
+                value: SecretStr | None = getattr(self, name)
+                if value is not None and value.get_secret_value().lower() in _PLACEHOLDER_SECRETS:
+                    raise ValueError(f"SHOAL_{name.upper()} is a placeholder; set a real secret")
+        return self
+
+    @property
+    def replica_name(self) -> str:
+        """A name for this process that is unique in the fleet."""
+        if self.instance_id:
+            return self.instance_id
+        import os
+        import socket
+
+        return f"{socket.gethostname()}:{os.getpid()}"
