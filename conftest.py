@@ -65,3 +65,15 @@ def database_url(postgres: EmbeddedPostgres) -> str:
     name = "t" + secrets.token_hex(4)
     postgres.create_database(name)
     return postgres.url(name)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free port (session); any access key works against it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

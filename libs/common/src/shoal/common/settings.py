@@ -67,7 +67,9 @@ class CommonSettings(BaseSettings):
     def _refuse_placeholders_in_production(self) -> CommonSettings:
         if self.environment == "production":
             if self.dev_admin_key is not None:
-                raise ValueError("SHOAL_DEV_ADMIN_KEY is for development only; create keys with the API")
+                raise ValueError(
+                    "SHOAL_DEV_ADMIN_KEY is for development only; create keys with the API"
+                )
             for name in ("s3_secret_access_key",):
                 value: SecretStr | None = getattr(self, name)
                 if value is not None and value.get_secret_value().lower() in _PLACEHOLDER_SECRETS:

@@ -170,7 +170,9 @@ async def provision_stream(js: JetStreamContext, wanted: StreamConfig) -> None:
         return
     if "retention" in diff:
         # The server cannot change retention in place; refusing is safer than recreating.
-        raise Conflict(f"stream {wanted.name} has retention {current.retention}, want {wanted.retention}")
+        raise Conflict(
+            f"stream {wanted.name} has retention {current.retention}, want {wanted.retention}"
+        )
     await js.update_stream(replace(current, **diff))
     log.info("updated stream %s: %s", wanted.name, sorted(diff))
 

@@ -76,7 +76,7 @@ _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
 def new_id(prefix: str) -> str:
-    """A sortable, unique, token-safe id: ``<prefix>_`` + 48-bit ms time + 80 random bits (base32)."""
+    """A sortable, unique, token-safe id: ``<prefix>_`` + ms time + 80 random bits, base32."""
     value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
     chars = []
     for _ in range(26):

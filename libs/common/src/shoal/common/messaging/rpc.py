@@ -29,9 +29,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
-async def request(
-    nc: NATS, subject: str, body: dict[str, Any], *, timeout: float = 5.0
-) -> Any:
+async def request(nc: NATS, subject: str, body: dict[str, Any], *, timeout: float = 5.0) -> Any:  # noqa: ASYNC109 - passed to nc.request, which cleans up its inbox
     """Call ``subject`` and return the reply's data, or raise the error it carried."""
     try:
         msg = await nc.request(subject, dumps(body), timeout=timeout)
