@@ -76,6 +76,7 @@ class SessionSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     runner_token_hash: str = ""
     runner_connected: bool = False
+    runner_connection_id: str = ""  # the live runner socket; a stale disconnect is ignored
     runner_epoch: int = 0
     current_prompt: QueuedPrompt | None = None
     queue: list[QueuedPrompt] = msgspec.field(default_factory=list)

@@ -1,0 +1,303 @@
+"""The edge: turn one NATS message into a call of the rules, commit its effects, then ack.
+
+Order of effects for one command, and why it is safe (DESIGN §3.3)::
+
+    1. compute (new_state, events) = apply(old_state, command, stream_seq)    pure
+    2. publish every event, Nats-Msg-Id = "<session>:<stream_seq>:<n>", await each PubAck
+    3. CAS-write new_state (it records applied_seq = stream_seq) on the revision we read
+    4. reply on Shoal-Reply-To, then ack the command
+
+- Crash before 2 finishes: nothing is written; the command comes back, is applied to the same
+  old state, and yields the same events with the same ids; the ledger drops those it has.
+- Crash between 2 and 3: the same; every event is a duplicate within the 10 min window.
+- Crash between 3 and 4: the command comes back with stream_seq <= applied_seq; apply says
+  ``already_applied``, its events are in the ledger since step 2, so we just answer and ack.
+- CAS loses at 3: someone else wrote the session. We drop the cached state, re-read, and run
+  the command again from step 1 (skipped if the other writer already applied it).
+
+Writing the state first instead would need the events kept somewhere to re-publish after a
+crash between the write and the publish: in the snapshot (too big: message bodies) or an
+outbox. Publishing first needs nothing but determinism. Its cost: events can reach the ledger
+of a writer whose CAS then fails. With one writer per session (today: a static partition
+assignment) they are the very events the state will record; a fenced stale writer is the
+lease issue's to stop before it publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from shoal.common.contracts import SessionSnapshot
+from shoal.common.errors import BadRequest, Fenced, ShoalError
+from shoal.common.messaging import REPLY_TO_HEADER, Envelope, decode
+from shoal.common.observability import inject_trace, start_span
+from shoal.session import metrics
+from shoal.session.service import (
+    Result,
+    apply,
+    error_reply,
+    messages_page,
+    parse_messages_query,
+)
+from shoal.session.store import EventLedger, HistoryStore, Replier, StateStore
+
+log = logging.getLogger(__name__)
+
+# Back-off between attempts of a command whose I/O failed (NATS reconnecting, timeouts), s.
+_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class SessionCache:
+    """A lane's view of its session: the state and KV revision it last read or wrote.
+
+    Valid because this replica is the session's only writer; any doubt (a lost CAS, an I/O
+    error) drops it and the next attempt reads the bucket again.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.state: SessionSnapshot | None = None
+        self.revision = 0
+        self.loaded = False
+
+    async def get(self, states: StateStore) -> tuple[SessionSnapshot | None, int]:
+        if not self.loaded:
+            self.state, self.revision = await states.load(self.session_id)
+            self.loaded = True
+        return self.state, self.revision
+
+    def remember(self, state: SessionSnapshot | None, revision: int) -> None:
+        self.state, self.revision, self.loaded = state, revision, True
+
+    def forget(self) -> None:
+        self.state, self.revision, self.loaded = None, 0, False
+
+
+class CommandHandler:
+    """Handles one command message of a session lane, from decode to ack."""
+
+    def __init__(
+        self,
+        states: StateStore,
+        ledger: EventLedger,
+        replier: Replier,
+    ) -> None:
+        self._states = states
+        self._ledger = ledger
+        self._replier = replier
+        self._stopping = False
+
+    def stop_retrying(self) -> None:
+        """At shutdown: a command whose I/O fails is left unacked instead of retried."""
+        self._stopping = True
+
+    async def handle(self, cache: SessionCache, msg: Msg) -> None:
+        started = time.perf_counter()
+        headers = dict(msg.headers or {})
+        inbox = headers.get(REPLY_TO_HEADER)
+        stream_seq = int(msg.metadata.sequence.stream)
+        try:
+            command = decode(msg.data)
+            if command.subject != cache.session_id:
+                raise BadRequest(
+                    "envelope subject does not match the command subject",
+                    detail={"subject": command.subject, "session_id": cache.session_id},
+                )
+        except BadRequest as exc:
+            # Never retried: a malformed command cannot get better. Logged, answered, acked.
+            log.warning(
+                "malformed command",
+                extra={"session_id": cache.session_id, "stream_seq": stream_seq, "error": str(exc)},
+            )
+            metrics.COMMANDS.labels("other", "malformed").inc()
+            await self._answer(inbox, error_reply(exc))
+            await msg.ack()
+            return
+
+        label = metrics.command_label(command.type)
+        with start_span(
+            "session.apply", headers, session_id=cache.session_id, command_type=command.type
+        ):
+            trace_headers = inject_trace({})
+            result = await self._commit_with_retries(cache, msg, command, stream_seq, trace_headers)
+        if result is None:
+            return  # shutting down mid-retry: left unacked, it comes back to the next owner
+        await self._answer(inbox, result.reply)
+        await msg.ack()
+        metrics.COMMANDS.labels(label, _outcome(result)).inc()
+        metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+        if result.error is not None:
+            log.info(
+                "command rejected",
+                extra={
+                    "session_id": cache.session_id,
+                    "command_type": command.type,
+                    "code": result.error.code,
+                },
+            )
+
+    async def _commit_with_retries(
+        self,
+        cache: SessionCache,
+        msg: Msg,
+        command: Envelope,
+        stream_seq: int,
+        trace_headers: dict[str, str],
+    ) -> Result | None:
+        failures = fenced = 0
+        while True:
+            try:
+                return await self._commit(cache, command, stream_seq, trace_headers)
+            except Fenced:
+                metrics.FENCED_WRITES.inc()
+                log.warning(
+                    "state write fenced; re-reading the session",
+                    extra={"session_id": cache.session_id, "stream_seq": stream_seq},
+                )
+                cache.forget()
+                fenced += 1
+                if fenced > 1:  # the first re-read is immediate; a writer that keeps
+                    # winning is not raced in a tight loop
+                    await asyncio.sleep(_RETRY_DELAYS[min(fenced, len(_RETRY_DELAYS) - 1)])
+            except _ApplyFailed as exc:
+                # A bug in the rules, not a bad command (those are replies). Retrying gives the
+                # same result, so the message is terminated rather than redelivered forever.
+                log.error(
+                    "command handler failed; terminating the message",
+                    exc_info=exc.__cause__,
+                    extra={"session_id": cache.session_id, "stream_seq": stream_seq},
+                )
+                metrics.COMMANDS.labels(metrics.command_label(command.type), "failed").inc()
+                await self._answer(
+                    msg.headers.get(REPLY_TO_HEADER) if msg.headers else None,
+                    error_reply(ShoalError("the session could not apply this command")),
+                )
+                await msg.term()
+                return None
+            except Exception as exc:  # NATS I/O: publish, KV read or write
+                cache.forget()  # a timed-out write may still have landed: read again
+                metrics.IO_RETRIES.inc()
+                if self._stopping:
+                    log.warning(
+                        "giving up on a command at shutdown (it will be redelivered)",
+                        extra={"session_id": cache.session_id, "error": repr(exc)},
+                    )
+                    return None
+                delay = _RETRY_DELAYS[min(failures, len(_RETRY_DELAYS) - 1)]
+                failures += 1
+                log.warning(
+                    "command I/O failed; retrying",
+                    extra={"session_id": cache.session_id, "error": repr(exc), "delay_s": delay},
+                )
+                # Keep the command ours while we retry: without this the server would
+                # redeliver it after ack_wait while a later command of the session waits.
+                try:
+                    await msg.in_progress()
+                except Exception:
+                    log.debug("in_progress failed", exc_info=True)
+                await asyncio.sleep(delay)
+
+    async def _commit(
+        self,
+        cache: SessionCache,
+        command: Envelope,
+        stream_seq: int,
+        trace_headers: dict[str, str],
+    ) -> Result:
+        state, revision = await cache.get(self._states)
+        try:
+            result = apply(state, command, stream_seq)
+        except Exception as exc:
+            raise _ApplyFailed from exc
+        if result.events:
+            await self._ledger.publish(result.events, trace_headers)
+        if result.changed:
+            assert result.new_state is not None
+            revision = await self._states.save(result.new_state, revision)
+            cache.remember(result.new_state, revision)
+        return result
+
+    async def _answer(self, inbox: str | None, body: dict[str, Any]) -> None:
+        if not inbox:
+            return
+        try:
+            await self._replier.reply(inbox, body)
+        except Exception:  # the caller may be gone; the command is committed either way
+            log.warning("could not answer %s", inbox, exc_info=True)
+
+
+class _ApplyFailed(Exception):
+    pass
+
+
+def _outcome(result: Result) -> str:
+    if result.already_applied:
+        return "redelivered"
+    if result.error is not None:
+        return "rejected"
+    return "applied"
+
+
+class ProjectionHandler:
+    """Writes a batch of ledger events into PostgreSQL, then acks them."""
+
+    def __init__(self, history: HistoryStore) -> None:
+        self._history = history
+
+    async def handle(self, msgs: list[Msg]) -> None:
+        events: list[Envelope] = []
+        good: list[Msg] = []
+        for msg in msgs:
+            try:
+                events.append(decode(msg.data))
+                good.append(msg)
+            except BadRequest:
+                log.warning("malformed event on %s; skipped", msg.subject)
+                metrics.PROJECTED.labels("malformed").inc()
+                await msg.term()
+        try:
+            await self._history.project(events)
+        except Exception:
+            log.warning("projection write failed; events will come back", exc_info=True)
+            metrics.PROJECTED.labels("failed").inc(len(good))
+            for msg in good:
+                await msg.nak(delay=1.0)
+            return
+        for msg in good:
+            await msg.ack()
+        metrics.PROJECTED.labels("written").inc(len(good))
+
+
+class MessagesRpc:
+    """``rpc("session", "messages")``: a page of a session's history from PostgreSQL.
+
+    The projection follows the ledger asynchronously, so a message committed a few
+    milliseconds ago may not be in the page yet; the event stream is the source of truth.
+    """
+
+    def __init__(self, history: HistoryStore) -> None:
+        self._history = history
+
+    async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+        query = parse_messages_query(body)
+        rows = await self._history.messages(query.session_id, query.after, query.limit + 1)
+        page, next_cursor = messages_page(rows, query.limit)
+        return {
+            "messages": [
+                {
+                    "id": r.id,
+                    "prompt_id": r.prompt_id,
+                    "role": r.role,
+                    "content": r.content,
+                    "created_at": r.created_at,
+                    "seq": r.seq,
+                }
+                for r in page
+            ],
+            "next": next_cursor,
+        }

@@ -1,0 +1,40 @@
+"""Prometheus metrics of the session service (process-wide, registered once at import)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shoal.common.contracts import Command
+
+COMMANDS = Counter(
+    "shoal_session_commands_total",
+    "Commands handled, by type and outcome (applied, redelivered, rejected, malformed, failed)",
+    ["type", "outcome"],
+)
+FENCED_WRITES = Counter(
+    "shoal_session_fenced_writes_total",
+    "State writes that lost their compare-and-set (someone else wrote the session)",
+)
+IO_RETRIES = Counter(
+    "shoal_session_io_retries_total",
+    "Command attempts retried after a NATS error (publish, KV)",
+)
+APPLY_SECONDS = Histogram(
+    "shoal_session_apply_seconds",
+    "From taking a command off its lane to its ack: load, apply, publish, CAS, reply",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+LANES = Gauge("shoal_session_lanes", "Session lanes alive in this replica")
+IN_FLIGHT = Gauge("shoal_session_commands_in_flight", "Commands fetched and not yet finished")
+PROJECTED = Counter(
+    "shoal_session_projected_events_total",
+    "Events the PostgreSQL projection consumed, by outcome (written, malformed, failed)",
+    ["outcome"],
+)
+
+_KNOWN = frozenset(str(c) for c in Command)
+
+
+def command_label(command_type: str | None) -> str:
+    """A bounded label value: clients choose the type string, so unknown ones collapse."""
+    return command_type if command_type in _KNOWN else "other"

@@ -1,0 +1,185 @@
+"""The commit protocol of one command under faults, on the real server: lost acks (redelivery),
+a crash between publishing events and writing state, and a lost compare-and-set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from _session_support import Gateway, load_state, read_events
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from prometheus_client import REGISTRY
+
+from shoal.common.contracts import Event, SessionSnapshot, encode_snapshot
+from shoal.common.messaging import Catalog, Subjects, partition, provision
+from shoal.session.config import SessionSettings
+from shoal.session.handlers import CommandHandler, SessionCache
+from shoal.session.store import EventLedger, Replier, StateStore
+
+
+class LostAck(Msg):
+    """The message as delivered, but its ack never reaches the server (a crash right after the
+    commit). A fault at the process boundary: everything before the ack really happens."""
+
+    async def ack(self) -> None:
+        return None
+
+
+def lose_ack(msg: Msg) -> LostAck:
+    return LostAck(
+        _client=msg._client,
+        subject=msg.subject,
+        reply=msg.reply,
+        data=msg.data,
+        headers=msg.headers,
+    )
+
+
+class CrashBeforeWrite(StateStore):
+    """The first ``n`` state writes fail after the events were published."""
+
+    def __init__(self, inner: StateStore, n: int = 1) -> None:
+        self._inner = inner
+        self.failures_left = n
+
+    async def load(self, session_id: str) -> tuple[SessionSnapshot | None, int]:
+        return await self._inner.load(session_id)
+
+    async def save(self, snapshot: SessionSnapshot, revision: int) -> int:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise ConnectionError("simulated: connection lost before the state write")
+        return await self._inner.save(snapshot, revision)
+
+
+async def _setup(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, sid: str
+) -> tuple[StateStore, EventLedger, Any]:
+    await provision(js, Catalog.from_settings(settings))
+    subjects = Subjects(settings.subject_prefix)
+    states = StateStore(await js.key_value(subjects.session_state_bucket))
+    ledger = EventLedger(js, subjects)
+    name = "probe"
+    await js.add_consumer(
+        subjects.session_cmd_stream,
+        ConsumerConfig(
+            durable_name=name,
+            filter_subject=subjects.session_partition_filter(
+                partition(sid, settings.session_partitions)
+            ),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=1.0,  # seconds: a lost ack comes back quickly
+        ),
+    )
+    sub = await js.pull_subscribe_bind(durable=name, stream=subjects.session_cmd_stream)
+    return states, ledger, sub
+
+
+def _metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_redelivered_command_is_answered_and_publishes_nothing_new(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    sid = "ses_lostack"
+    states, ledger, sub = await _setup(nc, js, settings, sid)
+    handler = CommandHandler(states, ledger, Replier(nc))
+    for type_, data in [
+        ("session.create", {"metadata": {}}),
+        ("runner.connect", {"connection_id": "c"}),
+        ("prompt.submit", {"prompt_id": "p1", "content": "x"}),
+    ]:
+        await gateway.publish(gateway.command(sid, type_, data))
+    first = await sub.fetch(3, timeout=2)
+    cache = SessionCache(sid)
+    for msg in first:
+        await handler.handle(cache, lose_ack(msg))
+    before = await read_events(js, subjects, sid)
+    assert [e.seq for e in before] == [1, 2, 3, 4, 5]
+
+    # The server redelivers all three after ack_wait; a restarted replica (nothing cached)
+    # finds each at or below applied_seq and only acks it.
+    again = await sub.fetch(3, timeout=5)
+    assert [m.metadata.sequence.stream for m in again] == [
+        m.metadata.sequence.stream for m in first
+    ]
+    assert all(m.metadata.num_delivered == 2 for m in again)
+    redelivered = _metric(
+        "shoal_session_commands_total", type="prompt.submit", outcome="redelivered"
+    )
+    for msg in again:
+        await handler.handle(SessionCache(sid), msg)
+    after = await read_events(js, subjects, sid)
+    assert [e.id for e in after] == [e.id for e in before]
+    assert (
+        _metric("shoal_session_commands_total", type="prompt.submit", outcome="redelivered")
+        == redelivered + 1
+    )
+    info = await js.consumer_info(subjects.session_cmd_stream, "probe")
+    assert info.num_ack_pending == 0
+
+
+async def test_a_crash_between_publish_and_write_leaves_no_duplicate(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    sid = "ses_crash"
+    states, ledger, sub = await _setup(nc, js, settings, sid)
+    await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
+    await gateway.publish(gateway.command(sid, "runner.connect", {"connection_id": "c"}))
+    await gateway.publish(
+        gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "x"})
+    )
+    flaky = CrashBeforeWrite(states, n=2)
+    handler = CommandHandler(flaky, ledger, Replier(nc))
+    retries = _metric("shoal_session_io_retries_total")
+    cache = SessionCache(sid)
+    for msg in await sub.fetch(3, timeout=2):
+        await handler.handle(cache, msg)
+    assert flaky.failures_left == 0
+    assert _metric("shoal_session_io_retries_total") == retries + 2
+    events = await read_events(js, subjects, sid)
+    # session.created was published twice (once per failed write) and stored once
+    assert [e.seq for e in events] == [1, 2, 3, 4, 5]
+    assert [e.type for e in events] == [
+        Event.SESSION_CREATED,
+        Event.RUNNER_CONNECTED,
+        Event.PROMPT_QUEUED,
+        Event.PROMPT_DISPATCHED,
+        Event.SESSION_STATUS,
+    ]
+    state = await load_state(js, subjects, sid)
+    assert state.event_seq == 5
+    assert state.status == "running"
+
+
+async def test_a_lost_compare_and_set_rereads_the_session(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    sid = "ses_fenced"
+    states, ledger, sub = await _setup(nc, js, settings, sid)
+    handler = CommandHandler(states, ledger, Replier(nc))
+    cache = SessionCache(sid)
+    await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
+    [created] = await sub.fetch(1, timeout=2)
+    await handler.handle(cache, created)
+
+    # Someone else writes the session behind this lane's back (what a new owner would do).
+    kv = await js.key_value(subjects.session_state_bucket)
+    current = await load_state(js, subjects, sid)
+    current.metadata = {"written": "elsewhere"}
+    await kv.put(sid, encode_snapshot(current))
+
+    fenced = _metric("shoal_session_fenced_writes_total")
+    await gateway.publish(
+        gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "x"})
+    )
+    [submit] = await sub.fetch(1, timeout=2)
+    await handler.handle(cache, submit)
+    assert _metric("shoal_session_fenced_writes_total") == fenced + 1
+    state = await load_state(js, subjects, sid)
+    assert state.metadata == {"written": "elsewhere"}  # applied on top of the fresh read
+    assert [p.prompt_id for p in state.queue] == ["p1"]
+    assert [e.seq for e in await read_events(js, subjects, sid)] == [1, 2]

@@ -1,0 +1,499 @@
+"""The pure command handler: rules, determinism and invariants (no I/O)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.common.contracts import Command, Event, SessionSnapshot, Status, encode_snapshot
+from shoal.common.errors import BadRequest
+from shoal.common.messaging import Envelope, encode
+from shoal.session.service import (
+    MAX_STATE_BYTES,
+    MESSAGES_MAX_LIMIT,
+    Result,
+    apply,
+    messages_page,
+    parse_messages_query,
+)
+
+SID = "ses_1"
+T0 = "2025-01-01T00:00:00.000Z"
+
+
+def cmd(
+    type_: str, data: dict[str, Any] | None = None, *, n: int = 0, owner: str = "u1"
+) -> Envelope:
+    return Envelope(
+        id=f"cmd_{n}",
+        type=type_,
+        source="gateway",
+        time=f"2025-01-01T00:00:{n % 60:02d}.000Z",
+        subject=SID,
+        owner=owner,
+        data=data or {},
+    )
+
+
+class Session:
+    """Feeds commands through ``apply`` with increasing stream sequences, like the edge."""
+
+    def __init__(self) -> None:
+        self.state: SessionSnapshot | None = None
+        self.seq = 0
+        self.events: list[Envelope] = []
+
+    def send(self, type_: str, data: dict[str, Any] | None = None) -> Result:
+        self.seq += 1
+        result = apply(self.state, cmd(type_, data, n=self.seq), self.seq)
+        if result.changed:
+            self.state = result.new_state
+        self.events.extend(result.events)
+        return result
+
+    def create(self) -> Result:
+        return self.send(Command.SESSION_CREATE, {"metadata": {"k": "v"}, "runner_token_hash": "h"})
+
+    def submit(self, pid: str, content: str = "hi") -> Result:
+        return self.send(Command.PROMPT_SUBMIT, {"prompt_id": pid, "content": content})
+
+    def connect(self, conn: str = "c1") -> Result:
+        return self.send(Command.RUNNER_CONNECT, {"connection_id": conn})
+
+    def disconnect(self, conn: str = "c1") -> Result:
+        return self.send(Command.RUNNER_DISCONNECT, {"connection_id": conn})
+
+    def complete(self, pid: str, content: str = "done") -> Result:
+        return self.send(
+            Command.MESSAGE_COMPLETE,
+            {"prompt_id": pid, "message_id": f"m-{pid}", "content": content},
+        )
+
+    @property
+    def s(self) -> SessionSnapshot:
+        assert self.state is not None
+        return self.state
+
+
+def types(result: Result) -> list[str]:
+    return [e.type for e in result.events]
+
+
+def test_create_emits_session_created_with_ids_from_the_command() -> None:
+    result = apply(None, cmd(Command.SESSION_CREATE, {"metadata": {"a": 1}}, n=3), 42)
+    assert result.changed
+    assert result.error is None
+    state = result.new_state
+    assert state is not None
+    assert (state.id, state.owner, state.status) == (SID, "u1", Status.IDLE)
+    assert (state.created_at, state.applied_seq, state.event_seq) == (
+        "2025-01-01T00:00:03.000Z",
+        42,
+        1,
+    )
+    [event] = result.events
+    assert event.id == f"{SID}:42:0"
+    assert (event.type, event.seq, event.owner, event.source) == (
+        Event.SESSION_CREATED,
+        1,
+        "u1",
+        "session",
+    )
+    assert event.time == state.created_at
+    assert event.data == {"metadata": {"a": 1}}
+    assert result.reply["ok"] is True
+    assert result.reply["data"]["seq"] == 1
+    assert result.reply["data"]["session"]["id"] == SID
+    assert "runner_token_hash" not in result.reply["data"]["session"]
+
+
+@pytest.mark.parametrize(
+    "type_",
+    [c for c in Command if c not in (Command.SESSION_CREATE,)],
+)
+def test_commands_to_a_missing_session_are_not_found(type_: str) -> None:
+    result = apply(None, cmd(type_, {"prompt_id": "p", "content": "x"}), 1)
+    assert result.new_state is None
+    assert result.events == []
+    assert not result.changed
+    assert result.reply == {
+        "ok": False,
+        "error": {
+            "code": "not_found",
+            "message": "session not found",
+            "detail": {"session_id": SID},
+        },
+    }
+
+
+def test_create_needs_an_owner_and_a_valid_payload() -> None:
+    no_owner = apply(None, cmd(Command.SESSION_CREATE, owner=""), 1)
+    assert no_owner.reply["error"]["code"] == "bad_request"
+    bad = apply(None, cmd(Command.SESSION_CREATE, {"metadata": "nope"}), 1)
+    assert bad.reply["error"]["code"] == "bad_request"
+    assert bad.events == []
+    assert bad.new_state is None
+
+
+def test_create_again_is_idempotent_only_for_the_same_command() -> None:
+    s = Session()
+    s.create()
+    again = apply(s.state, cmd(Command.SESSION_CREATE, n=1), 10)
+    assert again.reply["ok"]
+    assert again.events == []
+    assert not again.changed
+    other = apply(s.state, cmd(Command.SESSION_CREATE, n=7), 11)
+    assert other.reply["error"]["code"] == "conflict"
+    assert other.events == []
+
+
+def test_prompt_queues_while_no_runner_and_runs_when_one_connects() -> None:
+    s = Session()
+    s.create()
+    r = s.submit("p1")
+    assert types(r) == [Event.PROMPT_QUEUED]
+    assert r.events[0].data == {"prompt_id": "p1", "content": "hi"}
+    assert s.s.status == Status.IDLE
+    assert [p.prompt_id for p in s.s.queue] == ["p1"]
+    r = s.connect()
+    assert types(r) == [Event.RUNNER_CONNECTED, Event.PROMPT_DISPATCHED, Event.SESSION_STATUS]
+    assert r.events[2].data == {"status": "running"}
+    assert s.s.current_prompt is not None
+    assert s.s.current_prompt.prompt_id == "p1"
+    assert s.s.queue == []
+    assert s.s.runner_epoch == 1
+
+
+def test_one_prompt_runs_at_a_time_and_the_rest_wait_in_order() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    assert types(s.submit("p1")) == [
+        Event.PROMPT_QUEUED,
+        Event.PROMPT_DISPATCHED,
+        Event.SESSION_STATUS,
+    ]
+    assert types(s.submit("p2")) == [Event.PROMPT_QUEUED]
+    assert types(s.submit("p3")) == [Event.PROMPT_QUEUED]
+    r = s.complete("p1", "answer 1")
+    assert types(r) == [Event.MESSAGE_COMPLETED, Event.PROMPT_DISPATCHED]
+    assert r.events[0].data == {
+        "message_id": "m-p1",
+        "prompt_id": "p1",
+        "role": "assistant",
+        "content": "answer 1",
+    }
+    assert r.events[1].data["prompt_id"] == "p2"
+    assert types(s.complete("p2")) == [Event.MESSAGE_COMPLETED, Event.PROMPT_DISPATCHED]
+    r = s.complete("p3")
+    assert types(r) == [Event.MESSAGE_COMPLETED, Event.SESSION_STATUS]
+    assert r.events[1].data == {"status": "idle"}
+    assert s.s.status == Status.IDLE
+    assert s.s.current_prompt is None
+    assert s.s.message_count == 3
+
+
+def test_disconnect_while_running_requeues_the_prompt_at_the_head() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    s.submit("p2")
+    r = s.disconnect()
+    assert types(r) == [Event.RUNNER_DISCONNECTED, Event.SESSION_STATUS]
+    assert r.events[1].data == {"status": "idle"}
+    assert [p.prompt_id for p in s.s.queue] == ["p1", "p2"]
+    assert s.s.current_prompt is None
+    assert not s.s.runner_connected
+    r = s.connect("c2")
+    assert types(r) == [Event.RUNNER_CONNECTED, Event.PROMPT_DISPATCHED, Event.SESSION_STATUS]
+    assert r.events[1].data["prompt_id"] == "p1"
+    # the user's message is in the history once
+    assert sum(e.type == Event.PROMPT_QUEUED for e in s.events) == 2
+
+
+def test_disconnect_without_runner_is_a_no_op() -> None:
+    s = Session()
+    s.create()
+    r = s.disconnect()
+    assert r.reply["ok"]
+    assert r.events == []
+    assert not r.changed
+
+
+def test_reconnect_while_running_sends_the_prompt_again() -> None:
+    s = Session()
+    s.create()
+    s.connect("c1")
+    s.submit("p1")
+    r = s.connect("c2")
+    assert types(r) == [Event.RUNNER_CONNECTED, Event.PROMPT_DISPATCHED]
+    assert r.events[1].data["prompt_id"] == "p1"
+    assert s.s.status == Status.RUNNING
+    assert s.s.runner_epoch == 2
+
+
+def test_duplicate_prompt_id_is_idempotent() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    s.submit("p2")
+    before = s.s
+    for pid in ("p1", "p2"):  # running and queued
+        r = s.submit(pid, "other content")
+        assert r.events == []
+        assert not r.changed
+        assert r.reply["ok"]
+    s.complete("p1")
+    s.complete("p2")
+    r = s.submit("p1")  # finished, still remembered
+    assert r.events == []
+    assert not r.changed
+    assert before.event_seq < s.s.event_seq
+
+
+def test_terminate_is_final() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    s.submit("p2")
+    r = s.send(Command.SESSION_TERMINATE, {"reason": "user"})
+    assert types(r) == [Event.PROMPT_ABORTED, Event.SESSION_STATUS, Event.SESSION_TERMINATED]
+    assert r.events[-1].data == {"reason": "user"}
+    assert s.s.status == Status.TERMINATED
+    assert s.s.queue == []
+    assert s.s.current_prompt is None
+    for type_, data in [
+        (Command.PROMPT_SUBMIT, {"prompt_id": "p9", "content": "x"}),
+        (Command.RUNNER_CONNECT, {"connection_id": "c"}),
+        (Command.MESSAGE_COMPLETE, {"prompt_id": "p1", "message_id": "m", "content": ""}),
+        (Command.PROMPT_ABORT, {}),
+    ]:
+        rejected = s.send(type_, data)
+        assert rejected.reply["error"]["code"] == "conflict"
+        assert rejected.events == []
+        assert not rejected.changed
+    again = s.send(Command.SESSION_TERMINATE, {"reason": "again"})
+    assert again.reply["ok"]
+    assert again.events == []
+
+
+@pytest.mark.parametrize(
+    ("type_", "data"),
+    [
+        (Command.PROMPT_SUBMIT, {"content": "no id"}),
+        (Command.PROMPT_SUBMIT, {"prompt_id": "", "content": "x"}),
+        (Command.PROMPT_SUBMIT, {"prompt_id": 5, "content": "x"}),
+        (Command.RUNNER_CONNECT, {}),
+        (Command.MESSAGE_COMPLETE, {"prompt_id": "p1"}),
+        (Command.SESSION_TERMINATE, {"reason": 3}),
+        ("session.explode", {}),
+        (Command.QUESTION_ASK, {}),  # not part of the model yet
+    ],
+)
+def test_malformed_commands_are_bad_requests_with_no_effect(
+    type_: str, data: dict[str, Any]
+) -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    before = encode_snapshot(s.s)
+    r = s.send(type_, data)
+    assert r.reply["ok"] is False
+    assert r.reply["error"]["code"] == "bad_request"
+    assert r.events == []
+    assert not r.changed
+    assert encode_snapshot(s.s) == before
+
+
+def test_a_redelivered_command_is_already_applied() -> None:
+    s = Session()
+    s.create()
+    s.submit("p1")
+    state = s.s
+    r = apply(state, cmd(Command.PROMPT_SUBMIT, {"prompt_id": "p2", "content": "x"}), s.seq)
+    assert r.already_applied
+    assert r.events == []
+    assert not r.changed
+    assert r.reply["ok"]
+    r = apply(state, cmd(Command.SESSION_CREATE), 1)
+    assert r.already_applied
+
+
+def test_apply_is_deterministic_and_leaves_its_input_alone() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    s.submit("p2")
+    state = s.s
+    frozen = encode_snapshot(state)
+    command = cmd(
+        Command.MESSAGE_COMPLETE, {"prompt_id": "p1", "message_id": "m", "content": "x"}, n=9
+    )
+    first, second = apply(state, command, 99), apply(state, command, 99)
+    assert [encode(e) for e in first.events] == [encode(e) for e in second.events]
+    assert first.new_state == second.new_state
+    assert encode_snapshot(state) == frozen
+    assert [e.id for e in first.events] == [f"{SID}:99:0", f"{SID}:99:1"]
+
+
+def test_completing_a_prompt_that_is_not_running_is_rejected_on_the_ledger() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    seq = s.s.event_seq
+    r = s.complete("p-other")
+    assert r.reply["error"]["code"] == "conflict"
+    assert types(r) == [Event.COMMAND_REJECTED]
+    assert r.events[0].data == {
+        "command_id": f"cmd_{s.seq}",
+        "command_type": Command.MESSAGE_COMPLETE,
+        "error": {"code": "conflict", "message": "prompt is not running"},
+    }
+    assert r.events[0].seq == seq + 1
+    assert s.s.event_seq == seq + 1
+    assert s.s.current_prompt is not None
+    assert s.s.current_prompt.prompt_id == "p1"
+
+
+def test_abort_stops_the_running_prompt_and_starts_the_next() -> None:
+    s = Session()
+    s.create()
+    assert s.send(Command.PROMPT_ABORT).events == []  # nothing runs: no-op
+    s.connect()
+    s.submit("p1")
+    s.submit("p2")
+    r = s.send(Command.PROMPT_ABORT)
+    assert types(r) == [Event.PROMPT_ABORTED, Event.PROMPT_DISPATCHED]
+    assert r.events[0].data == {"prompt_id": "p1"}
+    assert r.events[1].data["prompt_id"] == "p2"
+    r = s.send(Command.PROMPT_ABORT)
+    assert types(r) == [Event.PROMPT_ABORTED, Event.SESSION_STATUS]
+    assert s.s.status == Status.IDLE
+
+
+def test_a_prompt_that_would_overflow_the_snapshot_is_rejected() -> None:
+    s = Session()
+    s.create()
+    big = "x" * (MAX_STATE_BYTES // 3)
+    s.submit("p1", big)
+    s.submit("p2", big)
+    r = s.submit("p3", big)
+    assert r.reply["error"]["code"] == "payload_too_large"
+    assert types(r) == [Event.COMMAND_REJECTED]
+    assert [p.prompt_id for p in s.s.queue] == ["p1", "p2"]
+    assert "p3" not in s.s.prompt_ids
+    assert len(encode_snapshot(s.s)) < MAX_STATE_BYTES
+
+
+def test_messages_query_defaults_and_limits() -> None:
+    q = parse_messages_query({"session_id": "s"})
+    assert (q.after, q.limit) == (0, 50)
+    q = parse_messages_query({"session_id": "s", "after": None, "limit": 10_000})
+    assert q.limit == MESSAGES_MAX_LIMIT
+    for bad in ({}, {"session_id": "s", "limit": 0}, {"session_id": "s", "after": -1}):
+        with pytest.raises(BadRequest):
+            parse_messages_query(bad)
+
+
+def test_messages_page_cursor() -> None:
+    class Row(msgspec.Struct):
+        seq: int
+
+    rows = [Row(seq) for seq in (2, 5, 9)]
+    assert messages_page(rows, 2) == (rows[:2], 5)
+    assert messages_page(rows, 3) == (rows, None)
+
+
+# -- property: any sequence of commands keeps the session's invariants --
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("submit"), st.sampled_from(["p1", "p2", "p3", "p4", "p5"])),
+        st.tuples(st.just("connect"), st.sampled_from(["c1", "c2"])),
+        st.tuples(st.just("disconnect"), st.sampled_from(["c1", "c2"])),
+        st.tuples(st.just("complete"), st.sampled_from(["p1", "p2", "p3", "p4", "p5", "cur"])),
+        st.tuples(st.just("abort"), st.just("")),
+        st.tuples(st.just("terminate"), st.just("")),
+    ),
+    max_size=40,
+)
+
+
+def _run(ops: list[tuple[str, str]]) -> Session:
+    s = Session()
+    s.create()
+    for op, arg in ops:
+        if op == "submit":
+            s.submit(arg)
+        elif op == "connect":
+            s.connect(arg)
+        elif op == "disconnect":
+            s.disconnect(arg)
+        elif op == "complete":
+            running = s.s.current_prompt.prompt_id if s.s.current_prompt else "none"
+            s.complete(running if arg == "cur" else arg)
+        elif op == "abort":
+            s.send(Command.PROMPT_ABORT)
+        else:
+            s.send(Command.SESSION_TERMINATE, {"reason": "r"})
+        state = s.s
+        # invariants after every command
+        assert (state.status == Status.RUNNING) == (state.current_prompt is not None)
+        if state.current_prompt is not None:
+            assert state.runner_connected
+        else:
+            assert not (state.runner_connected and state.queue), "a prompt waits for no reason"
+        ids = [p.prompt_id for p in state.queue]
+        assert len(ids) == len(set(ids))
+    return s
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops)
+def test_any_command_sequence_keeps_the_invariants(ops: list[tuple[str, str]]) -> None:
+    s = _run(ops)
+    seqs = [e.seq for e in s.events]
+    assert seqs == list(range(1, len(seqs) + 1))  # contiguous from 1
+    assert s.s.event_seq == len(seqs)
+    assert len({e.id for e in s.events}) == len(s.events)
+    queued = [e.data["prompt_id"] for e in s.events if e.type == Event.PROMPT_QUEUED]
+    assert len(queued) == len(set(queued))  # each prompt enters the history once
+    completed = [e.data["prompt_id"] for e in s.events if e.type == Event.MESSAGE_COMPLETED]
+    assert len(completed) == len(set(completed))
+    assert set(completed) <= set(queued)
+    # prompts start in the order they were submitted (a requeued one keeps its place)
+    first_dispatch: list[str] = []
+    for e in s.events:
+        if e.type == Event.PROMPT_DISPATCHED and e.data["prompt_id"] not in first_dispatch:
+            first_dispatch.append(e.data["prompt_id"])
+    assert first_dispatch == [p for p in queued if p in first_dispatch]
+    terminated = [i for i, e in enumerate(s.events) if e.type == Event.SESSION_TERMINATED]
+    if terminated:
+        assert terminated == [len(s.events) - 1]  # terminal: nothing after it
+    # replaying the same commands gives byte-identical events
+    assert [encode(e) for e in _run(ops).events] == [encode(e) for e in s.events]
+
+
+def test_oversized_content_and_metadata_are_refused() -> None:
+    from shoal.session.service import MAX_CONTENT_BYTES
+
+    huge = apply(None, cmd(Command.SESSION_CREATE, {"metadata": {"x": "y" * MAX_STATE_BYTES}}), 1)
+    assert huge.reply["error"]["code"] == "payload_too_large"
+    assert huge.new_state is None
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    r = s.complete("p1", "z" * (MAX_CONTENT_BYTES + 1))
+    assert r.reply["error"]["code"] == "payload_too_large"
+    assert types(r) == [Event.COMMAND_REJECTED]
+    assert s.s.current_prompt is not None
