@@ -1,0 +1,156 @@
+"""The edge of the eventbus: a durable pull consumer on SESSION_EVT (transport only).
+
+Each event is fanned out, and acked only after DELIVER acknowledged every publish, so a crash
+anywhere leads to a redelivery, never a loss; the redelivery's publishes carry the same
+``Nats-Msg-Id`` and DELIVER drops them, so each event reaches a delivery subject once.
+Events are handled one at a time in stream order, which keeps each user's stream in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from shoal.common.errors import BadRequest
+from shoal.common.messaging import Subjects
+from shoal.eventbus.config import EventbusSettings
+from shoal.eventbus.metrics import DELIVERIES, DUPLICATES, EVENTS
+from shoal.eventbus.service import EventFanout
+
+log = logging.getLogger(__name__)
+
+_ERROR_BACKOFF_S = 1.0  # pause after a failed pull (NATS reconnecting, consumer missing)
+
+
+class EventConsumer:
+    """Pulls SESSION_EVT and fans each event out; :meth:`start` then :meth:`stop`."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        fanout: EventFanout,
+        settings: EventbusSettings,
+    ) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._fanout = fanout
+        self._settings = settings
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        """Bound to the consumer and pulling (what /readyz reports)."""
+        return self._task is not None and not self._task.done()
+
+    def consumer_config(self) -> ConsumerConfig:
+        s = self._settings
+        return ConsumerConfig(
+            durable_name=s.eventbus_consumer,
+            name=s.eventbus_consumer,
+            description="Shoal eventbus: fan-out of session events to delivery subjects",
+            filter_subject=self._subjects.session_evt_all,
+            deliver_policy=DeliverPolicy.ALL if s.eventbus_start == "all" else DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=s.eventbus_ack_wait.total_seconds(),
+            max_deliver=-1,  # a publish that fails is retried until DELIVER takes it
+            max_ack_pending=s.eventbus_batch_size * 4,
+        )
+
+    async def start(self) -> None:
+        stream = self._subjects.session_evt_stream
+        # Create, or update the updatable fields of, the durable consumer (idempotent).
+        await self._js.add_consumer(stream, config=self.consumer_config())
+        sub = await self._js.pull_subscribe_bind(
+            durable=self._settings.eventbus_consumer, stream=stream
+        )
+        self._task = asyncio.create_task(self._run(sub), name="eventbus-consumer")
+
+    async def stop(self) -> None:
+        """Finish the event in hand, then stop; cancel if that takes longer than the grace."""
+        self._stopping.set()
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(self._task), self._settings.shutdown_grace.total_seconds()
+            )
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
+        batch = self._settings.eventbus_batch_size
+        timeout = self._settings.eventbus_fetch_timeout.total_seconds()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msgs = await sub.fetch(batch, timeout=timeout)
+                except (NatsTimeout, TimeoutError):
+                    continue
+                except Exception:
+                    log.warning("pulling SESSION_EVT failed; retrying", exc_info=True)
+                    await asyncio.sleep(_ERROR_BACKOFF_S)
+                    continue
+                try:
+                    await self._handle_batch(msgs)
+                except Exception:
+                    # An ack or nak that did not reach the server: ack_wait redelivers the event.
+                    log.warning("acking SESSION_EVT failed", exc_info=True)
+                    await asyncio.sleep(_ERROR_BACKOFF_S)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _handle_batch(self, msgs: list[Msg]) -> None:
+        for index, msg in enumerate(msgs):
+            if self._stopping.is_set():
+                # Hand the unhandled rest back now, so another replica takes them at once.
+                await self._hand_back(msgs[index:], delay=None)
+                return
+            if not await self._handle(msg):
+                # Hold the rest back too, so they are redelivered after it, in stream order.
+                delay = self._settings.eventbus_retry_delay.total_seconds()
+                await self._hand_back(msgs[index + 1 :], delay=delay)
+                return
+
+    async def _hand_back(self, msgs: list[Msg], *, delay: float | None) -> None:
+        for msg in msgs:
+            await msg.nak(delay=delay)
+
+    async def _handle(self, msg: Msg) -> bool:
+        """Fan one event out and ack it; ``False`` if it must be retried later."""
+        seq = msg.metadata.sequence.stream if msg.metadata else None
+        try:
+            result = await self._fanout.fan_out(msg.data, msg.headers or {})
+        except BadRequest as exc:
+            # It can never be delivered; redelivering it forever would only block the stream.
+            log.warning(
+                "terminating malformed event", extra={"stream_seq": seq, "error": exc.message}
+            )
+            EVENTS.labels("malformed").inc()
+            await msg.term()
+            return True
+        except Exception:
+            log.warning(
+                "fan-out failed; event will be redelivered",
+                extra={"stream_seq": seq},
+                exc_info=True,
+            )
+            EVENTS.labels("retried").inc()
+            await msg.nak(delay=self._settings.eventbus_retry_delay.total_seconds())
+            return False
+        await msg.ack()
+        EVENTS.labels("fanned_out").inc()
+        for delivery in result.deliveries:
+            DELIVERIES.labels(delivery.target).inc()
+        DUPLICATES.inc(result.duplicates)
+        return True

@@ -1,0 +1,96 @@
+"""The keys service process: ``create_app(settings)`` and the lifespan that owns its clients.
+
+Example::
+
+    app = create_app(KeysSettings(dev_admin_key=SecretStr("dev-key")))
+    # shoal run keys serves it with uvicorn
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from shoal.common.clock import Clock, SystemClock
+from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
+from shoal.common.service import Readiness, create_service_app
+from shoal.common.storage import Database
+from shoal.keys.config import KeysSettings
+from shoal.keys.handlers import serve_keys
+from shoal.keys.service import KeyService
+from shoal.keys.store import KeyStore, NatsRevocations
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_keys"
+_DB_PROBE_INTERVAL = timedelta(seconds=5)
+
+
+class DatabaseProbe:
+    """Pings PostgreSQL in the background so ``/readyz`` answers without waiting on it."""
+
+    def __init__(self, ping: Callable[[], Awaitable[bool]], interval: timedelta) -> None:
+        self._ping = ping
+        self._interval = interval.total_seconds()
+        self.ok = False
+
+    async def run(self) -> None:
+        while True:
+            self.ok = await self._ping()
+            await asyncio.sleep(self._interval)
+
+
+def create_app(settings: KeysSettings | None = None, *, clock: Clock | None = None) -> FastAPI:
+    """The keys service: API key RPCs over NATS plus /healthz, /readyz, /metrics."""
+    settings = settings or KeysSettings()
+    clock = clock or SystemClock()
+    readiness = Readiness()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            db = Database(
+                settings.database_url.get_secret_value(), pool_size=settings.database_pool_size
+            )
+            stack.push_async_callback(db.close)
+            await db.migrate(MIGRATIONS, VERSION_TABLE)
+
+            nc = await connect_nats(settings, name="keys")
+            stack.push_async_callback(nc.drain)
+            await provision(nc.jetstream(), Catalog.from_settings(settings))
+
+            subjects = Subjects(settings.subject_prefix)
+            service = KeyService(
+                KeyStore(db),
+                NatsRevocations(nc, subjects),
+                pepper=settings.pepper(),
+                clock=clock,
+                touch_interval=settings.keys_touch_interval,
+            )
+            if settings.dev_admin_key is not None:
+                await service.ensure_dev_admin(settings.dev_admin_key.get_secret_value())
+
+            probe = DatabaseProbe(db.ping, _DB_PROBE_INTERVAL)
+            probe_task = asyncio.create_task(probe.run(), name="keys-db-probe")
+
+            async def stop_probe() -> None:
+                probe_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe_task
+
+            stack.push_async_callback(stop_probe)
+            readiness.add("nats", lambda: nc.is_connected)
+            readiness.add("database", lambda: probe.ok)
+
+            # nc.drain on the way out answers the requests already received, then closes;
+            # it runs before db.close (the stack unwinds in reverse).
+            await serve_keys(nc, subjects, service)
+            app.state.keys = service
+            yield
+
+    return create_service_app("keys", settings, lifespan, readiness)

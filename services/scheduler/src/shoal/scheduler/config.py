@@ -1,0 +1,21 @@
+"""Settings of the scheduler service (``SHOAL_*`` environment variables)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field
+
+from shoal.common.settings import CommonSettings
+
+
+class SchedulerSettings(CommonSettings):
+    service_name: str = "scheduler"
+    # How often the loop looks for due timers when nothing wakes it (SHOAL_SCHEDULER_POLL_INTERVAL);
+    # the latest a timer fires, plus the publish.
+    scheduler_poll_interval: timedelta = timedelta(seconds=1)
+    # Timers claimed per transaction; a full batch is followed by another at once.
+    scheduler_batch_size: int = Field(default=100, ge=1, le=10_000)
+    scheduler_publish_timeout: timedelta = timedelta(seconds=2)
+    # A timer whose publish fails is retried after 1, 2, 4 ... s, at most this long apart.
+    scheduler_retry_max_delay: timedelta = timedelta(seconds=60)
