@@ -1,0 +1,63 @@
+"""What the API returns, as typed structs (unknown fields are ignored, so newer servers work)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Session(msgspec.Struct, kw_only=True):
+    id: str
+    owner: str
+    status: str
+    created_at: str
+    updated_at: str = ""
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    runner_connected: bool = False
+    current_prompt_id: str | None = None
+    queued_prompts: int = 0
+    last_seq: int = 0
+    runner_token: str | None = None  # only in the answer to create_session
+
+
+class PromptReceipt(msgspec.Struct, kw_only=True):
+    prompt_id: str
+    session_id: str
+    status: str
+    seq: int | None = None
+
+
+class Message(msgspec.Struct, kw_only=True):
+    id: str
+    prompt_id: str | None = None
+    role: str
+    content: str
+    created_at: str = ""
+    seq: int | None = None
+
+
+class MessagePage(msgspec.Struct, kw_only=True):
+    messages: list[Message]
+    next: int | None = None
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """One session event (CloudEvents attribute names); ``seq`` is contiguous per session."""
+
+    id: str
+    type: str
+    source: str = ""
+    time: str = ""
+    subject: str = ""
+    owner: str | None = None
+    seq: int
+    schemaversion: int = 1
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Prompt(msgspec.Struct, kw_only=True):
+    """A prompt dispatched to a runner."""
+
+    prompt_id: str
+    content: str

@@ -1,0 +1,42 @@
+"""Dependencies the routes share: the process's gateway state and the caller's principal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from starlette.types import ASGIApp
+
+from shoal.common.errors import Unavailable
+from shoal.gateway.api.sockets import SocketHub
+from shoal.gateway.service import GatewayService, Principal, bearer_token
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayState:
+    """What the lifespan built and hands to every request (``app.state.gateway``)."""
+
+    service: GatewayService
+    hub: SocketHub
+
+
+def gateway_state(app: FastAPI | ASGIApp) -> GatewayState:
+    state = getattr(getattr(app, "state", None), "gateway", None)
+    if not isinstance(state, GatewayState):
+        raise Unavailable("gateway is starting")
+    return state
+
+
+def get_service(request: Request) -> GatewayService:
+    return gateway_state(request.app).service
+
+
+Service = Annotated[GatewayService, Depends(get_service)]
+
+
+async def get_principal(request: Request, service: Service) -> Principal:
+    return await service.authenticate(bearer_token(request.headers.get("authorization")))
+
+
+Caller = Annotated[Principal, Depends(get_principal)]

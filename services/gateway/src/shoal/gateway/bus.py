@@ -1,0 +1,278 @@
+"""All of the gateway's NATS I/O: commands with applied replies, snapshot reads, RPCs, event feeds.
+
+The gateway never writes session state: it publishes commands to ``SESSION_CMD`` (durable once
+JetStream acknowledged them), waits for the session service's applied reply on a per-gateway
+inbox, reads snapshots from the ``session-state`` bucket and follows the ``SESSION_EVT`` ledger
+with ordered consumers.
+
+Example::
+
+    bus = Bus(nc, Subjects("shoal"), settings)
+    await bus.start()
+    outcome = await bus.send_command(envelope, wait=True)
+    feed = await bus.follow_session(session_id)      # history, then live, in stream order
+    event = await feed.next()
+    await feed.close(); await bus.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from shoal.common.contracts import SessionSnapshot, decode_snapshot
+from shoal.common.errors import ShoalError, Timeout, Unavailable, error_from_dict
+from shoal.common.messaging import (
+    MSG_ID_HEADER,
+    REPLY_TO_HEADER,
+    Envelope,
+    Subjects,
+    encode,
+    loads,
+    request,
+)
+from shoal.common.observability import inject_trace
+from shoal.gateway.config import GatewaySettings
+from shoal.gateway.service import CommandOutcome, SessionEventMsg
+
+log = logging.getLogger(__name__)
+
+_event_decoder = msgspec.json.Decoder(Envelope)
+
+
+class OrderedFeed:
+    """An ordered consumer over one session's events (gap-free: nats-py re-creates it on a gap)."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def next(self) -> SessionEventMsg:
+        """The next well-formed event (waits as long as it takes; malformed ones are skipped)."""
+        while True:
+            msg: Msg = await self._sub.next_msg(timeout=None)
+            try:
+                envelope = _event_decoder.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.warning("skipping malformed event on %s", msg.subject)
+                continue
+            if envelope.seq is None:
+                log.warning("skipping event without seq on %s", msg.subject)
+                continue
+            return SessionEventMsg(seq=envelope.seq, envelope=envelope, raw=msg.data)
+
+    async def close(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except NatsError:  # already gone with the connection
+            pass
+
+
+class _ReplyMux:
+    """One wildcard inbox subscription for every applied reply this gateway waits for."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._prefix = f"{nc.new_inbox()}.cmd"
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_reply)
+
+    async def stop(self) -> None:
+        for future in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except NatsError:
+                pass
+
+    def open(self) -> tuple[str, asyncio.Future[Any]]:
+        token = secrets.token_hex(8)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        return f"{self._prefix}.{token}", future
+
+    def discard(self, inbox: str) -> None:
+        self._waiting.pop(inbox.rsplit(".", 1)[-1], None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        # A redelivered command answers again: a token nobody waits for is simply dropped.
+        future = self._waiting.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if future is None or future.done():
+            return
+        try:
+            future.set_result(loads(msg.data))
+        except ShoalError as exc:
+            future.set_exception(exc)
+
+
+class Bus:
+    """The gateway's NATS client: one per process, built in the app's lifespan."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, settings: GatewaySettings) -> None:
+        self._nc = nc
+        self._js: JetStreamContext = nc.jetstream(timeout=settings.publish_timeout.total_seconds())
+        self._subjects = subjects
+        self._settings = settings
+        self._replies = _ReplyMux(nc)
+        self._kv: KeyValue | None = None
+        self._subs: list[Subscription] = []
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    async def start(self) -> None:
+        await self._replies.start()
+
+    async def stop(self) -> None:
+        await self._replies.stop()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except NatsError:
+                pass
+        self._subs.clear()
+
+    # -- RPC --
+    async def verify_key(self, key: str) -> dict[str, Any]:
+        data = await request(
+            self._nc,
+            self._subjects.rpc("keys", "verify"),
+            {"key": key},
+            timeout=self._settings.rpc_timeout.total_seconds(),
+        )
+        return dict(data or {})
+
+    async def list_messages(self, session_id: str, after: int | None, limit: int) -> dict[str, Any]:
+        data = await request(
+            self._nc,
+            self._subjects.rpc("session", "messages"),
+            {"session_id": session_id, "after": after, "limit": limit},
+            timeout=self._settings.rpc_timeout.total_seconds(),
+        )
+        return dict(data or {})
+
+    async def on_key_revoked(self, callback: Callable[[str], Awaitable[None] | None]) -> None:
+        """Call ``callback(key_id)`` for every ``keys.revoked`` broadcast."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                body = loads(msg.data)
+            except ShoalError:
+                log.warning("malformed keys.revoked broadcast")
+                return
+            key_id = body.get("key_id") if isinstance(body, dict) else None
+            if isinstance(key_id, str):
+                result = callback(key_id)
+                if result is not None:
+                    await result
+
+        self._subs.append(
+            await self._nc.subscribe(self._subjects.broadcast("keys.revoked"), cb=on_msg)
+        )
+
+    # -- session state --
+    async def read_session(self, session_id: str) -> SessionSnapshot | None:
+        """The session's snapshot, or None if it does not exist (yet)."""
+        try:
+            if self._kv is None:
+                self._kv = await self._js.key_value(self._subjects.session_state_bucket)
+            entry = await self._kv.get(session_id)
+        except KeyNotFoundError:
+            return None
+        except BucketNotFoundError as exc:
+            raise Unavailable("session state bucket is missing") from exc
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable(f"cannot read session state: {exc}") from exc
+        if entry.value is None:
+            return None
+        return decode_snapshot(entry.value)
+
+    # -- commands --
+    async def send_command(self, envelope: Envelope, *, wait: bool) -> CommandOutcome:
+        """Publish a command; with ``wait``, return once the session service applied it.
+
+        Raises :class:`Unavailable` when JetStream did not store it, :class:`Timeout` when it
+        was stored but not confirmed within ``command_timeout`` (it will still be applied), or
+        the error the session service answered with.
+        """
+        headers = inject_trace({MSG_ID_HEADER: envelope.id})
+        inbox: str | None = None
+        future: asyncio.Future[Any] | None = None
+        if wait:
+            inbox, future = self._replies.open()
+            headers[REPLY_TO_HEADER] = inbox
+        try:
+            try:
+                ack = await self._js.publish(
+                    self._subjects.session_command(envelope.subject),
+                    encode(envelope),
+                    stream=self._subjects.session_cmd_stream,
+                    headers=headers,
+                )
+            except (NatsError, TimeoutError) as exc:
+                raise Unavailable(f"command not stored: {exc}") from exc
+            duplicate = bool(ack.duplicate)
+            if future is None or duplicate:
+                return CommandOutcome(stream_seq=ack.seq, duplicate=duplicate, data=None)
+            try:
+                reply = await asyncio.wait_for(
+                    future, self._settings.command_timeout.total_seconds()
+                )
+            except TimeoutError as exc:
+                raise Timeout(
+                    "the session service did not confirm the command in time; it stays queued",
+                    detail={"command_id": envelope.id, "session_id": envelope.subject},
+                ) from exc
+            if not isinstance(reply, dict):
+                raise Unavailable("malformed applied reply")
+            if not reply.get("ok"):
+                raise error_from_dict(reply.get("error") or {})
+            data = reply.get("data")
+            return CommandOutcome(
+                stream_seq=ack.seq, duplicate=False, data=data if isinstance(data, dict) else {}
+            )
+        finally:
+            if inbox is not None:
+                self._replies.discard(inbox)
+
+    # -- events --
+    async def follow_session(
+        self, session_id: str, *, new_only: bool = False, event_type: str | None = None
+    ) -> OrderedFeed:
+        """An ordered feed of the session's events: all of them (history, then live) or only new.
+
+        ``event_type`` narrows the feed to one type (the server filters).
+        """
+        subject = (
+            self._subjects.session_event(session_id, event_type)
+            if event_type
+            else self._subjects.session_events(session_id)
+        )
+        try:
+            sub = await self._js.subscribe(
+                subject,
+                stream=self._subjects.session_evt_stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
+            )
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable(f"cannot follow session events: {exc}") from exc
+        return OrderedFeed(sub)

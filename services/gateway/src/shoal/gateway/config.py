@@ -1,0 +1,56 @@
+"""Gateway settings (``SHOAL_*`` environment variables on top of :class:`CommonSettings`).
+
+Example::
+
+    settings = GatewaySettings(nats_url="nats://127.0.0.1:4222", http_port=8470)
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field
+
+from shoal.common.settings import CommonSettings
+
+MiB = 1024 * 1024
+KiB = 1024
+
+
+class GatewaySettings(CommonSettings):
+    """What the gateway needs beyond the common settings: limits, timeouts, the auth cache."""
+
+    service_name: str = "gateway"
+    http_port: int = Field(default=8470, ge=0, le=65535)
+
+    # -- limits --
+    # Largest HTTP request body (bytes); larger ones get 413 before the route runs.
+    max_body_bytes: int = Field(default=1 * MiB, ge=1 * KiB)
+    # Largest WebSocket frame a client or runner may send (bytes); larger closes with 1009.
+    # Keep uvicorn's ws_max_size at or above it (its default is 16 MiB).
+    max_ws_frame_bytes: int = Field(default=1 * MiB, ge=1 * KiB)
+    # Frames waiting to be written to one socket. A client that stays behind by this many
+    # frames for longer than ``ws_lag_grace`` is closed with 4408 and resumes from its last seq.
+    ws_send_queue: int = Field(default=1024, ge=8)
+    ws_lag_grace: timedelta = timedelta(seconds=5)
+    # A prompt lives in the session's hot state (KV, 1 MiB per value) while it waits: keep it small.
+    max_prompt_bytes: int = Field(default=64 * KiB, ge=1)
+    max_metadata_bytes: int = Field(default=16 * KiB, ge=2)
+    max_idempotency_key_chars: int = Field(default=200, ge=1)
+    messages_page_max: int = Field(default=200, ge=1)
+    messages_page_default: int = Field(default=50, ge=1)
+
+    # -- auth --
+    # How long a verified API key is trusted without asking the keys service again. A revocation
+    # broadcast drops the entry at once; the TTL bounds staleness if that broadcast is missed.
+    auth_cache_ttl: timedelta = timedelta(seconds=5)
+    auth_cache_size: int = Field(default=10_000, ge=1)
+
+    # -- timeouts --
+    # How long a route waits for the session service to apply a command (the command itself is
+    # durable once JetStream acknowledged it; the caller gets 504 and may poll).
+    command_timeout: timedelta = timedelta(seconds=10)
+    publish_timeout: timedelta = timedelta(seconds=5)
+    rpc_timeout: timedelta = timedelta(seconds=5)
+    # Time to let sockets flush their close frames when the gateway stops.
+    ws_close_timeout: timedelta = timedelta(seconds=2)

@@ -1,0 +1,423 @@
+"""The gateway's rules: who may see what, how commands are stamped, what idempotency means.
+
+No transport here (no FastAPI, no WebSocket): routes and socket handlers call these methods and
+map the results; all I/O goes through a :class:`SessionBus` (``bus.Bus`` in production).
+
+Example::
+
+    service = GatewayService(bus, settings)
+    principal = await service.authenticate("sk_live_...")
+    created = await service.create_session(principal, metadata={"repo": "x"})
+    receipt = await service.submit_prompt(principal, created["id"], "hello", idempotency_key="k1")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shoal.common.clock import Clock, SystemClock, iso
+from shoal.common.contracts import Command, SessionSnapshot, Status, public_session
+from shoal.common.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    Timeout,
+    Unauthorized,
+)
+from shoal.common.messaging import Envelope, dumps, is_token, new_id
+from shoal.gateway.config import GatewaySettings
+
+RUNNER_TOKEN_PREFIX = "srt_"  # noqa: S105 - a recognisable prefix, not a secret
+ADMIN_SCOPE = "admin"
+SOURCE = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    """What became of a published command.
+
+    ``duplicate``: JetStream dropped it as a copy of a command published moments ago (same id),
+    so no new applied reply will come. ``data``: the applied reply's data when it was awaited.
+    """
+
+    stream_seq: int
+    duplicate: bool
+    data: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEventMsg:
+    """One event read from the ledger: its per-session ``seq``, decoded envelope and raw JSON."""
+
+    seq: int
+    envelope: Envelope
+    raw: bytes
+
+
+class EventFeed(Protocol):
+    """Events of one session in ledger order (``bus.OrderedFeed`` in production)."""
+
+    async def next(self) -> SessionEventMsg: ...
+
+    async def close(self) -> None: ...
+
+
+class SessionBus(Protocol):
+    """The I/O the rules need (implemented by :class:`shoal.gateway.bus.Bus`)."""
+
+    async def verify_key(self, key: str) -> dict[str, Any]: ...
+
+    async def list_messages(
+        self, session_id: str, after: int | None, limit: int
+    ) -> dict[str, Any]: ...
+
+    async def read_session(self, session_id: str) -> SessionSnapshot | None: ...
+
+    async def send_command(self, envelope: Envelope, *, wait: bool) -> CommandOutcome: ...
+
+    async def follow_session(
+        self, session_id: str, *, new_only: bool = False, event_type: str | None = None
+    ) -> EventFeed: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller behind an API key."""
+
+    key_id: str
+    owner: str
+    scopes: tuple[str, ...]
+    name: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_SCOPE in self.scopes
+
+    def may_see(self, snapshot: SessionSnapshot) -> bool:
+        return self.is_admin or snapshot.owner == self.owner
+
+
+class KeyCache:
+    """Verified keys for a few seconds (bounded, LRU), keyed by the key's SHA-256, never the key."""
+
+    def __init__(self, ttl_seconds: float, max_entries: int, clock: Clock) -> None:
+        self._ttl = ttl_seconds
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    def get(self, key_hash: str) -> Principal | None:
+        hit = self._entries.get(key_hash)
+        if hit is None:
+            return None
+        expires, principal = hit
+        if self._clock.monotonic() >= expires:
+            del self._entries[key_hash]
+            return None
+        self._entries.move_to_end(key_hash)
+        return principal
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        self._entries[key_hash] = (self._clock.monotonic() + self._ttl, principal)
+        self._entries.move_to_end(key_hash)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def drop_key_id(self, key_id: str) -> int:
+        """Forget every entry of ``key_id`` (a revocation); returns how many were dropped."""
+        stale = [h for h, (_, p) in self._entries.items() if p.key_id == key_id]
+        for key_hash in stale:
+            del self._entries[key_hash]
+        return len(stale)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def derived_id(prefix: str, *parts: str) -> str:
+    """A token-safe id that is a pure function of ``parts`` (retries get the same id)."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+    return f"{prefix}_{digest[:32]}"
+
+
+class EventCursor:
+    """Which ledger events a socket still has to send: seq above ``since``, each seq once, in order.
+
+    The ordered consumer delivers the ledger in stream order; a copy of an event re-published
+    outside the stream's duplicate window would come again with the same seq — it is skipped.
+    """
+
+    def __init__(self, since: int) -> None:
+        self.last = since
+
+    def admit(self, seq: int) -> bool:
+        if seq <= self.last:
+            return False
+        self.last = seq
+        return True
+
+
+class GatewayService:
+    """Auth, ownership, command stamping and idempotency for the gateway's routes and sockets."""
+
+    def __init__(
+        self, bus: SessionBus, settings: GatewaySettings, clock: Clock | None = None
+    ) -> None:
+        self._bus = bus
+        self._settings = settings
+        self._clock = clock or SystemClock()
+        self._keys = KeyCache(
+            settings.auth_cache_ttl.total_seconds(), settings.auth_cache_size, self._clock
+        )
+
+    @property
+    def settings(self) -> GatewaySettings:
+        return self._settings
+
+    # -- auth --
+    async def authenticate(self, api_key: str | None) -> Principal:
+        """The principal of an API key (cached ``auth_cache_ttl``), else :class:`Unauthorized`."""
+        if not api_key:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        key_hash = sha256_hex(api_key)
+        cached = self._keys.get(key_hash)
+        if cached is not None:
+            return cached
+        data = await self._bus.verify_key(api_key)
+        try:
+            principal = Principal(
+                key_id=str(data["key_id"]),
+                owner=str(data["owner"]),
+                scopes=tuple(str(s) for s in data.get("scopes") or ()),
+                name=str(data.get("name") or ""),
+            )
+        except KeyError as exc:
+            raise Unauthorized("invalid API key") from exc
+        self._keys.put(key_hash, principal)
+        return principal
+
+    def key_revoked(self, key_id: str) -> None:
+        """A ``keys.revoked`` broadcast: stop trusting that key at once."""
+        self._keys.drop_key_id(key_id)
+
+    async def authenticate_runner(
+        self, session_id: str, runner_token: str | None
+    ) -> SessionSnapshot:
+        """The session a runner token belongs to; :class:`NotFound` / :class:`Unauthorized` else."""
+        snapshot = await self._read(session_id)
+        if not runner_token or not snapshot.runner_token_hash:
+            raise Unauthorized("missing runner token")
+        if not hmac.compare_digest(sha256_hex(runner_token), snapshot.runner_token_hash):
+            raise Unauthorized("invalid runner token")
+        return snapshot
+
+    # -- sessions --
+    async def create_session(
+        self, principal: Principal, metadata: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Create a session; the runner token is returned here once and stored only as a hash."""
+        metadata = metadata or {}
+        size = len(dumps(metadata))
+        if size > self._settings.max_metadata_bytes:
+            raise PayloadTooLarge(
+                "metadata too large",
+                detail={"max_bytes": self._settings.max_metadata_bytes, "bytes": size},
+            )
+        session_id = new_id("ses")
+        runner_token = RUNNER_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        envelope = self._command(
+            Command.SESSION_CREATE,
+            session_id,
+            principal.owner,
+            {"metadata": metadata, "runner_token_hash": sha256_hex(runner_token)},
+        )
+        try:
+            outcome = await self._bus.send_command(envelope, wait=True)
+        except Timeout as exc:
+            # The command is durable and will be applied; without the token the caller could
+            # never attach a runner to that session, so it is handed back with the 504.
+            raise Timeout(exc.message, detail={**exc.detail, "runner_token": runner_token}) from exc
+        session = dict((outcome.data or {}).get("session") or {})
+        if not session:  # a duplicate cannot happen for a fresh id; keep the answer well-formed
+            now = envelope.time
+            session = {
+                "id": session_id,
+                "owner": principal.owner,
+                "status": Status.IDLE,
+                "created_at": now,
+                "updated_at": now,
+                "metadata": metadata,
+            }
+        session["runner_token"] = runner_token
+        return session
+
+    async def get_session(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        return public_session(await self.visible_session(principal, session_id))
+
+    async def visible_session(self, principal: Principal, session_id: str) -> SessionSnapshot:
+        """The snapshot if ``principal`` may see it; a foreign session looks like a missing one."""
+        snapshot = await self._read(session_id)
+        if not principal.may_see(snapshot):
+            raise NotFound("session not found", detail={"session_id": session_id})
+        return snapshot
+
+    # -- prompts --
+    async def submit_prompt(
+        self,
+        principal: Principal,
+        session_id: str,
+        content: str,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Queue a prompt. With an ``idempotency_key`` a retry gets the same ``prompt_id``."""
+        if not isinstance(content, str) or not content:
+            raise BadRequest("content must be a non-empty string")
+        size = len(content.encode())
+        if size > self._settings.max_prompt_bytes:
+            raise PayloadTooLarge(
+                "prompt too large",
+                detail={"max_bytes": self._settings.max_prompt_bytes, "bytes": size},
+            )
+        if idempotency_key is not None and not (
+            0 < len(idempotency_key) <= self._settings.max_idempotency_key_chars
+        ):
+            raise BadRequest(
+                "idempotency_key must have 1 to "
+                f"{self._settings.max_idempotency_key_chars} characters"
+            )
+        snapshot = await self.visible_session(principal, session_id)
+        if idempotency_key is None:
+            prompt_id, command_id = new_id("prm"), new_id("cmd")
+        else:
+            # Same owner + session + key -> same prompt id and the same Nats-Msg-Id, so a retry
+            # within the stream's duplicate window is dropped by JetStream and a later one by
+            # the session service (it remembers recent prompt ids).
+            prompt_id = derived_id("prm", snapshot.owner, session_id, idempotency_key)
+            command_id = derived_id("cmd", snapshot.owner, session_id, idempotency_key)
+        envelope = self._command(
+            Command.PROMPT_SUBMIT,
+            session_id,
+            snapshot.owner,
+            {"prompt_id": prompt_id, "content": content},
+            command_id=command_id,
+        )
+        outcome = await self._bus.send_command(envelope, wait=True)
+        receipt: dict[str, Any] = {
+            "prompt_id": prompt_id,
+            "session_id": session_id,
+            "status": "queued",
+        }
+        if outcome.data and isinstance(outcome.data.get("seq"), int):
+            receipt["seq"] = outcome.data["seq"]
+        return receipt
+
+    # -- history --
+    async def list_messages(
+        self, principal: Principal, session_id: str, after: int | None, limit: int | None
+    ) -> dict[str, Any]:
+        if after is not None and after < 0:
+            raise BadRequest("after must be >= 0")
+        page = limit if limit is not None else self._settings.messages_page_default
+        if not 1 <= page <= self._settings.messages_page_max:
+            raise BadRequest(f"limit must be between 1 and {self._settings.messages_page_max}")
+        await self.visible_session(principal, session_id)
+        data = await self._bus.list_messages(session_id, after, page)
+        return {"messages": list(data.get("messages") or []), "next": data.get("next")}
+
+    async def follow(
+        self, principal: Principal, session_id: str
+    ) -> tuple[SessionSnapshot, EventFeed]:
+        """A client's event feed (history then live); the ownership check comes first."""
+        snapshot = await self.visible_session(principal, session_id)
+        return snapshot, await self._bus.follow_session(session_id)
+
+    # -- runner --
+    async def follow_dispatches(self, session_id: str) -> EventFeed:
+        """New ``prompt.dispatched`` events (subscribe before announcing the runner)."""
+        return await self._bus.follow_session(
+            session_id, new_only=True, event_type="prompt.dispatched"
+        )
+
+    async def runner_connect(self, snapshot: SessionSnapshot, connection_id: str) -> None:
+        envelope = self._command(
+            Command.RUNNER_CONNECT, snapshot.id, snapshot.owner, {"connection_id": connection_id}
+        )
+        try:
+            await self._bus.send_command(envelope, wait=True)
+        except Timeout:
+            pass  # durable: the session applies it later, and dispatches then
+
+    async def runner_disconnect(self, snapshot: SessionSnapshot, connection_id: str) -> None:
+        envelope = self._command(
+            Command.RUNNER_DISCONNECT, snapshot.id, snapshot.owner, {"connection_id": connection_id}
+        )
+        await self._bus.send_command(envelope, wait=False)
+
+    async def complete_message(
+        self, snapshot: SessionSnapshot, prompt_id: Any, content: Any, message_id: Any = None
+    ) -> dict[str, Any]:
+        """A runner's final answer; a runner-chosen ``message_id`` makes a re-send safe."""
+        if not isinstance(prompt_id, str) or not is_token(prompt_id):
+            raise BadRequest("prompt_id must be an id")
+        if not isinstance(content, str):
+            raise BadRequest("content must be a string")
+        if message_id is None:
+            message_id = new_id("msg")
+        elif not isinstance(message_id, str) or not is_token(message_id):
+            raise BadRequest("message_id must be an id")
+        envelope = self._command(
+            Command.MESSAGE_COMPLETE,
+            snapshot.id,
+            snapshot.owner,
+            {"prompt_id": prompt_id, "message_id": message_id, "content": content},
+            # Same message id -> same command id: a re-sent completion is dropped by JetStream.
+            command_id=derived_id("cmd", snapshot.id, "complete", message_id),
+        )
+        await self._bus.send_command(envelope, wait=True)
+        return {"prompt_id": prompt_id, "message_id": message_id}
+
+    # -- helpers --
+    async def _read(self, session_id: str) -> SessionSnapshot:
+        snapshot = await self._bus.read_session(session_id) if is_token(session_id) else None
+        if snapshot is None:
+            raise NotFound("session not found", detail={"session_id": session_id})
+        return snapshot
+
+    def _command(
+        self,
+        command: Command,
+        session_id: str,
+        owner: str,
+        data: dict[str, Any],
+        *,
+        command_id: str | None = None,
+    ) -> Envelope:
+        return Envelope(
+            id=command_id or new_id("cmd"),
+            type=command,
+            source=SOURCE,
+            time=iso(self._clock.now()),
+            subject=session_id,
+            owner=owner,
+            data=data,
+        )
