@@ -19,7 +19,8 @@ from nats.aio.client import Client as NATS
 
 from shoal.common.embedded import free_port
 from shoal.common.messaging import Subjects
-from shoal.gateway.app import GatewayServer, create_app, uvicorn_config
+from shoal.common.service import ServiceServer, server_config
+from shoal.gateway.app import create_app
 from shoal.gateway.config import GatewaySettings
 
 
@@ -69,7 +70,7 @@ async def sessions(nc: NATS, settings: GatewaySettings) -> AsyncIterator[FakeSes
 @dataclass
 class RunningGateway:
     app: FastAPI
-    server: GatewayServer
+    server: ServiceServer
     task: asyncio.Task[None]
     base_url: str
     ws_url: str
@@ -81,7 +82,7 @@ class RunningGateway:
 
 async def start_gateway(settings: GatewaySettings) -> RunningGateway:
     app = create_app(settings)
-    server = GatewayServer(uvicorn_config(app, settings, log_level="warning"), app)
+    server = ServiceServer(server_config(app, settings, log_level="warning"))
     task = asyncio.create_task(server.serve())
     async with asyncio.timeout(15):
         while not server.started:

@@ -68,7 +68,11 @@ def setup_logging(settings: CommonSettings) -> None:
 
 
 def setup_tracing(service: str, settings: CommonSettings) -> TracerProvider:
-    """Install a tracer provider; spans are exported only when ``SHOAL_OTEL_EXPORTER`` asks."""
+    """Install a tracer provider once per process; spans are exported only when
+    ``SHOAL_OTEL_EXPORTER`` asks. Later calls (tests build several apps) reuse the first."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
     provider = TracerProvider(resource=Resource.create({"service.name": f"shoal-{service}"}))
     if settings.otel_exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))

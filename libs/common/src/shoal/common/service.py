@@ -1,8 +1,11 @@
 """What every Shoal service process shares: health, readiness, metrics, logging, graceful stop.
 
 A service's ``create_app(settings)`` builds its FastAPI app with :func:`create_service_app`,
-passing a lifespan that owns its clients. ``shoal run <service>`` serves it with uvicorn, which
-turns SIGTERM/SIGINT into the lifespan's shutdown (drain, release, close).
+passing a lifespan that owns its clients. ``shoal run <service>`` serves it with
+:class:`ServiceServer` (uvicorn), which turns SIGTERM/SIGINT into the lifespan's shutdown
+(drain, release, close). A service that holds long-lived connections registers a
+``before_server_shutdown`` hook: uvicorn's own shutdown would close WebSockets with a bare 1012
+before the lifespan runs, losing the reason that tells clients where to resume.
 
 Example::
 
@@ -13,10 +16,13 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import math
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,6 +31,7 @@ from shoal.common.observability import setup_logging, setup_tracing
 from shoal.common.settings import CommonSettings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+ShutdownHook = Callable[[], Awaitable[None]]
 
 
 class Readiness:
@@ -66,6 +73,8 @@ def create_service_app(
             readiness.draining = True  # stop taking traffic before the service drains
 
     app = FastAPI(title=f"Shoal {name}", lifespan=run, **fastapi_kwargs)
+    app.state.before_server_shutdown = []
+    app.state.uvicorn_options = {}
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -84,3 +93,35 @@ def create_service_app(
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def before_server_shutdown(app: FastAPI, hook: ShutdownHook) -> None:
+    """Run ``hook`` when the server starts stopping, before uvicorn closes connections."""
+    app.state.before_server_shutdown.append(hook)
+
+
+def server_config(app: FastAPI, settings: CommonSettings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn settings for a Shoal service: our JSON logging, no permessage-deflate (it costs
+    memory per socket), the service's own options (``app.state.uvicorn_options``), then
+    ``overrides``."""
+    options: dict[str, Any] = {
+        "host": settings.http_host,
+        "port": settings.http_port,
+        "lifespan": "on",
+        "log_config": None,
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace.total_seconds()),
+    }
+    options.update(getattr(app.state, "uvicorn_options", {}))
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+class ServiceServer(uvicorn.Server):
+    """uvicorn's server that runs the app's ``before_server_shutdown`` hooks first."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        for hook in getattr(getattr(app, "state", None), "before_server_shutdown", []):
+            await hook()
+        await super().shutdown(sockets)

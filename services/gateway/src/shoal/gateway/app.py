@@ -4,31 +4,28 @@ Nothing connects at import. The lifespan connects to NATS, provisions the catalo
 starts the bus (reply inbox, key-revocation broadcasts) and, on shutdown, closes every socket
 with 1012 and a resume hint before it lets go of NATS.
 
-Serve it with permessage-deflate off (it costs memory per socket and CPU per frame)::
+Serve it like every service (``shoal run gateway`` does this)::
 
     app = create_app(settings)
-    server = GatewayServer(uvicorn_config(app, settings), app)
-    await server.serve()
+    await ServiceServer(server_config(app, settings)).serve()
 
-``GatewayServer`` closes the sockets itself *before* uvicorn's own shutdown, which would
-otherwise close them with a bare 1012 (no resume seq in the reason).
+The app registers a ``before_server_shutdown`` hook that closes the sockets *before* uvicorn's
+own shutdown, which would otherwise close them with a bare 1012 (no resume seq in the reason),
+and raises uvicorn's frame cap just above the app's own 1009 check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 from nats.errors import Error as NatsError
 
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
-from shoal.common.service import Readiness, create_service_app
+from shoal.common.service import Readiness, before_server_shutdown, create_service_app
 from shoal.gateway.api import router
 from shoal.gateway.api.deps import GatewayState
 from shoal.gateway.api.limits import BodySizeLimit
@@ -69,34 +66,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(router)
+    # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.
+    app.state.uvicorn_options["ws_max_size"] = settings.max_ws_frame_bytes + 64 * 1024
+
+    async def close_sockets() -> None:
+        await hub.close_all(settings.ws_close_timeout.total_seconds())
+
+    before_server_shutdown(app, close_sockets)
     return app
-
-
-def uvicorn_config(app: FastAPI, settings: GatewaySettings, **overrides: Any) -> uvicorn.Config:
-    """uvicorn settings the gateway needs: no permessage-deflate, frame cap above our own check."""
-    options: dict[str, Any] = {
-        "host": settings.http_host,
-        "port": settings.http_port,
-        "ws_per_message_deflate": False,
-        # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.
-        "ws_max_size": settings.max_ws_frame_bytes + 64 * 1024,
-        "timeout_graceful_shutdown": settings.shutdown_grace.total_seconds(),
-        "log_config": None,
-        "lifespan": "on",
-    }
-    options.update(overrides)
-    return uvicorn.Config(app, **options)
-
-
-class GatewayServer(uvicorn.Server):
-    """uvicorn's server, but sockets get 1012 *with* their resume seq before uvicorn stops."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self._app = app
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        state = getattr(self._app.state, "gateway", None)
-        if isinstance(state, GatewayState):
-            await state.hub.close_all(state.service.settings.ws_close_timeout.total_seconds())
-        await super().shutdown(sockets)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -33,9 +32,9 @@ def run_service(name: str) -> int:
         print(f"shoal run: unknown service {name!r} (known: {known})", file=sys.stderr)
         return EXIT_USAGE
 
-    import uvicorn
     from pydantic import ValidationError
 
+    from shoal.common.service import ServiceServer, server_config
     from shoal.common.settings import CommonSettings
 
     os.environ.setdefault("SHOAL_SERVICE_NAME", name)
@@ -45,16 +44,7 @@ def run_service(name: str) -> int:
         print(f"shoal run: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     app = entry.load()()
-    config = uvicorn.Config(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        lifespan="on",
-        log_config=None,  # the service's JSON logging (shoal.common.observability) stays in charge
-        ws_per_message_deflate=False,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace.total_seconds()),
-    )
-    server = uvicorn.Server(config)
+    server = ServiceServer(server_config(app, settings))
 
     def after_uvicorn(sig: int, frame: FrameType | None) -> None:
         # uvicorn re-raises the signal that stopped it once it has shut down gracefully:
