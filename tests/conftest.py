@@ -22,27 +22,13 @@ from __future__ import annotations
 
 import secrets
 import signal
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 
 from shoal.common.embedded import free_port
-from shoal.common.supervisor import Fleet, FleetConfig, fleet_specs
-
-
-class FleetFactory(Protocol):
-    def __call__(
-        self,
-        *,
-        subject_prefix: str | None = None,
-        session_replicas: int = 1,
-        env: Mapping[str, str] | None = None,
-        nats_url: str = ...,
-        database_url: str = ...,
-        ready_within: float = 60.0,
-    ) -> Awaitable[Fleet]: ...
+from shoal.common.supervisor import Fleet, FleetConfig, FleetFactory, fleet_specs
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from conftest import FleetFactory
 from shoal.client import Event, ShoalAPIError, ShoalClient, connect_runner
+from shoal.common.supervisor import FleetFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from gateway_fakes import FakeKeys, FakeSessionService
 
-from conftest import RunningGateway
 from shoal.client import ShoalAPIError, ShoalClient, connect_runner
 from shoal.gateway.api.problems import install_problem_handlers
+
+if TYPE_CHECKING:  # the fixture's type, from this directory's conftest (no runtime import:
+    # several test directories have a conftest module)
+    from conftest import RunningGateway
 
 ALICE = {"Authorization": "Bearer key-alice"}
 

@@ -6,16 +6,19 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from gateway_fakes import FakeKeys, FakeSessionService
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import RunningGateway
 from shoal.client import ShoalClient, ShoalConnectionClosed, connect_runner
 from shoal.gateway.api.deps import gateway_state
+
+if TYPE_CHECKING:  # the fixture's type, from this directory's conftest (no runtime import:
+    # several test directories have a conftest module)
+    from conftest import RunningGateway
 
 ALICE = {"Authorization": "Bearer key-alice"}
 

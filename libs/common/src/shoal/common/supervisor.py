@@ -31,11 +31,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Protocol
 
 from shoal.common.errors import Conflict, NotFound, Unavailable
 
@@ -648,3 +648,18 @@ def _watchdog_main() -> None:
 
 if __name__ == "__main__":
     _watchdog_main()
+
+
+class FleetFactory(Protocol):
+    """The ``fleet`` test fixture: starts the services as OS processes (tests/conftest.py)."""
+
+    def __call__(
+        self,
+        *,
+        subject_prefix: str | None = None,
+        session_replicas: int = 1,
+        env: Mapping[str, str] | None = None,
+        nats_url: str = ...,
+        database_url: str = ...,
+        ready_within: float = 60.0,
+    ) -> Awaitable[Fleet]: ...
