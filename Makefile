@@ -27,7 +27,7 @@ fmt: install ## format and auto-fix
 	$(RUN) ruff check --fix .
 
 typecheck: install ## mypy strict
-	$(RUN) mypy libs/common/src libs/client/src services/*/src
+	$(RUN) mypy libs/common/src libs/client/src services/*/src bench
 
 test: lint typecheck ## lint, typecheck and run the tests (short fault tests included)
 	$(RUN) pytest -m "not chaos" $(PYTEST_ARGS)

@@ -1,0 +1,1 @@
+"""Shoal benchmarks: ``python -m bench`` prints figures (bench/README.md); nothing asserts."""
