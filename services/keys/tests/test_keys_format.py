@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import os
 import string
 
 import pytest
@@ -89,11 +91,14 @@ def test_development_uses_the_dev_pepper() -> None:
 def test_production_refuses_a_missing_or_placeholder_pepper(pepper: str | None) -> None:
     with pytest.raises(ValidationError, match="SHOAL_KEYS_PEPPER"):
         KeysSettings(
-            environment="production", keys_pepper=SecretStr(pepper) if pepper is not None else None
+            environment="production",
+            keys_pepper=SecretStr(pepper) if pepper is not None else None,
+            keys_kek=SecretStr(base64.b64encode(os.urandom(32)).decode()),
         )
 
 
 def test_production_accepts_a_real_pepper(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOAL_ENVIRONMENT", "production")
     monkeypatch.setenv("SHOAL_KEYS_PEPPER", "p" * 48)
+    monkeypatch.setenv("SHOAL_KEYS_KEK", base64.b64encode(os.urandom(32)).decode())
     assert KeysSettings().pepper() == b"p" * 48

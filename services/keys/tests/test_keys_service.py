@@ -3,59 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from _keys_support import DEV_KEY, call
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from pydantic import SecretStr
 
 from shoal.common.clock import ManualClock
 from shoal.common.errors import BadRequest, NotFound, Unauthorized
-from shoal.common.messaging import Subjects, loads, request
+from shoal.common.messaging import Subjects, loads
 from shoal.keys.app import create_app
 from shoal.keys.config import KeysSettings
 from shoal.keys.keyformat import generate_key
 from shoal.keys.service import KeyService
-
-DEV_KEY = "dev-admin-key-for-tests"
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(start=time.time())
-
-
-@pytest.fixture
-def settings(nats_url: str, database_url: str, subject_prefix: str) -> KeysSettings:
-    return KeysSettings(
-        environment="test",
-        nats_url=nats_url,
-        database_url=SecretStr(database_url),
-        subject_prefix=subject_prefix,
-        dev_admin_key=SecretStr(DEV_KEY),
-        log_json=False,
-    )
-
-
-@pytest.fixture
-async def keys_app(settings: KeysSettings, clock: ManualClock) -> AsyncIterator[FastAPI]:
-    app = create_app(settings, clock=clock)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-@pytest.fixture
-def subjects(subject_prefix: str) -> Subjects:
-    return Subjects(subject_prefix)
-
-
-async def call(nc: NATS, subjects: Subjects, method: str, body: dict[str, Any]) -> Any:
-    return await request(nc, subjects.rpc("keys", method), body, timeout=5)
 
 
 @pytest.mark.usefixtures("keys_app")
@@ -63,7 +26,8 @@ async def test_create_verify_list_revoke(nc: NATS, subjects: Subjects) -> None:
     created = await call(
         nc, subjects, "create", {"name": "ci", "owner": "user_1", "scopes": ["sessions", "read"]}
     )
-    assert set(created) == {"id", "key", "name", "owner", "scopes", "created_at"}
+    assert set(created) == {"id", "key", "name", "owner", "scopes", "created_at", "expires_at"}
+    assert created["expires_at"] is None
     assert created["key"].startswith("shoal_" + created["id"] + "_")
     assert created["scopes"] == ["read", "sessions"]
 

@@ -19,12 +19,15 @@ from fastapi import FastAPI
 
 from shoal.common.clock import Clock, SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
+from shoal.common.messaging.catalog import provision_stream
 from shoal.common.service import Readiness, create_service_app
 from shoal.common.storage import Database
+from shoal.keys.audit import audit_stream_config
 from shoal.keys.config import KeysSettings
 from shoal.keys.handlers import serve_keys
 from shoal.keys.service import KeyService
-from shoal.keys.store import KeyStore, NatsRevocations
+from shoal.keys.store import KeyStore, NatsAudit, NatsRevocations, SecretStore
+from shoal.keys.vault import SecretService
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_keys"
@@ -46,8 +49,9 @@ class DatabaseProbe:
 
 
 def create_app(settings: KeysSettings | None = None, *, clock: Clock | None = None) -> FastAPI:
-    """The keys service: API key RPCs over NATS plus /healthz, /readyz, /metrics."""
+    """The keys service: API key and secret RPCs over NATS plus /healthz, /readyz, /metrics."""
     settings = settings or KeysSettings()
+    ring = settings.kek_ring()  # refuse to start on a bad KEK configuration, before connecting
     clock = clock or SystemClock()
     readiness = Readiness()
 
@@ -63,15 +67,20 @@ def create_app(settings: KeysSettings | None = None, *, clock: Clock | None = No
             nc = await connect_nats(settings, name="keys")
             stack.push_async_callback(nc.drain)
             await provision(nc.jetstream(), Catalog.from_settings(settings))
+            await provision_stream(nc.jetstream(), audit_stream_config(settings))
 
             subjects = Subjects(settings.subject_prefix)
+            audit = NatsAudit(nc, subjects, clock)
             service = KeyService(
                 KeyStore(db),
                 NatsRevocations(nc, subjects),
                 pepper=settings.pepper(),
                 clock=clock,
                 touch_interval=settings.keys_touch_interval,
+                audit=audit,
+                admin_audit_interval=settings.keys_admin_audit_interval,
             )
+            secrets = SecretService(SecretStore(db), ring, audit, clock=clock)
             if settings.dev_admin_key is not None:
                 await service.ensure_dev_admin(settings.dev_admin_key.get_secret_value())
 
@@ -89,8 +98,9 @@ def create_app(settings: KeysSettings | None = None, *, clock: Clock | None = No
 
             # nc.drain on the way out answers the requests already received, then closes;
             # it runs before db.close (the stack unwinds in reverse).
-            await serve_keys(nc, subjects, service)
+            await serve_keys(nc, subjects, service, secrets)
             app.state.keys = service
+            app.state.secrets = secrets
             yield
 
     return create_service_app("keys", settings, lifespan, readiness)

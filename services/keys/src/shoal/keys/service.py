@@ -2,6 +2,7 @@
 
 Every refusal of a presented key is the same :class:`Unauthorized` — unknown, mistyped,
 revoked and expired keys are indistinguishable to the caller. Keys are never logged.
+Creation, revocation and the use of an admin-scoped key are audit events (audit.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from typing import Protocol
 from shoal.common.clock import Clock, iso
 from shoal.common.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from shoal.common.messaging import is_token
+from shoal.keys.audit import (
+    KEY_ADMIN_USED,
+    KEY_CREATED,
+    KEY_REVOKED,
+    AdminUseThrottle,
+    Audit,
+    emit_after_commit,
+)
 from shoal.keys.keyformat import generate_key, hash_key, parse_key
 from shoal.keys.store import ApiKeyRow, KeyStore
 
@@ -25,6 +34,7 @@ DEV_ADMIN_ID = "dev-admin"
 DEV_ADMIN_OWNER = "admin"
 MAX_KEY_LENGTH = 512  # longer input is refused before hashing it
 MAX_NAME_LENGTH = 200
+MAX_KEY_LIFETIME = timedelta(days=3650)
 _INSERT_ATTEMPTS = 3  # ids are 71 random bits: a collision is already one in ~10^21
 
 
@@ -50,6 +60,7 @@ def key_view(row: ApiKeyRow) -> dict[str, object]:
         "owner": row.owner,
         "scopes": row.scopes,
         "created_at": iso(row.created_at.timestamp()),
+        "expires_at": iso(row.expires_at.timestamp()) if row.expires_at else None,
         "last_used_at": iso(row.last_used_at.timestamp()) if row.last_used_at else None,
         "revoked_at": iso(row.revoked_at.timestamp()) if row.revoked_at else None,
     }
@@ -64,8 +75,12 @@ class KeyService:
         pepper: bytes,
         clock: Clock,
         touch_interval: timedelta = timedelta(minutes=1),
+        audit: Audit,
+        admin_audit_interval: timedelta = timedelta(minutes=1),
     ) -> None:
         self._store = store
+        self._audit = audit
+        self._admin_uses = AdminUseThrottle(clock, admin_audit_interval.total_seconds())
         self._revocations = revocations
         self._pepper = pepper
         self._clock = clock
@@ -112,12 +127,31 @@ class KeyService:
         not_since = now - self._touch_interval
         if row.last_used_at is None or row.last_used_at <= not_since:
             await self._store.touch(row.id, now, not_since)
+        if "admin" in row.scopes and self._admin_uses.due(row.id):
+            await emit_after_commit(
+                self._audit, KEY_ADMIN_USED, owner=row.owner, subject=row.id, data={}
+            )
         return VerifiedKey(key_id=row.id, owner=row.owner, name=row.name, scopes=row.scopes)
 
     async def create(
-        self, *, name: str, owner: str, scopes: list[str], expires_at: datetime | None = None
+        self,
+        *,
+        name: str,
+        owner: str,
+        scopes: list[str],
+        expires_at: datetime | None = None,
+        expires_in: timedelta | None = None,
     ) -> tuple[ApiKeyRow, str]:
         """Issue a key; returns its row and the key itself, which is shown only this once."""
+        now = self._now()
+        if expires_in is not None:
+            if expires_at is not None:
+                raise BadRequest("give expires_at or expires_in_seconds, not both")
+            expires_at = now + expires_in
+        if expires_at is not None and not now < expires_at <= now + MAX_KEY_LIFETIME:
+            raise BadRequest(
+                f"expiry must be in the future and within {MAX_KEY_LIFETIME.days} days"
+            )
         if not name or len(name) > MAX_NAME_LENGTH:
             raise BadRequest(f"name must be 1..{MAX_NAME_LENGTH} characters")
         if not is_token(owner):
@@ -136,11 +170,22 @@ class KeyService:
                 name=name,
                 scopes=sorted(set(scopes)),
                 key_hash=hash_key(self._pepper, key),
-                created_at=self._now(),
+                created_at=now,
                 expires_at=expires_at,
             )
             if await self._store.insert(row):
                 log.info("key created", extra={"key_id": key_id, "owner": owner})
+                await emit_after_commit(
+                    self._audit,
+                    KEY_CREATED,
+                    owner=owner,
+                    subject=key_id,
+                    data={
+                        "name": name,
+                        "scopes": row.scopes,
+                        "expires_at": iso(expires_at.timestamp()) if expires_at else None,
+                    },
+                )
                 return row, key
         raise Unavailable("could not allocate a key id")
 
@@ -149,7 +194,9 @@ class KeyService:
 
     async def revoke(self, key_id: str) -> None:
         """Revoke ``key_id`` (idempotent) and announce it after the write is committed."""
-        if not await self._store.revoke(key_id, self._now()):
+        owner = await self._store.revoke(key_id, self._now())
+        if owner is None:
             raise NotFound("key not found", detail={"id": key_id})
         log.info("key revoked", extra={"key_id": key_id})
         await self._revocations.revoked(key_id)
+        await emit_after_commit(self._audit, KEY_REVOKED, owner=owner, subject=key_id, data={})
