@@ -60,4 +60,8 @@ async def serve(nc: NATS, subject: str, queue: str, handler: Handler) -> Subscri
         if msg.reply:
             await msg.respond(dumps(reply))
 
-    return await nc.subscribe(subject, queue=queue, cb=on_request)
+    sub = await nc.subscribe(subject, queue=queue, cb=on_request)
+    # The server registers the interest asynchronously: flush so a request sent the moment
+    # the service reports ready cannot find "no responders".
+    await nc.flush()
+    return sub
