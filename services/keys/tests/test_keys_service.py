@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from shoal.common.clock import ManualClock
+from shoal.common.clock import ManualClock, iso
 from shoal.common.errors import BadRequest, NotFound, Unauthorized
 from shoal.common.messaging import Subjects, loads
 from shoal.keys.app import create_app
@@ -37,6 +37,7 @@ async def test_create_verify_list_revoke(nc: NATS, subjects: Subjects) -> None:
         "owner": "user_1",
         "scopes": ["read", "sessions"],
         "name": "ci",
+        "expires_at": None,
     }
 
     listed = (await call(nc, subjects, "list", {"owner": "user_1"}))["keys"]
@@ -81,6 +82,7 @@ async def test_dev_admin_key_is_accepted_as_is(nc: NATS, subjects: Subjects) -> 
         "owner": "admin",
         "scopes": ["admin"],
         "name": "development admin",
+        "expires_at": None,
     }
     for near in (DEV_KEY + "x", DEV_KEY[:-1], DEV_KEY.upper()):
         with pytest.raises(Unauthorized):
@@ -150,7 +152,9 @@ async def test_expired_key_is_unauthorized(
     service: KeyService = keys_app.state.keys
     expires = datetime.fromtimestamp(clock.now(), tz=UTC) + timedelta(seconds=10)
     _, key = await service.create(name="temp", owner="u3", scopes=["read"], expires_at=expires)
-    await call(nc, subjects, "verify", {"key": key})
+    verified = await call(nc, subjects, "verify", {"key": key})
+    # Verifiers (the gateways) bound their cache by it.
+    assert verified["expires_at"] == iso(expires.timestamp())
     clock.advance(10)
     with pytest.raises(Unauthorized):
         await call(nc, subjects, "verify", {"key": key})

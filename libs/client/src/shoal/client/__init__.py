@@ -10,6 +10,7 @@ Example::
 
         async with connect_runner(client.base_url, session.id, session.runner_token) as runner:
             async for prompt in runner.prompts():
+                token = await runner.get_secret("GITHUB_TOKEN")  # if allowed_secrets names it
                 await runner.complete(prompt.prompt_id, f"echo: {prompt.content}")
                 break
 
@@ -20,21 +21,36 @@ Example::
 
 from shoal.client._errors import ShoalAPIError, ShoalConnectionClosed
 from shoal.client._http import ShoalClient
-from shoal.client._models import Event, Message, MessagePage, Prompt, PromptReceipt, Session
+from shoal.client._models import (
+    ApiKey,
+    Event,
+    Message,
+    MessagePage,
+    Prompt,
+    PromptReceipt,
+    SecretInfo,
+    Session,
+)
+from shoal.client._streaming import ProxyRequest, ProxyResponse, WsTicket
 from shoal.client._ws import EventStream, RunnerConnection, connect_runner, websocket_url
 
 __all__ = [
+    "ApiKey",
     "Event",
     "EventStream",
     "Message",
     "MessagePage",
     "Prompt",
+    "ProxyRequest",
+    "ProxyResponse",
     "PromptReceipt",
     "RunnerConnection",
+    "SecretInfo",
     "Session",
     "ShoalAPIError",
     "ShoalClient",
     "ShoalConnectionClosed",
     "connect_runner",
     "websocket_url",
+    "WsTicket",
 ]

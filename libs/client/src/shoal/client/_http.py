@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -10,7 +11,16 @@ import httpx
 import msgspec
 
 from shoal.client._errors import ShoalAPIError
-from shoal.client._models import MessagePage, PromptReceipt, Session
+from shoal.client._models import (
+    ApiKey,
+    MessagePage,
+    PromptReceipt,
+    SecretInfo,
+    Session,
+    _KeyList,
+    _SecretList,
+)
+from shoal.client._streaming import DeltaCallback, WsTicket
 from shoal.client._ws import EventStream, websocket_url
 
 T = TypeVar("T")
@@ -90,15 +100,100 @@ class ShoalClient:
             "GET", f"/v1/sessions/{_seg(session_id)}/messages", MessagePage, params=params
         )
 
+    # -- API keys --
+    async def create_key(
+        self,
+        name: str,
+        scopes: list[str],
+        *,
+        owner: str | None = None,
+        expires_in_seconds: int | None = None,
+    ) -> ApiKey:
+        """Issue a key; ``result.key`` is the key itself, shown only here.
+
+        Without the admin scope: only for this key's owner and only with scopes it has.
+        """
+        body: dict[str, Any] = {"name": name, "scopes": scopes}
+        if owner is not None:
+            body["owner"] = owner
+        if expires_in_seconds is not None:
+            body["expires_in_seconds"] = expires_in_seconds
+        return await self._call("POST", "/v1/keys", ApiKey, json=body)
+
+    async def list_keys(self, *, owner: str | None = None) -> list[ApiKey]:
+        """This owner's keys (an admin key: every key, or ``owner``'s)."""
+        params = {"owner": owner} if owner is not None else {}
+        return (await self._call("GET", "/v1/keys", _KeyList, params=params)).keys
+
+    async def revoke_key(self, key_id: str) -> None:
+        """Revoke a key; every gateway refuses it within a second."""
+        await self._send("DELETE", f"/v1/keys/{_seg(key_id)}")
+
+    # -- secrets --
+    async def put_secret(self, name: str, value: str, *, owner: str | None = None) -> None:
+        """Store (a new version of) the secret ``name``; runners read it with ``get_secret``."""
+        params = {"owner": owner} if owner is not None else {}
+        await self._send("PUT", f"/v1/secrets/{_seg(name)}", json={"value": value}, params=params)
+
+    async def list_secrets(self, *, owner: str | None = None) -> list[SecretInfo]:
+        """Names and dates of the owner's secrets (never values)."""
+        params = {"owner": owner} if owner is not None else {}
+        return (await self._call("GET", "/v1/secrets", _SecretList, params=params)).secrets
+
+    async def delete_secret(self, name: str, *, owner: str | None = None) -> None:
+        """Delete the secret ``name`` (:class:`ShoalAPIError` 404 if there is none)."""
+        params = {"owner": owner} if owner is not None else {}
+        await self._send("DELETE", f"/v1/secrets/{_seg(name)}", params=params)
+
     def connect_session(
-        self, session_id: str, since: int = 0, *, reconnect: bool = True
+        self,
+        session_id: str,
+        since: int = 0,
+        *,
+        reconnect: bool = True,
+        fallback_urls: Sequence[str] = (),
+        on_delta: DeltaCallback | None = None,
     ) -> EventStream:
         """The session's events after ``since``, replay then live, resuming after disconnects.
 
         Use it as ``async with client.connect_session(sid) as events: async for e in events``.
+        ``fallback_urls``: other gateways to resume on if this one goes away. ``on_delta``
+        receives the runner's streaming ``delta`` frames (ephemeral, best-effort).
         """
-        url = websocket_url(self.base_url, f"/v1/sessions/{_seg(session_id)}/ws")
-        return EventStream(url, {"Authorization": f"Bearer {self._api_key}"}, since, reconnect)
+        path = f"/v1/sessions/{_seg(session_id)}/ws"
+        return EventStream(
+            websocket_url(self.base_url, path),
+            {"Authorization": f"Bearer {self._api_key}"},
+            since,
+            reconnect,
+            fallback_urls=[websocket_url(u, path) for u in fallback_urls],
+            on_delta=on_delta,
+        )
+
+    def connect_events(
+        self, since: int = 0, *, reconnect: bool = True, fallback_urls: Sequence[str] = ()
+    ) -> EventStream:
+        """Every event of this key's owner's sessions (the user stream), resuming by position.
+
+        ``events.last_seq`` is the DELIVER position (not a session's seq): keep it to resume.
+        """
+        return EventStream(
+            websocket_url(self.base_url, "/v1/events/ws"),
+            {"Authorization": f"Bearer {self._api_key}"},
+            since,
+            reconnect,
+            fallback_urls=[websocket_url(u, "/v1/events/ws") for u in fallback_urls],
+        )
+
+    async def create_ws_ticket(self) -> WsTicket:
+        """A single-use ticket for a browser socket or SSE stream (``?ticket=``)."""
+        return await self._call("POST", "/v1/ws-tickets", WsTicket)
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> None:
+        """A request answered with no body (204)."""
+        response = await self._http.request(method, path, **kwargs)
+        if response.is_error:
+            raise _api_error(response)
 
     async def _call(self, method: str, path: str, into: type[T], **kwargs: Any) -> T:
         response = await self._http.request(method, path, **kwargs)

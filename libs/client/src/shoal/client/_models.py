@@ -56,6 +56,37 @@ class Event(msgspec.Struct, kw_only=True):
     data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class ApiKey(msgspec.Struct, kw_only=True):
+    """An API key as listed; ``key`` (the secret itself) only in the answer to ``create_key``."""
+
+    id: str
+    name: str
+    owner: str
+    scopes: list[str]
+    created_at: str
+    expires_at: str | None = None
+    last_used_at: str | None = None
+    revoked_at: str | None = None
+    key: str | None = None
+
+
+class SecretInfo(msgspec.Struct, kw_only=True):
+    """A stored secret's name and dates (the API never returns values)."""
+
+    name: str
+    version: int = 0
+    created_at: str = ""
+    updated_at: str = ""
+
+
+class _KeyList(msgspec.Struct, kw_only=True):
+    keys: list[ApiKey]
+
+
+class _SecretList(msgspec.Struct, kw_only=True):
+    secrets: list[SecretInfo]
+
+
 class Prompt(msgspec.Struct, kw_only=True):
     """A prompt dispatched to a runner."""
 

@@ -9,10 +9,11 @@ in order. Closes that reconnecting cannot fix (4400, 4401, 4404, 4409, 1008, 100
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
@@ -23,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from shoal.client._errors import ShoalAPIError, ShoalConnectionClosed
 from shoal.client._models import Event, Prompt
+from shoal.client._streaming import DeltaCallback, ProxyHandler, ProxyRequest, ProxyResponse
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,18 @@ class _Frame(msgspec.Struct, kw_only=True):
     ref: str | int | None = None
     code: str | None = None
     message: str | None = None
+    name: str | None = None
+    value: str | None = None
+    # gap frames (issue 4)
+    from_: int | None = msgspec.field(default=None, name="from")
+    to: int | None = None
+    # runner proxy (issue 4)
+    id: str | int | None = None
+    method: str | None = None
+    path: str | None = None
+    query: str | None = None
+    headers: dict[str, str] | None = None
+    body_b64: str | None = None
 
 
 _frame_decoder = msgspec.json.Decoder(_Frame)
@@ -99,15 +113,56 @@ class EventStream:
                 handle(event)
     """
 
-    def __init__(self, url: str, headers: dict[str, str], since: int, reconnect: bool) -> None:
-        self._url = url
+    def __init__(
+        self,
+        url: str,
+        headers: dict[str, str],
+        since: int,
+        reconnect: bool,
+        *,
+        fallback_urls: Sequence[str] = (),
+        on_delta: DeltaCallback | None = None,
+        ping_interval: float | None = 30.0,
+    ) -> None:
+        # Other gateways to resume on when this one goes away (behind a load balancer: none).
+        self._urls = [url, *fallback_urls]
+        self._url_index = 0
         self._headers = headers
         self._reconnect = reconnect
         self._conn: ClientConnection | None = None
         self._backoff = _Backoff()
         self._closed = False
+        self._on_delta = on_delta
+        self._ping_interval = ping_interval
+        self._pinger: asyncio.Task[None] | None = None
         self.last_seq = since
         self.reconnects = -1  # connections made after the first
+        # (from, to) seq ranges the server said are gone (older than the ledger's retention)
+        self.gaps: list[tuple[int, int]] = []
+
+    @property
+    def _url(self) -> str:
+        return self._urls[self._url_index % len(self._urls)]
+
+    def drop(self) -> None:
+        """Cut the connection abruptly (no close frame), as a network failure would; the
+        stream resumes from ``last_seq`` on the next read."""
+        conn, self._conn = self._conn, None
+        self._stop_pinger()
+        if conn is not None and conn.transport is not None:
+            conn.transport.abort()
+
+    def _stop_pinger(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+            self._pinger = None
+
+    async def _ping(self, conn: ClientConnection, interval: float) -> None:
+        # The gateway closes sockets it heard nothing from for ws_idle_timeout (1001).
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(interval)
+                await conn.send('{"type":"ping"}')
 
     async def __aenter__(self) -> EventStream:
         await self._ensure()
@@ -123,6 +178,7 @@ class EventStream:
 
     async def aclose(self) -> None:
         self._closed = True
+        self._stop_pinger()
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -137,8 +193,15 @@ class EventStream:
                 raw = await conn.recv()
             except ConnectionClosed as exc:
                 self._conn = None
+                self._stop_pinger()
                 if not await self._after_close(*_close_of(exc)):
                     break
+                continue
+            if isinstance(raw, str) and raw.startswith('{"type":"delta"'):
+                if self._on_delta is None:
+                    continue
+                with contextlib.suppress(msgspec.DecodeError):
+                    self._on_delta(msgspec.json.decode(raw))
                 continue
             try:
                 frame = _frame_decoder.decode(raw)
@@ -151,7 +214,12 @@ class EventStream:
                 self.last_seq = frame.seq
                 self._backoff.reset()
                 return frame.event
-            if frame.type == "error":
+            if frame.type == "gap" and frame.from_ is not None and frame.to is not None:
+                log.warning("events %d..%d are gone from the ledger", frame.from_, frame.to)
+                if frame.to > self.last_seq:
+                    self.gaps.append((frame.from_, frame.to))
+                    self.last_seq = frame.to
+            elif frame.type == "error":
                 log.warning("gateway reported %s: %s", frame.code, frame.message)
         raise StopAsyncIteration
 
@@ -162,7 +230,9 @@ class EventStream:
         if code in FATAL_CLOSE_CODES or not self._reconnect:
             raise ShoalConnectionClosed(code, reason)
         log.info("event stream closed (%s %s); resuming from seq %d", code, reason, self.last_seq)
-        if code != 1012:  # a restarting gateway asks for an immediate reconnect elsewhere
+        if code == 1006 and len(self._urls) > 1:
+            self._url_index += 1  # that gateway is gone: resume on the next one at once
+        elif code != 1012:  # a restarting gateway asks for an immediate reconnect elsewhere
             await self._backoff.sleep()
         return True
 
@@ -179,9 +249,12 @@ class EventStream:
             except (OSError, TimeoutError, InvalidHandshake):
                 if not self._reconnect:
                     raise
+                self._url_index += 1  # try the next gateway, if there is one
                 await self._backoff.sleep()
             else:
                 self.reconnects += 1
+                if self._ping_interval:
+                    self._pinger = asyncio.create_task(self._ping(self._conn, self._ping_interval))
         return self._conn
 
 
@@ -202,8 +275,17 @@ class RunnerConnection:
                 await runner.complete(prompt.prompt_id, answer(prompt.content))
     """
 
-    def __init__(self, url: str, runner_token: str, reconnect: bool, ack_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        runner_token: str,
+        reconnect: bool,
+        ack_timeout: float,
+        on_http_request: ProxyHandler | None = None,
+    ) -> None:
         self._url = url
+        self._on_http_request = on_http_request
+        self._proxy_tasks: set[asyncio.Task[None]] = set()
         self._headers = {"Authorization": f"Bearer {runner_token}"}
         self._reconnect = reconnect
         self._ack_timeout = ack_timeout
@@ -289,6 +371,64 @@ class RunnerConnection:
         self._completed.add(prompt_id)
         return message_id
 
+    async def get_secret(self, name: str) -> str:
+        """The value of secret ``name``, if the session's ``metadata.allowed_secrets`` names it.
+
+        Raises :class:`ShoalAPIError` (403 ``forbidden`` when not allowed, 404 when allowed but
+        not stored), ``TimeoutError`` when no answer came in ``ack_timeout``. Do not log it.
+        """
+        ref = secrets.token_hex(6)
+        future: asyncio.Future[_Frame] = asyncio.get_running_loop().create_future()
+        self._acks[ref] = future
+        try:
+            await self._send(_encoder.encode({"type": "secret.get", "id": ref, "name": name}))
+            answer = await asyncio.wait_for(future, self._ack_timeout)
+        finally:
+            self._acks.pop(ref, None)
+        if answer.type != "secret" or answer.value is None:
+            raise ShoalAPIError.from_frame({"code": answer.code, "message": answer.message})
+        return answer.value
+
+    async def send_delta(self, prompt_id: str, text: str, **extra: Any) -> None:
+        """Stream a piece of the answer to the session's clients (``delta`` frames).
+
+        Not acknowledged and not stored: deltas are ephemeral and dropped while disconnected;
+        the durable answer is :meth:`complete`.
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        frame = {**extra, "type": "message.delta", "prompt_id": prompt_id, "text": text}
+        with contextlib.suppress(ConnectionClosed):
+            await conn.send(_encoder.encode(frame).decode())
+
+    async def _serve_http(self, frame: _Frame) -> None:
+        """Answer one proxied HTTP request with the ``on_http_request`` handler."""
+        assert self._on_http_request is not None
+        try:
+            request = ProxyRequest(
+                method=frame.method or "GET",
+                path=frame.path or "/",
+                query=frame.query or "",
+                headers=frame.headers or {},
+                body=base64.b64decode(frame.body_b64 or ""),
+            )
+            response = await self._on_http_request(request)
+        except Exception:
+            log.exception("the proxy handler failed")
+            response = ProxyResponse(status=500, body=b"runner proxy handler failed")
+        answer = {
+            "type": "http.response",
+            "ref": frame.id,
+            "status": response.status,
+            "headers": response.headers,
+            "body_b64": base64.b64encode(response.body).decode(),
+        }
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await conn.send(_encoder.encode(answer).decode())
+
     async def _send(self, frame: bytes) -> None:
         if self._failure is not None:
             raise self._failure
@@ -369,6 +509,12 @@ class RunnerConnection:
                 return
 
     def _dispatch(self, frame: _Frame) -> None:
+        if frame.type == "http.request":
+            if self._on_http_request is not None:
+                task = asyncio.create_task(self._serve_http(frame))
+                self._proxy_tasks.add(task)
+                task.add_done_callback(self._proxy_tasks.discard)
+            return
         if frame.type == "prompt" and frame.prompt_id is not None:
             self._prompts.put_nowait(Prompt(prompt_id=frame.prompt_id, content=frame.content or ""))
         elif frame.ref is not None and str(frame.ref) in self._acks:
@@ -403,9 +549,12 @@ class connect_runner:  # noqa: N801 - used like a function, as websockets' conne
         *,
         reconnect: bool = True,
         ack_timeout: float = 15.0,
+        on_http_request: ProxyHandler | None = None,
     ) -> None:
         url = websocket_url(base_url, f"/v1/sessions/{quote(session_id, safe='')}/runner")
-        self._runner = RunnerConnection(url, runner_token, reconnect, ack_timeout)
+        self._runner = RunnerConnection(
+            url, runner_token, reconnect, ack_timeout, on_http_request=on_http_request
+        )
 
     async def _start(self) -> RunnerConnection:
         await self._runner.start()

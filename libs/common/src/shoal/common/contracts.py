@@ -83,6 +83,10 @@ class SessionSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_ids: list[str] = msgspec.field(default_factory=list)  # recent, for idempotency
     event_seq: int = 0  # last event seq published for this session
     applied_seq: int = 0  # stream sequence of the last command applied
+    # SESSION_EVT stream sequence of this session's last event: the next writer's events must
+    # append right after it (the ledger fence of the session service). 0 with event_seq > 0
+    # marks a snapshot written before ledger fencing existed.
+    ledger_seq: int = 0
     message_count: int = 0
 
 

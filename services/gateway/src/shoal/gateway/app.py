@@ -30,10 +30,16 @@ from shoal.gateway.api import router
 from shoal.gateway.api.deps import GatewayState
 from shoal.gateway.api.limits import BodySizeLimit
 from shoal.gateway.api.problems import install_problem_handlers
+from shoal.gateway.api.proxy import router as proxy_router
 from shoal.gateway.api.sockets import SocketHub
+from shoal.gateway.api.streams import router as streams_router
+from shoal.gateway.api.upgrade import StreamingState
 from shoal.gateway.bus import Bus
 from shoal.gateway.config import GatewaySettings
+from shoal.gateway.realtime import Realtime
 from shoal.gateway.service import GatewayService
+from shoal.gateway.streams import EventStreams
+from shoal.gateway.tickets import Tickets
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +55,24 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         nc = await connect_nats(settings, name="gateway")
         try:
             await provision(nc.jetstream(), Catalog.from_settings(settings))
-            bus = Bus(nc, Subjects(settings.subject_prefix), settings)
+            bus_subjects = Subjects(settings.subject_prefix)
+            bus = Bus(nc, bus_subjects, settings)
             await bus.start()
             service = GatewayService(bus, settings)
             await bus.on_key_revoked(service.key_revoked)
+            await bus.on_key_revoked(hub.key_revoked)  # open sockets of a revoked key: 4401
             app.state.gateway = GatewayState(service=service, hub=hub)
+            realtime = Realtime(nc, bus_subjects, settings)  # issue 4: deltas, tickets, proxy
+            await realtime.start()
+            app.state.streaming = StreamingState(
+                realtime=realtime,
+                tickets=Tickets(realtime, settings),
+                streams=EventStreams(bus, service, bus_subjects.deliver_stream),
+            )
             readiness.add("nats", lambda: bool(nc.is_connected))
             yield
             await hub.close_all(settings.ws_close_timeout.total_seconds())
+            await realtime.stop()
             await bus.stop()
         finally:
             with contextlib.suppress(NatsError, OSError):
@@ -66,8 +82,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(router)
+    app.include_router(streams_router)
+    app.include_router(proxy_router)
     # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.
     app.state.uvicorn_options["ws_max_size"] = settings.max_ws_frame_bytes + 64 * 1024
+    # Protocol-level keepalive: a peer that stops answering pings is dropped (issue 4).
+    app.state.uvicorn_options["ws_ping_interval"] = settings.ws_ping_interval.total_seconds()
+    app.state.uvicorn_options["ws_ping_timeout"] = settings.ws_ping_timeout.total_seconds()
 
     async def close_sockets() -> None:
         await hub.close_all(settings.ws_close_timeout.total_seconds())

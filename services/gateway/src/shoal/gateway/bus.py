@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -46,6 +46,7 @@ from shoal.common.messaging import (
 )
 from shoal.common.observability import inject_trace
 from shoal.gateway.config import GatewaySettings
+from shoal.gateway.ledger import start_sequence
 from shoal.gateway.service import CommandOutcome, SessionEventMsg
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,24 @@ log = logging.getLogger(__name__)
 _event_decoder = msgspec.json.Decoder(Envelope)
 
 
-class OrderedFeed:
-    """An ordered consumer over one session's events (gap-free: nats-py re-creates it on a gap)."""
+SeqOf = Callable[[Msg, Envelope], int | None]
 
-    def __init__(self, sub: Any) -> None:
+
+def _stream_seq(msg: Msg, envelope: Envelope) -> int | None:
+    """The user stream's cursor: the DELIVER stream sequence, not the session's seq."""
+    return msg.metadata.sequence.stream if msg.metadata else None
+
+
+class OrderedFeed:
+    """An ordered consumer over one subject filter (gap-free: nats-py re-creates it on a gap).
+
+    Each event's position is the envelope's per-session ``seq`` by default, or what ``seq_of``
+    reads (the DELIVER stream sequence for user streams).
+    """
+
+    def __init__(self, sub: Any, seq_of: SeqOf | None = None) -> None:
         self._sub = sub
+        self._seq_of = seq_of
 
     async def next(self) -> SessionEventMsg:
         """The next well-formed event (waits as long as it takes; malformed ones are skipped)."""
@@ -68,10 +82,11 @@ class OrderedFeed:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 log.warning("skipping malformed event on %s", msg.subject)
                 continue
-            if envelope.seq is None:
+            seq = envelope.seq if self._seq_of is None else self._seq_of(msg, envelope)
+            if seq is None:
                 log.warning("skipping event without seq on %s", msg.subject)
                 continue
-            return SessionEventMsg(seq=envelope.seq, envelope=envelope, raw=msg.data)
+            return SessionEventMsg(seq=seq, envelope=envelope, raw=msg.data)
 
     async def close(self) -> None:
         try:
@@ -156,6 +171,16 @@ class Bus:
             self._nc,
             self._subjects.rpc("keys", "verify"),
             {"key": key},
+            timeout=self._settings.rpc_timeout.total_seconds(),
+        )
+        return dict(data or {})
+
+    async def keys_rpc(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``rpc("keys", method)``. Bodies and replies may hold secret values: never log them."""
+        data = await request(
+            self._nc,
+            self._subjects.rpc("keys", method),
+            body,
             timeout=self._settings.rpc_timeout.total_seconds(),
         )
         return dict(data or {})
@@ -255,24 +280,68 @@ class Bus:
 
     # -- events --
     async def follow_session(
-        self, session_id: str, *, new_only: bool = False, event_type: str | None = None
+        self,
+        session_id: str,
+        *,
+        new_only: bool = False,
+        event_type: str | None = None,
+        since: int = 0,
     ) -> OrderedFeed:
         """An ordered feed of the session's events: all of them (history, then live) or only new.
 
-        ``event_type`` narrows the feed to one type (the server filters).
+        ``event_type`` narrows the feed to one type (the server filters). ``since`` > 0 starts
+        the consumer at the first event with a higher seq (found by :func:`start_sequence`), so
+        a resume reads only what it needs, however long the ledger.
         """
         subject = (
             self._subjects.session_event(session_id, event_type)
             if event_type
             else self._subjects.session_events(session_id)
         )
+        stream = self._subjects.session_evt_stream
+        start = None if new_only else await start_sequence(self._js, stream, subject, since)
+        return await self._ordered(subject, stream, new_only=new_only, start=start)
+
+    async def follow_user(self, owner: str, since: int) -> OrderedFeed:
+        """``owner``'s DELIVER subject after DELIVER stream sequence ``since`` (0: all kept)."""
+        return await self._ordered(
+            self._subjects.deliver_user(owner),
+            self._subjects.deliver_stream,
+            new_only=False,
+            start=since + 1 if since > 0 else None,
+            seq_of=_stream_seq,
+        )
+
+    async def first_sequence(self, stream: str) -> int:
+        """The oldest sequence ``stream`` still holds (what retention left)."""
         try:
+            info = await self._js.stream_info(stream)
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable(f"cannot read stream info: {exc}") from exc
+        return int(info.state.first_seq)
+
+    async def _ordered(
+        self,
+        subject: str,
+        stream: str,
+        *,
+        new_only: bool,
+        start: int | None,
+        seq_of: SeqOf | None = None,
+    ) -> OrderedFeed:
+        if new_only:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+        elif start is not None:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            )
+        else:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        try:
+            # Flow control bounds what the consumer buffers here (~2 MiB) while a socket is slow.
             sub = await self._js.subscribe(
-                subject,
-                stream=self._subjects.session_evt_stream,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.NEW if new_only else DeliverPolicy.ALL,
+                subject, stream=stream, ordered_consumer=True, config=config
             )
         except (NatsError, TimeoutError) as exc:
-            raise Unavailable(f"cannot follow session events: {exc}") from exc
-        return OrderedFeed(sub)
+            raise Unavailable(f"cannot follow {subject}: {exc}") from exc
+        return OrderedFeed(sub, seq_of)

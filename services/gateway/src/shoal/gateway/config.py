@@ -54,3 +54,32 @@ class GatewaySettings(CommonSettings):
     rpc_timeout: timedelta = timedelta(seconds=5)
     # Time to let sockets flush their close frames when the gateway stops.
     ws_close_timeout: timedelta = timedelta(seconds=2)
+
+    # -- streaming (issue 4) --
+    # Bytes waiting to be written to one socket, on top of the frame count above: a client that
+    # stays this far behind for ``ws_lag_grace`` is closed with 4408 like one past the count.
+    ws_send_queue_bytes: int = Field(default=8 * MiB, ge=64 * KiB)
+    # Browser origins allowed to open sockets and SSE streams (``SHOAL_WS_ALLOWED_ORIGINS``, a JSON
+    # list, e.g. '["https://app.example.com"]'; "*" allows any). Same-origin requests and clients
+    # that send no Origin (CLIs, runners) are always allowed; a foreign Origin is closed with 4403.
+    ws_allowed_origins: list[str] = Field(default_factory=list)
+    # Frames one socket may send: a token bucket refilled at ``ws_rate_limit`` per second up to
+    # ``ws_rate_burst``. Past it the socket is closed with 1008.
+    ws_rate_limit: float = Field(default=50.0, gt=0)
+    ws_rate_burst: int = Field(default=200, ge=1)
+    # A runner streams deltas at full rate: its socket gets its own, higher limit.
+    ws_runner_rate_limit: float = Field(default=2000.0, gt=0)
+    ws_runner_rate_burst: int = Field(default=4000, ge=1)
+    # A socket whose peer sent no frame (a ``{"type":"ping"}`` counts) for this long is closed
+    # with 1001 (0 turns it off). Protocol-level pings (uvicorn) detect dead peers separately.
+    ws_idle_timeout: timedelta = timedelta(seconds=120)
+    ws_ping_interval: timedelta = timedelta(seconds=20)
+    ws_ping_timeout: timedelta = timedelta(seconds=20)
+    # Lifetime of a ticket from POST /v1/ws-tickets (single use; at most 5 minutes).
+    ws_ticket_ttl: timedelta = timedelta(seconds=30)
+    # SSE comment lines sent when no event came for this long (keeps proxies from timing out).
+    sse_keepalive: timedelta = timedelta(seconds=15)
+    # Runner proxy: largest request or response body (bytes; both travel base64 in one NATS
+    # message, whose default limit is 1 MiB) and how long a runner may take to answer.
+    proxy_max_body_bytes: int = Field(default=512 * KiB, ge=1)
+    proxy_timeout: timedelta = timedelta(seconds=30)

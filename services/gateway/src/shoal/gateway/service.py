@@ -18,19 +18,23 @@ import hmac
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from shoal.common.clock import Clock, SystemClock, iso
 from shoal.common.contracts import Command, SessionSnapshot, Status, public_session
 from shoal.common.errors import (
     BadRequest,
+    Forbidden,
     NotFound,
     PayloadTooLarge,
     Timeout,
     Unauthorized,
 )
 from shoal.common.messaging import Envelope, dumps, is_token, new_id
+from shoal.gateway import tenancy
 from shoal.gateway.config import GatewaySettings
+from shoal.gateway.tenancy import Tenancy
 
 RUNNER_TOKEN_PREFIX = "srt_"  # noqa: S105 - a recognisable prefix, not a secret
 ADMIN_SCOPE = "admin"
@@ -81,8 +85,15 @@ class SessionBus(Protocol):
     async def send_command(self, envelope: Envelope, *, wait: bool) -> CommandOutcome: ...
 
     async def follow_session(
-        self, session_id: str, *, new_only: bool = False, event_type: str | None = None
+        self,
+        session_id: str,
+        *,
+        new_only: bool = False,
+        event_type: str | None = None,
+        since: int = 0,
     ) -> EventFeed: ...
+
+    async def keys_rpc(self, method: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +121,9 @@ class KeyCache:
         self._max = max_entries
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        # Key ids revoked while this process ran (bounded): a verify answer that was already
+        # on its way when the revocation broadcast arrived must not be cached or trusted.
+        self._revoked: OrderedDict[str, None] = OrderedDict()
 
     def get(self, key_hash: str) -> Principal | None:
         hit = self._entries.get(key_hash)
@@ -122,18 +136,29 @@ class KeyCache:
         self._entries.move_to_end(key_hash)
         return principal
 
-    def put(self, key_hash: str, principal: Principal) -> None:
-        self._entries[key_hash] = (self._clock.monotonic() + self._ttl, principal)
+    def put(self, key_hash: str, principal: Principal, ttl: float | None = None) -> None:
+        """Trust ``principal`` for ``ttl`` seconds (at most the cache's TTL; <= 0: not at all)."""
+        ttl = self._ttl if ttl is None else min(ttl, self._ttl)
+        if ttl <= 0 or principal.key_id in self._revoked:
+            return
+        self._entries[key_hash] = (self._clock.monotonic() + ttl, principal)
         self._entries.move_to_end(key_hash)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
     def drop_key_id(self, key_id: str) -> int:
         """Forget every entry of ``key_id`` (a revocation); returns how many were dropped."""
+        self._revoked[key_id] = None
+        self._revoked.move_to_end(key_id)
+        while len(self._revoked) > self._max:
+            self._revoked.popitem(last=False)
         stale = [h for h, (_, p) in self._entries.items() if p.key_id == key_id]
         for key_hash in stale:
             del self._entries[key_hash]
         return len(stale)
+
+    def is_revoked(self, key_id: str) -> bool:
+        return key_id in self._revoked
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -176,6 +201,10 @@ class EventCursor:
         self.last = seq
         return True
 
+    def gap_before(self, seq: int) -> tuple[int, int] | None:
+        """The seqs missing before ``seq`` (retention removed them), if any; call before admit."""
+        return (self.last + 1, seq - 1) if seq > self.last + 1 else None
+
 
 class GatewayService:
     """Auth, ownership, command stamping and idempotency for the gateway's routes and sockets."""
@@ -189,6 +218,7 @@ class GatewayService:
         self._keys = KeyCache(
             settings.auth_cache_ttl.total_seconds(), settings.auth_cache_size, self._clock
         )
+        self.tenancy = Tenancy(bus, on_revoked=self.key_revoked)
 
     @property
     def settings(self) -> GatewaySettings:
@@ -213,8 +243,28 @@ class GatewayService:
             )
         except KeyError as exc:
             raise Unauthorized("invalid API key") from exc
-        self._keys.put(key_hash, principal)
+        if self._keys.is_revoked(principal.key_id):
+            raise Unauthorized("invalid API key")  # verified just before its revocation
+        self._keys.put(key_hash, principal, self._seconds_left(data.get("expires_at")))
         return principal
+
+    def _seconds_left(self, expires_at: object) -> float | None:
+        """Seconds until an RFC 3339 ``expires_at`` (None: no expiry), so no cache entry
+        outlives its key."""
+        if not isinstance(expires_at, str):
+            return None
+        try:
+            moment = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+        except ValueError:
+            return 0.0  # unreadable: do not cache
+        return moment.timestamp() - self._clock.now()
+
+    def authorize(self, principal: Principal, family: str, *, write: bool) -> None:
+        """:class:`Forbidden` without the scope; :class:`Unauthorized` for a key revoked since
+        it was verified (e.g. a socket ticket issued just before the revocation)."""
+        if self._keys.is_revoked(principal.key_id):
+            raise Unauthorized("API key revoked")
+        tenancy.authorize(principal, family, write=write)
 
     def key_revoked(self, key_id: str) -> None:
         """A ``keys.revoked`` broadcast: stop trusting that key at once."""
@@ -236,7 +286,9 @@ class GatewayService:
         self, principal: Principal, metadata: dict[str, Any] | None
     ) -> dict[str, Any]:
         """Create a session; the runner token is returned here once and stored only as a hash."""
+        self.authorize(principal, tenancy.SESSIONS, write=True)
         metadata = metadata or {}
+        tenancy.check_session_metadata(metadata)
         size = len(dumps(metadata))
         if size > self._settings.max_metadata_bytes:
             raise PayloadTooLarge(
@@ -272,6 +324,7 @@ class GatewayService:
         return session
 
     async def get_session(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        self.authorize(principal, tenancy.SESSIONS, write=False)
         return public_session(await self.visible_session(principal, session_id))
 
     async def visible_session(self, principal: Principal, session_id: str) -> SessionSnapshot:
@@ -290,6 +343,7 @@ class GatewayService:
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Queue a prompt. With an ``idempotency_key`` a retry gets the same ``prompt_id``."""
+        self.authorize(principal, tenancy.SESSIONS, write=True)
         if not isinstance(content, str) or not content:
             raise BadRequest("content must be a non-empty string")
         size = len(content.encode())
@@ -335,6 +389,7 @@ class GatewayService:
     async def list_messages(
         self, principal: Principal, session_id: str, after: int | None, limit: int | None
     ) -> dict[str, Any]:
+        self.authorize(principal, tenancy.SESSIONS, write=False)
         if after is not None and after < 0:
             raise BadRequest("after must be >= 0")
         page = limit if limit is not None else self._settings.messages_page_default
@@ -345,11 +400,12 @@ class GatewayService:
         return {"messages": list(data.get("messages") or []), "next": data.get("next")}
 
     async def follow(
-        self, principal: Principal, session_id: str
+        self, principal: Principal, session_id: str, since: int = 0
     ) -> tuple[SessionSnapshot, EventFeed]:
-        """A client's event feed (history then live); the ownership check comes first."""
+        """A client's event feed after ``since`` (history then live); ownership checked first."""
+        self.authorize(principal, tenancy.SESSIONS, write=False)
         snapshot = await self.visible_session(principal, session_id)
-        return snapshot, await self._bus.follow_session(session_id)
+        return snapshot, await self._bus.follow_session(session_id, since=since)
 
     # -- runner --
     async def follow_dispatches(self, session_id: str) -> EventFeed:
@@ -395,6 +451,13 @@ class GatewayService:
         )
         await self._bus.send_command(envelope, wait=True)
         return {"prompt_id": prompt_id, "message_id": message_id}
+
+    async def runner_secret(self, snapshot: SessionSnapshot, name: object) -> dict[str, Any]:
+        """A secret for the session's runner (``secret.get``): only its ``allowed_secrets``."""
+        current = await self._read(snapshot.id)  # fresh: a terminated session reads nothing
+        if current.status == Status.TERMINATED:
+            raise Forbidden("the session is terminated")
+        return await self.tenancy.session_secret(current.id, current.owner, current.metadata, name)
 
     # -- helpers --
     async def _read(self, session_id: str) -> SessionSnapshot:

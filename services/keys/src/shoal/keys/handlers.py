@@ -68,7 +68,13 @@ def _secret_view(row: SecretRow) -> dict[str, Any]:
 def key_routes(service: KeyService) -> dict[str, Handler]:
     async def verify(body: dict[str, Any]) -> dict[str, Any]:
         key = await service.verify(_str(body, "key"))
-        return {"key_id": key.key_id, "owner": key.owner, "scopes": key.scopes, "name": key.name}
+        return {
+            "key_id": key.key_id,
+            "owner": key.owner,
+            "scopes": key.scopes,
+            "name": key.name,
+            "expires_at": key.expires_at,
+        }
 
     async def create(body: dict[str, Any]) -> dict[str, Any]:
         expires_at, expires_in = _expiry(body)

@@ -50,6 +50,8 @@ class VerifiedKey:
     owner: str
     name: str
     scopes: list[str]
+    # RFC 3339 or None: gateways never cache a verified key past it.
+    expires_at: str | None = None
 
 
 def key_view(row: ApiKeyRow) -> dict[str, object]:
@@ -131,7 +133,10 @@ class KeyService:
             await emit_after_commit(
                 self._audit, KEY_ADMIN_USED, owner=row.owner, subject=row.id, data={}
             )
-        return VerifiedKey(key_id=row.id, owner=row.owner, name=row.name, scopes=row.scopes)
+        expires_at = iso(row.expires_at.timestamp()) if row.expires_at else None
+        return VerifiedKey(
+            key_id=row.id, owner=row.owner, name=row.name, scopes=row.scopes, expires_at=expires_at
+        )
 
     async def create(
         self,

@@ -1,9 +1,11 @@
-"""The ``shoal`` command: ``shoal run <service>`` serves one service, ``shoal up`` the fleet.
+"""The ``shoal`` command: ``shoal run <service>`` serves one service, ``shoal up`` the fleet,
+``shoal admin …`` asks a running fleet.
 
 Example::
 
     shoal run gateway                   # SHOAL_HTTP_PORT=8470 SHOAL_NATS_URL=... in the env
     shoal up --home .shoal --session-replicas 2
+    shoal admin partitions --up .shoal/up.json
     python -m shoal.common.cli up       # the same without the console script
 
 Exit codes: 0 done (including a stop by SIGINT/SIGTERM), 1 failed, 2 bad usage or an unknown
@@ -124,12 +126,48 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up when the services are not all ready by then (default: 60)",
     )
+
+    admin = commands.add_parser(
+        "admin",
+        help="operator commands to a running fleet (over NATS)",
+        description="Ask a running fleet over NATS (SHOAL_NATS_URL, SHOAL_SUBJECT_PREFIX, or "
+        "--up DIR/up.json). Prints the answer as JSON.",
+    )
+    admin.add_argument(
+        "--up",
+        type=Path,
+        default=None,
+        metavar="UP_JSON",
+        help="take the NATS URL from a shoal up fleet's up.json",
+    )
+    actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("partitions", help="owner, epoch and lag of every session partition")
+    session = actions.add_parser(
+        "session", help="a session's owner replica, epoch, KV revision, applied_seq, status"
+    )
+    session.add_argument("session_id")
+    actions.add_parser(
+        "rebuild-projection", help="replay the SESSION_EVT ledger into PostgreSQL's history"
+    )
+    rotate = actions.add_parser(
+        "rotate-kek", help="re-wrap every data key with the active (or given) KEK, online"
+    )
+    rotate.add_argument("--to", dest="to_kek_id", default=None, metavar="KEK_ID")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shoal`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "admin":
+        from shoal.common.cli._admin import run_admin
+
+        body: dict[str, object] = {}
+        if args.action == "session":
+            body = {"session_id": args.session_id}
+        elif args.action == "rotate-kek":
+            body = {"to_kek_id": args.to_kek_id}
+        return run_admin(args.action, body, args.up)
     if args.command == "run":
         from shoal.common.cli._run import run_service
 

@@ -38,6 +38,8 @@ KV_VALUE_LIMIT = 1024 * 1024  # the hot state must stay below the server's 1 MiB
 COMMAND_DEDUP_WINDOW = timedelta(minutes=2)
 # Re-published events must land inside this window to be dropped as duplicates (DESIGN §3.3).
 EVENT_DEDUP_WINDOW = timedelta(minutes=10)
+# The longest a WebSocket ticket can live: the bucket forgets it after that whatever its expiry.
+WS_TICKET_MAX_AGE = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,14 @@ class Catalog:
                 storage=StorageType.FILE,
                 replicas=r,
                 limit_marker_ttl=timedelta(seconds=60).total_seconds(),
+            ),
+            KeyValueConfig(
+                bucket=s.ws_tickets_bucket,
+                description="Single-use WebSocket/SSE tickets for browsers (gateway)",
+                history=1,
+                ttl=WS_TICKET_MAX_AGE.total_seconds(),
+                storage=StorageType.MEMORY,
+                replicas=r,
             ),
         ]
         return cls(s, p, r, settings.event_retention, streams, buckets)

@@ -54,6 +54,11 @@ class Subjects:
     def session_members_bucket(self) -> str:
         return f"{self.prefix}-session-members"
 
+    @property
+    def ws_tickets_bucket(self) -> str:
+        """Short-lived, single-use WebSocket/SSE tickets (keys are ticket hashes)."""
+        return f"{self.prefix}-ws-tickets"
+
     # -- session commands --
     @property
     def session_cmd_ingest(self) -> str:
@@ -82,6 +87,14 @@ class Subjects:
     def session_events(self, session_id: str) -> str:
         """Filter for every event of one session."""
         return f"{self.prefix}.session.evt.{session_id}.>"
+
+    def session_delta(self, session_id: str) -> str:
+        """Core NATS (not the ledger): a runner's streaming ``message.delta`` frames, ephemeral."""
+        return f"{self.prefix}.session.delta.{session_id}"
+
+    def session_proxy(self, session_id: str) -> str:
+        """Core NATS request/reply: an HTTP request for the session's runner (runner proxy)."""
+        return f"{self.prefix}.session.proxy.{session_id}"
 
     # -- eventbus delivery --
     @property

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp
 from shoal.common.errors import Unavailable
 from shoal.gateway.api.sockets import SocketHub
 from shoal.gateway.service import GatewayService, Principal, bearer_token
+from shoal.gateway.tenancy import authorize_route
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,13 @@ Service = Annotated[GatewayService, Depends(get_service)]
 
 
 async def get_principal(request: Request, service: Service) -> Principal:
-    return await service.authenticate(bearer_token(request.headers.get("authorization")))
+    """The caller, once its key's scopes cover the route (403 otherwise; tenancy.py)."""
+    principal = await service.authenticate(bearer_token(request.headers.get("authorization")))
+    # The request path, not the route template: FastAPI's included routers keep templates
+    # without their parents' prefixes. Every route starts with its family's literal prefix.
+    path = request.url.path.removeprefix(request.scope.get("root_path", "").rstrip("/"))
+    authorize_route(principal, path, request.method)
+    return principal
 
 
 Caller = Annotated[Principal, Depends(get_principal)]

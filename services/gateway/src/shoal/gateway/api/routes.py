@@ -7,10 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, WebSocket
 from pydantic import BaseModel, ConfigDict, Field
 
+from shoal.gateway.api import keys, secrets
 from shoal.gateway.api.deps import Caller, Service, gateway_state
 from shoal.gateway.api.sockets import serve_client, serve_runner
 
 router = APIRouter(prefix="/v1")
+router.include_router(keys.router)  # issue 5: API keys and secrets in their own modules
+router.include_router(secrets.router)
 
 
 class CreateSession(BaseModel):

@@ -21,7 +21,10 @@ Runner socket ``/v1/sessions/{id}/runner`` (``Authorization: Bearer <runner toke
     runner -> server
         ``{"type":"hello"}``; ``{"type":"ping"}``;
         ``{"type":"message.completed","prompt_id","content","message_id"?}``;
-        ``{"type":"message.delta",…}`` (accepted and dropped for now, issue 4).
+        ``{"type":"message.delta",…}`` (accepted and dropped for now, issue 4);
+        ``{"type":"secret.get","name","id"}`` -> ``{"type":"secret","name","value","ref"}`` for a
+        name in the session's ``metadata.allowed_secrets``, else an ``error`` frame
+        (``forbidden``; ``not_found`` if allowed but not stored). Values are never logged.
 
 Close codes (the reason says what to do):
 
@@ -33,6 +36,7 @@ Close codes (the reason says what to do):
 1013  a dependency (NATS, keys service) is unavailable — retry with backoff
 4400  bad request (e.g. ``since`` is not a non-negative integer)
 4401  missing or invalid API key / runner token — do not retry with the same credentials
+4403  the API key lacks the scope (``sessions``, or ``read`` to follow) — do not retry
 4404  unknown session, or one the key may not see — do not retry
 4408  the client fell behind its bounded send queue — ``lagging: resume from seq N``
 4409  the session refused the runner (e.g. terminated)
@@ -45,17 +49,21 @@ read the code.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from nats.errors import Error as NatsError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from shoal.common.contracts import SessionSnapshot
-from shoal.common.errors import Conflict, NotFound, ShoalError, Unauthorized
+from shoal.common.errors import Conflict, Forbidden, NotFound, ShoalError, Unauthorized
 from shoal.common.messaging import dumps, loads, new_id
+from shoal.gateway.api.upgrade import StreamingState, streaming_state, upgrade_principal
 from shoal.gateway.config import GatewaySettings
 from shoal.gateway.service import (
     EventCursor,
@@ -65,15 +73,19 @@ from shoal.gateway.service import (
     SessionEventMsg,
     bearer_token,
 )
+from shoal.gateway.tickets import Tickets
 
 log = logging.getLogger(__name__)
 
+CLOSE_IDLE = 1001
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_RESTART = 1012
 CLOSE_TRY_LATER = 1013
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
 CLOSE_NOT_FOUND = 4404
 CLOSE_LAGGING = 4408
 CLOSE_CONFLICT = 4409
@@ -85,6 +97,8 @@ def close_code_for(exc: ShoalError) -> int:
         return CLOSE_UNAUTHORIZED
     if isinstance(exc, NotFound):
         return CLOSE_NOT_FOUND
+    if isinstance(exc, Forbidden):
+        return CLOSE_FORBIDDEN
     if isinstance(exc, Conflict):
         return CLOSE_CONFLICT
     if exc.retryable:
@@ -126,6 +140,13 @@ class SocketHub:
     def __len__(self) -> int:
         return len(self._sockets)
 
+    def key_revoked(self, key_id: str) -> None:
+        """A ``keys.revoked`` broadcast: close every socket opened with that key (4401)."""
+        for socket in list(self._sockets):
+            principal = getattr(socket, "principal", None)
+            if isinstance(principal, Principal) and principal.key_id == key_id:
+                socket.finish(CLOSE_UNAUTHORIZED, "API key revoked")
+
     async def wait_empty(self) -> None:
         """Until no socket is open."""
         await self._empty.wait()
@@ -154,6 +175,18 @@ class ManagedSocket:
         self._lag_grace = settings.ws_lag_grace.total_seconds()
         self._close_timeout = settings.ws_close_timeout.total_seconds()
         self._outbox: asyncio.Queue[tuple[int | None, str]] = asyncio.Queue(settings.ws_send_queue)
+        # The outbox is bounded in frames and in bytes (characters: JSON text is mostly ASCII).
+        self._max_queued = settings.ws_send_queue_bytes
+        self._queued = 0
+        self._room = asyncio.Event()
+        # Rate limit on frames from the peer: a token bucket (frames, refilled per second).
+        self._rate = settings.ws_rate_limit
+        self._burst = float(settings.ws_rate_burst)
+        self._tokens = self._burst
+        self._refilled = time.monotonic()
+        self._idle = settings.ws_idle_timeout.total_seconds()
+        self._last_heard = time.monotonic()
+        self.deltas_dropped = 0
         self._done = asyncio.Event()
         self._close_with: tuple[int, str] | None = None
         self.sent_seq = 0  # last event seq written to the socket
@@ -183,17 +216,46 @@ class ManagedSocket:
     async def send_frame(self, frame: dict[str, Any], seq: int | None = None) -> bool:
         return await self.send_text(dumps(frame).decode(), seq)
 
+    def _has_room(self, size: int) -> bool:
+        if self._outbox.full():
+            return False
+        # One frame always fits an empty outbox, however large (it is below the frame cap).
+        return self._queued == 0 or self._queued + size <= self._max_queued
+
     async def send_text(self, text: str, seq: int | None = None) -> bool:
         """Queue a frame; a client stuck behind a full queue past the grace is cut off (4408)."""
-        item = (seq, text)
-        if not self._outbox.full():
-            self._outbox.put_nowait(item)
-            return True
-        try:
-            await asyncio.wait_for(self._outbox.put(item), self._lag_grace)
-        except TimeoutError:
-            self.finish(CLOSE_LAGGING, self.lag_reason())
+        size = len(text)
+        if not self._has_room(size):
+            deadline = time.monotonic() + self._lag_grace
+            while not self._has_room(size):
+                remaining = deadline - time.monotonic()
+                self._room.clear()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    await asyncio.wait_for(self._room.wait(), remaining)
+                except TimeoutError:
+                    self.finish(CLOSE_LAGGING, self.lag_reason())
+                    return False
+        self._queued += size
+        self._outbox.put_nowait((seq, text))
+        return True
+
+    def offer_text(self, text: str) -> bool:
+        """Queue an ephemeral frame (a delta) unless the outbox is half full: then drop it.
+
+        Deltas are best-effort by contract (the durable answer is ``message.completed``); they
+        must never push a socket into lagging or delay its events.
+        """
+        if (
+            self._outbox.qsize() * 2 >= self._outbox.maxsize
+            or (self._queued + len(text)) * 2 > self._max_queued
+            or self._done.is_set()
+        ):
+            self.deltas_dropped += 1
             return False
+        self._queued += len(text)
+        self._outbox.put_nowait((None, text))
         return True
 
     async def reply(self, request: dict[str, Any], frame: dict[str, Any]) -> None:
@@ -208,6 +270,8 @@ class ManagedSocket:
     async def _send_loop(self) -> None:
         while True:
             seq, text = await self._outbox.get()
+            self._queued -= len(text)
+            self._room.set()
             await self.ws.send_text(text)
             if seq is not None:
                 self.sent_seq = seq
@@ -218,6 +282,13 @@ class ManagedSocket:
             if message["type"] == "websocket.disconnect":
                 self.finish()
                 return
+            self._last_heard = now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+            self._refilled = now
+            if self._tokens < 1:
+                self.finish(CLOSE_POLICY, f"rate limit: at most {self._rate:g} frames/s")
+                return
+            self._tokens -= 1
             text = message.get("text")
             if text is None:
                 await self.reply_error({}, "bad_request", "binary frames are not supported")
@@ -237,6 +308,18 @@ class ManagedSocket:
                 await self.reply(frame, {"type": "pong"})
                 continue
             await self.on_frame(frame)
+
+    async def _idle_watch(self) -> None:
+        """Close with 1001 when the peer sent no frame for ``ws_idle_timeout``."""
+        if self._idle <= 0:
+            await self._done.wait()
+            return
+        while True:
+            quiet = time.monotonic() - self._last_heard
+            if quiet >= self._idle:
+                self.finish(CLOSE_IDLE, f"idle timeout: no frame for {self._idle:g} s")
+                return
+            await asyncio.sleep(self._idle - quiet + 0.05)
 
     async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
         try:
@@ -258,7 +341,7 @@ class ManagedSocket:
         self.hub.add(self)
         tasks = [
             asyncio.create_task(self._guard(w))
-            for w in (self._send_loop(), self._receive_loop(), *work)
+            for w in (self._send_loop(), self._receive_loop(), self._idle_watch(), *work)
         ]
         try:
             await self._done.wait()
@@ -308,6 +391,9 @@ class ClientSocket(ManagedSocket):
         try:
             while True:
                 event = await feed.next()
+                gap = self.cursor.gap_before(event.seq)
+                if gap is not None and not await self.send_frame(gap_frame(*gap)):
+                    return
                 if self.cursor.admit(event.seq) and not await self.send_text(
                     event_frame(event), event.seq
                 ):
@@ -333,6 +419,12 @@ class ClientSocket(ManagedSocket):
         await self.reply(frame, {"type": "prompt.accepted", **receipt})
 
 
+def gap_frame(first: int, last: int) -> dict[str, Any]:
+    """Seqs ``first``..``last`` are gone from the ledger (older than its retention): said, never
+    skipped silently. The client cannot get them from the gateway any more."""
+    return {"type": "gap", "from": first, "to": last}
+
+
 def event_frame(event: SessionEventMsg) -> str:
     """``{"type":"event","seq":N,"event":<envelope>}``, splicing the ledger's JSON as it is."""
     return f'{{"type":"event","seq":{event.seq},"event":{event.raw.decode()}}}'
@@ -352,6 +444,11 @@ class RunnerSocket(ManagedSocket):
         super().__init__(websocket, service, hub)
         self.snapshot = snapshot
         self.connection_id = connection_id
+        settings = service.settings
+        self._rate = settings.ws_runner_rate_limit
+        self._burst = self._tokens = float(settings.ws_runner_rate_burst)
+        self.streaming: StreamingState | None = None
+        self._proxied: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     async def pump(self, feed: EventFeed) -> None:
         try:
@@ -392,9 +489,95 @@ class RunnerSocket(ManagedSocket):
                 return
             await self.reply(frame, {"type": "message.accepted", **result})
         elif kind == "message.delta":
-            pass  # TODO(issue 4): stream deltas to clients; dropped until then
+            await self.relay_delta(frame)
+        elif kind == "http.response":
+            future = self._proxied.pop(str(frame.get("ref")), None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+        elif kind == "secret.get":
+            await self.send_secret(frame)
         else:
             await self.reply_error(frame, "bad_request", f"unknown frame type {kind!r}")
+
+    async def relay_delta(self, frame: dict[str, Any]) -> None:
+        """``message.delta`` -> core NATS -> the session's client sockets as ``delta`` frames.
+
+        Not acknowledged (full rate), not a command, not in the ledger: deltas are ephemeral.
+        """
+        if self.streaming is None:
+            return
+        # "type" first: clients can tell a delta from an event by the frame's first bytes.
+        delta = {"type": "delta", "session_id": self.snapshot.id}
+        delta.update((k, v) for k, v in frame.items() if k not in ("type", "id", "session_id"))
+        try:
+            await self.streaming.realtime.publish_delta(self.snapshot.id, dumps(delta))
+        except ShoalError as exc:
+            log.warning("delta dropped: %s", exc)
+
+    async def proxy(self, request: bytes) -> bytes:
+        """One proxied HTTP request (see api/proxy.py): an ``http.request`` frame out, the
+        runner's ``http.response`` (same ``ref``) back, or a 504 after ``proxy_timeout``."""
+        settings = self.service.settings
+        try:
+            body = loads(request)
+        except ShoalError:
+            return dumps({"status": 502, "error": "malformed proxy request"})
+        ref = new_id("req")
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._proxied[ref] = future
+        try:
+            if not await self.send_frame({**body, "type": "http.request", "id": ref}):
+                return dumps({"status": 502, "error": "runner socket is closing"})
+            answer = await asyncio.wait_for(future, settings.proxy_timeout.total_seconds())
+        except TimeoutError:
+            return dumps({"status": 504, "error": "the runner did not answer in time"})
+        finally:
+            self._proxied.pop(ref, None)
+        return dumps(proxy_answer(answer, settings.proxy_max_body_bytes))
+
+    async def send_secret(self, frame: dict[str, Any]) -> None:
+        """``secret.get`` (issue 5): the value goes to this socket and nowhere else."""
+        try:
+            secret = await self.service.runner_secret(self.snapshot, frame.get("name"))
+        except ShoalError as exc:  # messages never carry a value
+            await self.reply_error(frame, exc.code, exc.message)
+            return
+        await self.reply(frame, {"type": "secret", **secret})
+
+
+def proxy_answer(frame: dict[str, Any], max_body: int) -> dict[str, Any]:
+    """The runner's ``http.response`` frame, checked, as the proxy route's reply."""
+    status = frame.get("status")
+    if not isinstance(status, int) or not 100 <= status <= 599:
+        return {"status": 502, "error": "the runner answered without a valid status"}
+    raw_headers = frame.get("headers")
+    headers = (
+        {str(k): str(v) for k, v in raw_headers.items()} if isinstance(raw_headers, dict) else {}
+    )
+    text, encoded = frame.get("body"), frame.get("body_b64")
+    try:
+        if isinstance(encoded, str):
+            body = base64.b64decode(encoded, validate=True)
+        else:
+            body = text.encode() if isinstance(text, str) else b""
+    except (binascii.Error, ValueError):
+        return {"status": 502, "error": "the runner sent a malformed body"}
+    if len(body) > max_body:
+        return {"status": 502, "error": f"the runner's response exceeds {max_body} bytes"}
+    return {"status": status, "headers": headers, "body_b64": base64.b64encode(body).decode()}
+
+
+async def _watch_deltas(
+    streaming: StreamingState | None, session_id: str, socket: ManagedSocket
+) -> Callable[[], Awaitable[None]] | None:
+    if streaming is None:
+        return None
+    return await streaming.realtime.watch_deltas(session_id, socket.offer_text)
+
+
+def _tickets(websocket: WebSocket) -> Tickets | None:
+    streaming = streaming_state(websocket.app)
+    return streaming.tickets if streaming is not None else None
 
 
 async def serve_client(
@@ -409,8 +592,8 @@ async def serve_client(
         await refuse(websocket, CLOSE_BAD_REQUEST, "since must be a non-negative integer")
         return
     try:
-        principal = await service.authenticate(bearer_token(websocket.headers.get("authorization")))
-        _, feed = await service.follow(principal, session_id)
+        principal = await upgrade_principal(websocket, service, _tickets(websocket))
+        _, feed = await service.follow(principal, session_id, int(since_param))
     except ShoalError as exc:
         await refuse(websocket, close_code_for(exc), exc.message)
         return
@@ -420,7 +603,14 @@ async def serve_client(
         await feed.close()
         return
     socket = ClientSocket(websocket, service, hub, principal, session_id, int(since_param))
-    await socket.serve(socket.pump(feed))
+    unwatch = None
+    try:
+        unwatch = await _watch_deltas(streaming_state(websocket.app), session_id, socket)
+        await socket.serve(socket.pump(feed))
+    finally:
+        if unwatch is not None:
+            await unwatch()
+        await feed.close()
 
 
 async def serve_runner(
@@ -453,10 +643,18 @@ async def serve_runner(
         with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
             await websocket.close(close_code_for(exc), _reason(exc.message))
         return
+    streaming = streaming_state(websocket.app)
+    proxy_sub = None
     try:
         socket = RunnerSocket(websocket, service, hub, snapshot, connection_id)
+        socket.streaming = streaming
+        if streaming is not None:
+            proxy_sub = await streaming.realtime.serve_proxy(session_id, socket.proxy)
         await socket.serve(socket.pump(feed))
     finally:
+        if proxy_sub is not None:
+            with contextlib.suppress(NatsError):
+                await proxy_sub.unsubscribe()
         try:
             await service.runner_disconnect(snapshot, connection_id)
         except ShoalError as exc:
