@@ -26,12 +26,38 @@ import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shoal.common.observability import setup_logging, setup_tracing
+from shoal.common.observability import setup_logging, setup_tracing, start_span
 from shoal.common.settings import CommonSettings
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ShutdownHook = Callable[[], Awaitable[None]]
+
+
+class TraceRequests:
+    """A server span per HTTP request, continuing the caller's W3C ``traceparent``: commands the
+    request publishes carry it on to NATS, the session service and the events it emits.
+    Plain ASGI (not BaseHTTPMiddleware), so streamed bodies and responses pass untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        method, path = scope["method"], scope["path"]
+        attributes = {"http.request.method": method, "url.path": path}
+        with start_span(f"{method} {path}", headers, **attributes) as span:
+
+            async def send_with_status(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.response.status_code", message["status"])
+                await send(message)
+
+            await self.app(scope, receive, send_with_status)
 
 
 class Readiness:
@@ -75,6 +101,8 @@ def create_service_app(
     app = FastAPI(title=f"Shoal {name}", lifespan=run, **fastapi_kwargs)
     app.state.before_server_shutdown = []
     app.state.uvicorn_options = {}
+
+    app.add_middleware(TraceRequests)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
