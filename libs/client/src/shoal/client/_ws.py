@@ -77,6 +77,20 @@ def _close_of(exc: ConnectionClosed) -> tuple[int, str]:
     return 1006, "connection lost"
 
 
+async def _close_draining(conn: ClientConnection) -> None:
+    """Close, reading (and dropping) what is still queued meanwhile.
+
+    A stream's unread frames fill the connection's queue, which pauses reading: the server's
+    close frame would then sit unread until the close timeout (10 s). Draining lets it through.
+    """
+    closing = asyncio.create_task(conn.close())
+    with contextlib.suppress(ConnectionClosed, TimeoutError):
+        async with asyncio.timeout(10):
+            while True:
+                await conn.recv()
+    await closing
+
+
 class _Backoff:
     """Exponential delays with jitter: 0.1 s doubling up to ``cap``; ``reset`` after progress."""
 
@@ -180,7 +194,7 @@ class EventStream:
         self._closed = True
         self._stop_pinger()
         if self._conn is not None:
-            await self._conn.close()
+            await _close_draining(self._conn)
             self._conn = None
 
     def __aiter__(self) -> EventStream:
@@ -299,12 +313,24 @@ class RunnerConnection:
         self._failure: BaseException | None = None
         self._closing = False
         self._reader: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
         self.connection_id: str | None = None
 
     async def start(self) -> None:
         """Connect (raising if the token or session is refused) and start the reader."""
         await self._open()
         self._reader = asyncio.create_task(self._read_loop())
+        self._pinger = asyncio.create_task(self._keepalive())
+
+    async def _keepalive(self, interval: float = 30.0) -> None:
+        # The gateway closes a socket it heard nothing from for ws_idle_timeout (1001); an idle
+        # runner would otherwise reconnect (and announce itself again) every two minutes.
+        while not self._closing:
+            await asyncio.sleep(interval)
+            conn = self._conn
+            if conn is not None:
+                with contextlib.suppress(ConnectionClosed):
+                    await conn.send('{"type":"ping"}')
 
     async def __aenter__(self) -> RunnerConnection:
         return self
@@ -319,6 +345,8 @@ class RunnerConnection:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._pinger is not None:
+            self._pinger.cancel()
         if self._conn is not None:
             await self._conn.close()
         if self._reader is not None:

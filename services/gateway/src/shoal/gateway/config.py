@@ -59,6 +59,9 @@ class GatewaySettings(CommonSettings):
     # Bytes waiting to be written to one socket, on top of the frame count above: a client that
     # stays this far behind for ``ws_lag_grace`` is closed with 4408 like one past the count.
     ws_send_queue_bytes: int = Field(default=8 * MiB, ge=64 * KiB)
+    # How long a lagging socket's 4408 close frame may wait behind the bytes the peer has not
+    # read yet (its outbox is freed at once; only the transport's bounded buffer stays).
+    ws_lag_close_timeout: timedelta = timedelta(seconds=30)
     # Browser origins allowed to open sockets and SSE streams (``SHOAL_WS_ALLOWED_ORIGINS``, a JSON
     # list, e.g. '["https://app.example.com"]'; "*" allows any). Same-origin requests and clients
     # that send no Origin (CLIs, runners) are always allowed; a foreign Origin is closed with 4403.

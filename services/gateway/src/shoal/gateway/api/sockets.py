@@ -356,8 +356,16 @@ class ManagedSocket:
         if self._close_with is None or self.ws.application_state != WebSocketState.CONNECTED:
             return
         code, reason = self._close_with
+        wait = self._close_timeout
+        if code == CLOSE_LAGGING:
+            # The close frame queues behind what the slow peer has not read yet: free the
+            # outbox now and give the peer time to reach the frame that says where to resume.
+            while not self._outbox.empty():
+                self._outbox.get_nowait()
+            self._queued = 0
+            wait = self.service.settings.ws_lag_close_timeout.total_seconds()
         with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
-            await asyncio.wait_for(self.ws.close(code, reason), self._close_timeout)
+            await asyncio.wait_for(self.ws.close(code, reason), wait)
 
 
 class ClientSocket(ManagedSocket):
