@@ -156,3 +156,9 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s; last value: {value!r}")
         await asyncio.sleep(0.05)
+
+
+async def partition_consumers(js: JetStreamContext, subjects: Subjects) -> list[Any]:
+    """The session partition consumers on SESSION_CMD (one per partition ever granted)."""
+    infos = await js.consumers_info(subjects.session_cmd_stream)
+    return [i for i in infos if (i.name or "").startswith("session-p")]

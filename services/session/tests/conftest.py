@@ -26,6 +26,9 @@ def settings(nats_url: str, database_url: str, subject_prefix: str) -> SessionSe
         session_partitions=4,
         fetch_timeout=timedelta(seconds=0.25),
         shutdown_grace=timedelta(seconds=5),
+        lease_ttl=timedelta(seconds=2),
+        member_ttl=timedelta(seconds=2),
+        renew_interval=timedelta(seconds=0.25),
         log_json=False,
     )
 

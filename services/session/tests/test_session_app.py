@@ -6,7 +6,14 @@ import asyncio
 from typing import Any
 
 import httpx
-from _session_support import Gateway, eventually, load_state, read_events, running
+from _session_support import (
+    Gateway,
+    eventually,
+    load_state,
+    partition_consumers,
+    read_events,
+    running,
+)
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -16,7 +23,7 @@ from shoal.common.contracts import Event, Status
 from shoal.common.messaging import Subjects, request
 from shoal.common.storage import Database
 from shoal.session.config import SessionSettings
-from shoal.session.worker import partition_consumer
+from shoal.session.ownership import assign
 
 
 def _types(events: list[Any]) -> list[str]:
@@ -119,8 +126,7 @@ async def test_rejections_answer_and_leave_no_trace(
         Event.SESSION_TERMINATED,
     ]
     # the service kept going: every command above was acked, none is waiting for redelivery
-    for p in range(4):
-        info = await js.consumer_info(subjects.session_cmd_stream, partition_consumer(p))
+    for info in await partition_consumers(js, subjects):
         assert info.num_ack_pending == 0
         assert info.num_redelivered == 0
 
@@ -196,6 +202,7 @@ async def test_readiness_metrics_and_the_session_index(
         assert ready.json()["checks"] == {
             "nats": True,
             "consumers": True,
+            "leases": True,
             "projection": True,
             "database": True,
         }
@@ -219,21 +226,35 @@ async def test_readiness_metrics_and_the_session_index(
         await db.close()
 
 
-async def test_replicas_split_the_partitions(
-    settings: SessionSettings, gateway: Gateway, js: JetStreamContext, subjects: Subjects
+async def test_replicas_split_the_partitions_by_lease(
+    settings: SessionSettings, gateway: Gateway, nc: NATS, js: JetStreamContext, subjects: Subjects
 ) -> None:
-    first = settings.model_copy(update={"replica_index": 0, "replica_count": 2})
-    second = settings.model_copy(
-        update={"replica_index": 1, "replica_count": 2, "projection_enabled": False}
-    )
-    assert first.owned_partitions() == [0, 2]
-    assert second.owned_partitions() == [1, 3]
-    async with running(first), running(second):
-        sessions = [f"ses_split{i}" for i in range(16)]
-        replies = await asyncio.gather(*(gateway.create(sid) for sid in sessions))
-        assert all(r["ok"] for r in replies)
-    for p in range(4):  # every partition has a consumer, and nothing was left behind
-        info = await js.consumer_info(subjects.session_cmd_stream, partition_consumer(p))
+    first = settings.model_copy(update={"instance_id": "replica-a"})
+    second = settings.model_copy(update={"instance_id": "replica-b", "projection_enabled": False})
+    expected = assign(["replica-a", "replica-b"], settings.session_partitions)
+
+    async def owners() -> dict[int, str | None]:
+        rows = await request(nc, subjects.rpc("session", "admin.partitions"), {})
+        return {row["partition"]: row["owner"] for row in rows}
+
+    async with running(first):
+        alone = await eventually(owners, lambda o: all(v == "replica-a" for v in o.values()))
+        assert len(alone) == settings.session_partitions
+        async with running(second):
+            # replica-a hands over (drain, release) what rendezvous hashing gives replica-b
+            await eventually(owners, lambda o: o == expected)
+            sessions = [f"ses_split{i}" for i in range(16)]
+            replies = await asyncio.gather(*(gateway.create(sid) for sid in sessions))
+            assert all(r["ok"] for r in replies)
+            view = await request(
+                nc, subjects.rpc("session", "admin.session"), {"session_id": sessions[0]}
+            )
+            assert view["owner"] == expected[view["partition"]]
+            assert view["applied_seq"] > 0
+            assert view["status"] == "idle"
+            assert view["epoch"] > 0
+            assert view["revision"] > 0
+    for info in await partition_consumers(js, subjects):  # nothing was left behind
         assert info.num_pending == 0
         assert info.num_ack_pending == 0
 
@@ -249,8 +270,7 @@ async def test_shutdown_finishes_what_it_holds_and_a_restart_resumes(
                 gateway.command(sid, "prompt.submit", {"prompt_id": f"p{i}", "content": "x"})
             )
     # stopped mid-stream: whatever was fetched was finished and acked, the rest waits
-    for p in range(4):
-        info = await js.consumer_info(subjects.session_cmd_stream, partition_consumer(p))
+    for info in await partition_consumers(js, subjects):
         assert info.num_ack_pending == 0
     async with running(settings):
         state = await eventually(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from _session_support import Gateway, load_state, read_events
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -13,6 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client import REGISTRY
 
 from shoal.common.contracts import Event, SessionSnapshot, encode_snapshot
+from shoal.common.errors import Fenced
 from shoal.common.messaging import Catalog, Subjects, partition, provision
 from shoal.session.config import SessionSettings
 from shoal.session.handlers import CommandHandler, SessionCache
@@ -155,7 +157,7 @@ async def test_a_crash_between_publish_and_write_leaves_no_duplicate(
     assert state.status == "running"
 
 
-async def test_a_lost_compare_and_set_rereads_the_session(
+async def test_a_lost_compare_and_set_is_fenced_and_lands_nothing(
     nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
 ) -> None:
     sid = "ses_fenced"
@@ -172,14 +174,80 @@ async def test_a_lost_compare_and_set_rereads_the_session(
     current.metadata = {"written": "elsewhere"}
     await kv.put(sid, encode_snapshot(current))
 
-    fenced = _metric("shoal_session_fenced_writes_total")
+    fenced = _metric("shoal_session_fenced_writes_total", fence="state")
     await gateway.publish(
         gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "x"})
     )
     [submit] = await sub.fetch(1, timeout=2)
-    await handler.handle(cache, submit)
-    assert _metric("shoal_session_fenced_writes_total") == fenced + 1
+    with pytest.raises(Fenced):
+        await handler.handle(cache, submit)
+    assert _metric("shoal_session_fenced_writes_total", fence="state") == fenced + 1
     state = await load_state(js, subjects, sid)
-    assert state.metadata == {"written": "elsewhere"}  # applied on top of the fresh read
+    assert state.metadata == {"written": "elsewhere"}  # the stale write did not land
+    assert state.queue == []
+    # not acked: the partition's next consumer gets it again
+    info = await js.consumer_info(subjects.session_cmd_stream, "probe")
+    assert info.num_ack_pending == 1
+
+
+async def test_a_stale_writer_cannot_append_events(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    """The gap of publishing before the CAS: a paused ex-owner's events must not land."""
+    sid = "ses_stale"
+    states, ledger, sub = await _setup(nc, js, settings, sid)
+    stale = CommandHandler(states, ledger, Replier(nc))
+    stale_cache = SessionCache(sid)
+    await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
+    [created] = await sub.fetch(1, timeout=2)
+    await stale.handle(stale_cache, created)
+
+    # The stale owner fetched the next command, then paused. A new owner applies two others.
+    await gateway.publish(gateway.command(sid, "prompt.submit", {"prompt_id": "a", "content": ""}))
+    [held] = await sub.fetch(1, timeout=2)
+    fresh = CommandHandler(states, ledger, Replier(nc))
+    fresh_cache = SessionCache(sid)
+    for pid in ("b", "c"):
+        await gateway.publish(
+            gateway.command(sid, "prompt.submit", {"prompt_id": pid, "content": ""})
+        )
+        [msg] = await sub.fetch(1, timeout=2)
+        await fresh.handle(fresh_cache, msg)
+    before = await read_events(js, subjects, sid)
+
+    fenced = _metric("shoal_session_fenced_writes_total", fence="ledger")
+    with pytest.raises(Fenced):
+        await stale.handle(stale_cache, held)  # from its cached snapshot: ledger moved
+    assert _metric("shoal_session_fenced_writes_total", fence="ledger") == fenced + 1
+    after = await read_events(js, subjects, sid)
+    assert [e.id for e in after] == [e.id for e in before]  # nothing appended
+    assert [e.data.get("prompt_id") for e in after[1:]] == ["b", "c"]
+    state = await load_state(js, subjects, sid)
+    assert [p.prompt_id for p in state.queue] == ["b", "c"]
+    assert state.ledger_seq == (await ledger.tip(sid)).seq  # type: ignore[union-attr]
+
+
+async def test_a_snapshot_from_before_ledger_fencing_adopts_the_ledger_tip(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    sid = "ses_legacy"
+    states, ledger, sub = await _setup(nc, js, settings, sid)
+    handler = CommandHandler(states, ledger, Replier(nc))
+    await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
+    [created] = await sub.fetch(1, timeout=2)
+    await handler.handle(SessionCache(sid), created)
+    # An older release wrote this snapshot: events in the ledger, no ledger_seq recorded.
+    kv = await js.key_value(subjects.session_state_bucket)
+    old = await load_state(js, subjects, sid)
+    old.ledger_seq = 0
+    await kv.put(sid, encode_snapshot(old))
+
+    await gateway.publish(
+        gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "x"})
+    )
+    [submit] = await sub.fetch(1, timeout=2)
+    await handler.handle(SessionCache(sid), submit)  # not fenced
+    state = await load_state(js, subjects, sid)
     assert [p.prompt_id for p in state.queue] == ["p1"]
+    assert state.ledger_seq == (await ledger.tip(sid)).seq  # type: ignore[union-attr]
     assert [e.seq for e in await read_events(js, subjects, sid)] == [1, 2]

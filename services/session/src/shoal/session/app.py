@@ -1,12 +1,14 @@
 """The session service process: ``create_app(settings)`` and the lifespan that owns its clients.
 
-Start-up: connect NATS, provision the catalog, migrate PostgreSQL, then serve the messages RPC,
-start the projection and pull the owned partitions. Shutdown (SIGTERM through uvicorn): stop
-pulling, finish the commands the lanes hold, stop the projection, then close the clients.
+Start-up: connect NATS, provision the catalog, migrate PostgreSQL, then serve the messages and
+admin RPCs, start the projection, join the members and take the free target partitions' leases
+(coordinator.py). Shutdown (SIGTERM through uvicorn): leave the members, hand every partition
+off (stop pulling, finish what the lanes hold, release the lease), stop the projection, then
+close the clients.
 
 Example::
 
-    app = create_app(SessionSettings(replica_index=0, replica_count=2))
+    app = create_app(SessionSettings(instance_id="session-0"))
     # shoal run session   (uvicorn serves /healthz, /readyz, /metrics)
 """
 
@@ -24,12 +26,22 @@ from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
+from shoal.common.clock import SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision, serve
 from shoal.common.service import Readiness, create_service_app
 from shoal.common.storage import Database
 from shoal.session.config import SessionSettings
-from shoal.session.handlers import CommandHandler, MessagesRpc, ProjectionHandler
-from shoal.session.store import EventLedger, HistoryStore, Replier, StateStore
+from shoal.session.coordinator import Coordinator
+from shoal.session.handlers import AdminRpc, CommandHandler, MessagesRpc, ProjectionHandler
+from shoal.session.store import (
+    EventLedger,
+    HistoryStore,
+    LeaseStore,
+    MemberStore,
+    PartitionConsumers,
+    Replier,
+    StateStore,
+)
 from shoal.session.worker import CommandWorker, ProjectionWorker
 
 log = logging.getLogger(__name__)
@@ -46,8 +58,9 @@ class SessionRuntime:
     nc: NATS
     db: Database
     worker: CommandWorker
+    coordinator: Coordinator
     projection: ProjectionWorker | None
-    rpc: Subscription
+    rpcs: list[Subscription]
     db_ok: bool = False
 
 
@@ -76,21 +89,35 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
             await db.migrate(MIGRATIONS_DIR, VERSION_TABLE)
 
             history = HistoryStore(db)
-            rpc = await serve(
-                nc, subjects.rpc("session", "messages"), "session", MessagesRpc(history)
-            )
             states = StateStore(await js.key_value(subjects.session_state_bucket))
+            leases = LeaseStore(js, subjects)
+            consumers = PartitionConsumers(js, subjects)
+            admin = AdminRpc(states, leases, consumers, settings.session_partitions)
+            rpcs = [
+                await serve(
+                    nc, subjects.rpc("session", "messages"), "session", MessagesRpc(history)
+                ),
+                await serve(
+                    nc, subjects.rpc("session", "admin.partitions"), "session", admin.partitions
+                ),
+                await serve(nc, subjects.rpc("session", "admin.session"), "session", admin.session),
+            ]
             handler = CommandHandler(states, EventLedger(js, subjects), Replier(nc))
-            worker = CommandWorker(settings, js, handler)
+            clock = SystemClock()
+            worker = CommandWorker(settings, js, handler, consumers, clock)
+            members = MemberStore(js, subjects, await js.key_value(subjects.session_members_bucket))
+            coordinator = Coordinator(settings, worker, leases, members, consumers, clock)
             projection = (
                 ProjectionWorker(settings, js, ProjectionHandler(history))
                 if settings.projection_enabled
                 else None
             )
-            runtime = SessionRuntime(nc, db, worker, projection, rpc, db_ok=await db.ping())
+            runtime = SessionRuntime(
+                nc, db, worker, coordinator, projection, rpcs, db_ok=await db.ping()
+            )
             if projection is not None:
                 await projection.start()
-            await worker.start()
+            await coordinator.start()
         except BaseException:
             await db.close()
             await nc.close()
@@ -100,16 +127,20 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
 
         readiness.add("nats", lambda: nc.is_connected)
         readiness.add("consumers", worker.running)
+        readiness.add("leases", coordinator.running)
         if projection is not None:
             readiness.add("projection", projection.running)
         readiness.add("database", lambda: runtime.db_ok)
         try:
             yield
         finally:
+            worker.begin_stop()
+            await coordinator.stop(settings.shutdown_grace.total_seconds())
             await worker.stop(settings.shutdown_grace)
             if projection is not None:
                 await projection.stop()
-            await rpc.unsubscribe()
+            for sub in rpcs:
+                await sub.unsubscribe()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher

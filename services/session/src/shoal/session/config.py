@@ -2,15 +2,17 @@
 
 Example::
 
-    settings = SessionSettings(replica_index=1, replica_count=3)
-    settings.owned_partitions()          # [1, 4, 7, ...] of SHOAL_SESSION_PARTITIONS
+    settings = SessionSettings(lease_ttl=timedelta(seconds=4))   # SHOAL_LEASE_TTL=4
+    settings.member_id                   # this replica's name in the members bucket
 """
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from shoal.common.settings import CommonSettings
 
@@ -20,10 +22,21 @@ class SessionSettings(CommonSettings):
 
     service_name: str = "session"
 
-    # Static partition assignment until leases arrive: replica i owns every partition p with
-    # p % replica_count == i. The default (0 of 1) owns them all.
+    # How replicas pick the partitions they want: "leases" = rendezvous hashing over the live
+    # members; "static" = replica i of n wants p with p % n == i (a StatefulSet). Either way a
+    # partition is pulled only under its lease, so two replicas never pull one partition.
+    partition_assignment: Literal["leases", "static"] = "leases"
     replica_index: int = Field(default=0, ge=0)
     replica_count: int = Field(default=1, ge=1)
+
+    # Lease and membership timing. A dead replica's partitions move after at most lease_ttl
+    # (+ one renew_interval to notice); a live one renews every renew_interval, so it survives
+    # lease_ttl / renew_interval - 1 missed renewals (event-loop stalls, a NATS reconnect)
+    # before losing a lease it did not mean to lose. 4 s / 1 s: failover in ~4-5 s, and three
+    # missed beats tolerated. Whole seconds: the server's per-message TTL has 1 s resolution.
+    lease_ttl: timedelta = timedelta(seconds=4)
+    member_ttl: timedelta = timedelta(seconds=4)
+    renew_interval: timedelta = timedelta(seconds=1)
 
     # How long the server waits for an ack before redelivering a command. A lane that is
     # still retrying a command's I/O signals progress so this does not expire under it.
@@ -43,6 +56,17 @@ class SessionSettings(CommonSettings):
     projection_enabled: bool = True
     projection_batch: int = Field(default=200, ge=1, le=1000)
 
+    @field_validator("lease_ttl", "member_ttl", "renew_interval", mode="before")
+    @classmethod
+    def _seconds(cls, value: object) -> object:
+        # "4" or "0.5" in the environment means seconds (pydantic wants "PT4S" otherwise).
+        if isinstance(value, str):
+            try:
+                return timedelta(seconds=float(value))
+            except ValueError:
+                return value
+        return value
+
     @model_validator(mode="after")
     def _index_within_count(self) -> SessionSettings:
         if self.replica_index >= self.replica_count:
@@ -50,10 +74,24 @@ class SessionSettings(CommonSettings):
                 f"SHOAL_REPLICA_INDEX={self.replica_index} must be below "
                 f"SHOAL_REPLICA_COUNT={self.replica_count}"
             )
+        for name in ("lease_ttl", "member_ttl"):
+            ttl: timedelta = getattr(self, name)
+            if ttl.total_seconds() < 1 or ttl.total_seconds() != int(ttl.total_seconds()):
+                raise ValueError(f"SHOAL_{name.upper()} must be a whole number of seconds >= 1")
+            if ttl < 2 * self.renew_interval:
+                raise ValueError(
+                    f"SHOAL_{name.upper()} must be at least twice SHOAL_RENEW_INTERVAL, or one "
+                    "late renewal loses it"
+                )
         return self
 
+    @property
+    def member_id(self) -> str:
+        """This replica's key in the members bucket (a KV-safe form of its replica name)."""
+        return re.sub(r"[^A-Za-z0-9_=-]", "_", self.replica_name)
+
     def owned_partitions(self) -> list[int]:
-        """The partitions this replica pulls under the static assignment."""
+        """The partitions this replica wants under the static assignment."""
         return [
             p
             for p in range(self.session_partitions)

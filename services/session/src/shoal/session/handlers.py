@@ -3,38 +3,57 @@
 Order of effects for one command, and why it is safe (DESIGN §3.3)::
 
     1. compute (new_state, events) = apply(old_state, command, stream_seq)    pure
-    2. publish every event, Nats-Msg-Id = "<session>:<stream_seq>:<n>", await each PubAck
-    3. CAS-write new_state (it records applied_seq = stream_seq) on the revision we read
+    2. append every event, Nats-Msg-Id = "<session>:<stream_seq>:<n>", each expected right
+       after the session's previous event in the ledger (the ledger fence, below)
+    3. CAS-write new_state (applied_seq = stream_seq, ledger_seq = its last event's sequence)
+       on the revision we read (the state fence)
     4. reply on Shoal-Reply-To, then ack the command
 
 - Crash before 2 finishes: nothing is written; the command comes back, is applied to the same
-  old state, and yields the same events with the same ids; the ledger drops those it has.
-- Crash between 2 and 3: the same; every event is a duplicate within the 10 min window.
+  old state, and yields the same events with the same ids; the ledger recognises its tip as
+  one of them and the rest are appended after it.
+- Crash between 2 and 3: the same; every event is already there.
 - Crash between 3 and 4: the command comes back with stream_seq <= applied_seq; apply says
   ``already_applied``, its events are in the ledger since step 2, so we just answer and ack.
-- CAS loses at 3: someone else wrote the session. We drop the cached state, re-read, and run
-  the command again from step 1 (skipped if the other writer already applied it).
 
-Writing the state first instead would need the events kept somewhere to re-publish after a
-crash between the write and the publish: in the snapshot (too big: message bodies) or an
-outbox. Publishing first needs nothing but determinism. Its cost: events can reach the ledger
-of a writer whose CAS then fails. With one writer per session (today: a static partition
-assignment) they are the very events the state will record; a fenced stale writer is the
-lease issue's to stop before it publishes.
+Fencing — why a stale owner can land nothing. Publishing before the state write needs nothing
+but determinism, but alone it would let a paused ex-owner append events before its CAS fails.
+So step 2 is fenced too: each event carries ``Nats-Expected-Last-Subject-Sequence`` with
+``Nats-Expected-Last-Subject-Sequence-Subject = <prefix>.session.evt.<session>.>`` (server
+2.11+), i.e. "the session's ledger still ends where my snapshot says". Every committed state
+change appends at least one event, so a newer owner that wrote the session has moved the
+ledger, and the stale writer's first publish fails before anything lands. The two checks are
+on two resources, so consider who wins each:
+
+- The stale writer re-runs a command the new owner also runs, from the same snapshot: the
+  events are identical (pure rules, ids from the command), whichever lands first the other's
+  copy is recognised as the tip, and exactly one CAS wins. The ledger holds the events once.
+- The stale writer runs a command from an older snapshot than the new owner's: its expected
+  sequence is behind the tip and the tip is not one of its events: ``Fenced``, nothing lands.
+- The new owner has not touched the session yet: the stale writer's append and CAS succeed —
+  a legitimate, in-order write (it applied the next command to the latest state); the new
+  owner later reads it and skips the command as applied.
+
+A fenced write (either check) is counted in ``shoal_session_fenced_writes_total`` and raised:
+the worker drops the whole partition at once, unacked, because every cached snapshot of it is
+suspect; its next owner (this replica again, if the lease is still ours to re-grant) starts a
+fresh consumer from the ack floor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 
 from shoal.common.contracts import SessionSnapshot
-from shoal.common.errors import BadRequest, Fenced, ShoalError
-from shoal.common.messaging import REPLY_TO_HEADER, Envelope, decode
+from shoal.common.errors import BadRequest, Fenced, NotFound, ShoalError
+from shoal.common.messaging import REPLY_TO_HEADER, Envelope, decode, partition
 from shoal.common.observability import inject_trace, start_span
 from shoal.session import metrics
 from shoal.session.service import (
@@ -43,8 +62,17 @@ from shoal.session.service import (
     error_reply,
     messages_page,
     parse_messages_query,
+    parse_session_query,
+    session_introspection,
 )
-from shoal.session.store import EventLedger, HistoryStore, Replier, StateStore
+from shoal.session.store import (
+    EventLedger,
+    HistoryStore,
+    LeaseStore,
+    PartitionConsumers,
+    Replier,
+    StateStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +125,8 @@ class CommandHandler:
         self._stopping = True
 
     async def handle(self, cache: SessionCache, msg: Msg) -> None:
+        """Commit one command and ack it. Raises :class:`Fenced` (counted, not acked) when
+        another writer owns the session now: the caller must drop the partition."""
         started = time.perf_counter()
         headers = dict(msg.headers or {})
         inbox = headers.get(REPLY_TO_HEADER)
@@ -149,21 +179,22 @@ class CommandHandler:
         stream_seq: int,
         trace_headers: dict[str, str],
     ) -> Result | None:
-        failures = fenced = 0
+        failures = 0
         while True:
             try:
                 return await self._commit(cache, command, stream_seq, trace_headers)
-            except Fenced:
-                metrics.FENCED_WRITES.inc()
+            except Fenced as exc:
+                metrics.FENCED_WRITES.labels(str(exc.detail.get("fence", "state"))).inc()
                 log.warning(
-                    "state write fenced; re-reading the session",
-                    extra={"session_id": cache.session_id, "stream_seq": stream_seq},
+                    "write fenced; dropping the partition",
+                    extra={
+                        "session_id": cache.session_id,
+                        "stream_seq": stream_seq,
+                        "detail": exc.detail,
+                    },
                 )
                 cache.forget()
-                fenced += 1
-                if fenced > 1:  # the first re-read is immediate; a writer that keeps
-                    # winning is not raced in a tight loop
-                    await asyncio.sleep(_RETRY_DELAYS[min(fenced, len(_RETRY_DELAYS) - 1)])
+                raise
             except _ApplyFailed as exc:
                 # A bug in the rules, not a bad command (those are replies). Retrying gives the
                 # same result, so the message is terminated rather than redelivered forever.
@@ -214,12 +245,21 @@ class CommandHandler:
             result = apply(state, command, stream_seq)
         except Exception as exc:
             raise _ApplyFailed from exc
-        if result.events:
-            await self._ledger.publish(result.events, trace_headers)
         if result.changed:
             assert result.new_state is not None
-            revision = await self._states.save(result.new_state, revision)
-            cache.remember(result.new_state, revision)
+            new_state = result.new_state
+            if result.events:
+                legacy = state is not None and state.ledger_seq == 0 and state.event_seq > 0
+                last = await self._ledger.publish(
+                    result.events,
+                    trace_headers,
+                    after=None if legacy else (state.ledger_seq if state is not None else 0),
+                    applied_seq=state.applied_seq if state is not None else 0,
+                )
+                new_state = msgspec.structs.replace(new_state, ledger_seq=last)
+            revision = await self._states.save(new_state, revision)
+            cache.remember(new_state, revision)
+            return dataclasses.replace(result, new_state=new_state)
         return result
 
     async def _answer(self, inbox: str | None, body: dict[str, Any]) -> None:
@@ -301,3 +341,47 @@ class MessagesRpc:
             ],
             "next": next_cursor,
         }
+
+
+class AdminRpc:
+    """``rpc("session", "admin.partitions")`` and ``rpc("session", "admin.session")``:
+    who owns what, under which epoch, how far behind (docs/CONTRACTS.md). Any replica answers;
+    everything is read from the buckets and the stream, not from this replica's memory."""
+
+    def __init__(
+        self,
+        states: StateStore,
+        leases: LeaseStore,
+        consumers: PartitionConsumers,
+        partitions: int,
+    ) -> None:
+        self._states = states
+        self._leases = leases
+        self._consumers = consumers
+        self._partitions = partitions
+
+    async def partitions(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        records = await self._leases.read_all(self._partitions)
+
+        async def row(p: int) -> dict[str, Any]:
+            record = records[p]
+            lag = await self._consumers.lag(p, record.epoch) if record.value else None
+            return {
+                "partition": p,
+                "owner": record.value.owner if record.value else None,
+                "epoch": record.epoch if record.value else None,
+                "lease_revision": record.revision if record.value else None,
+                "lag": lag[0] if lag else None,
+                "in_flight": lag[1] if lag else None,
+            }
+
+        return list(await asyncio.gather(*(row(p) for p in range(self._partitions))))
+
+    async def session(self, body: dict[str, Any]) -> dict[str, Any]:
+        query = parse_session_query(body)
+        state, revision = await self._states.load(query.session_id)
+        if state is None:
+            raise NotFound("session not found", detail={"session_id": query.session_id})
+        p = partition(query.session_id, self._partitions)
+        lease = await self._leases.read(p)
+        return session_introspection(state, revision, p, lease.value, lease.epoch)

@@ -98,11 +98,20 @@ class Lanes(Generic[Ctx, Item]):
                 tasks.append(lane.task)
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def cancel(self) -> None:
-        """Stop every lane now. Items not finished are the caller's to recover (a command
-        left unacked comes back after ``ack_wait``)."""
+    async def cancel(self) -> list[Item]:
+        """Stop every lane now and return the items that never started. Items not finished
+        are the caller's to recover (a command left unacked comes back to the partition's
+        next consumer)."""
         self._closing = True
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        lanes = list(self._lanes.values())
+        tasks = [lane.task for lane in lanes if lane.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        left: list[Item] = []
+        for lane in lanes:
+            while not lane.queue.empty():
+                item = lane.queue.get_nowait()
+                if not isinstance(item, _Stop):
+                    left.append(item)
+        return left

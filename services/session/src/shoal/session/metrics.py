@@ -13,8 +13,14 @@ COMMANDS = Counter(
 )
 FENCED_WRITES = Counter(
     "shoal_session_fenced_writes_total",
-    "State writes that lost their compare-and-set (someone else wrote the session)",
+    "Writes refused because this replica no longer owns the session, by the fence that "
+    "refused them: state (KV compare-and-set lost), ledger (the session's event ledger moved: "
+    "expected-sequence check), lease (commands in hand abandoned unapplied when the "
+    "partition's lease expired or was lost, e.g. on waking from a pause)",
+    ["fence"],
 )
+for _fence in ("state", "ledger", "lease"):
+    FENCED_WRITES.labels(_fence)
 IO_RETRIES = Counter(
     "shoal_session_io_retries_total",
     "Command attempts retried after a NATS error (publish, KV)",
@@ -23,6 +29,18 @@ APPLY_SECONDS = Histogram(
     "shoal_session_apply_seconds",
     "From taking a command off its lane to its ack: load, apply, publish, CAS, reply",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+PARTITIONS = Gauge("shoal_session_partitions_held", "Partitions this replica holds and runs")
+PARTITIONS_DROPPED = Counter(
+    "shoal_session_partitions_dropped_total",
+    "Partitions left at once, by reason (lease lost, lease expired, fenced write)",
+    ["reason"],
+)
+LEASES_GRANTED = Counter(
+    "shoal_session_leases_granted_total", "Partition leases this replica acquired"
+)
+LEASES_RELEASED = Counter(
+    "shoal_session_leases_released_total", "Partition leases handed off after a drain"
 )
 LANES = Gauge("shoal_session_lanes", "Session lanes alive in this replica")
 IN_FLIGHT = Gauge("shoal_session_commands_in_flight", "Commands fetched and not yet finished")

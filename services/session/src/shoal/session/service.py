@@ -429,3 +429,40 @@ def messages_page(rows: list[_Row], limit: int) -> tuple[list[_Row], int | None]
         page = rows[:limit]
         return page, page[-1].seq
     return rows, None
+
+
+# -- introspection (rpc "admin.session") --
+class _SessionBody(msgspec.Struct, kw_only=True):
+    session_id: NonEmpty
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    session_id: str
+
+
+def parse_session_query(body: dict[str, Any]) -> SessionQuery:
+    return SessionQuery(_parse(body, _SessionBody, "session.admin.session").session_id)
+
+
+class _LeaseView(Protocol):
+    @property
+    def owner(self) -> str: ...
+
+
+def session_introspection(
+    state: SessionSnapshot, revision: int, partition: int, lease: _LeaseView | None, epoch: int
+) -> dict[str, Any]:
+    """The admin view of one session: its writer (the partition's lease) and its counters."""
+    return {
+        "session_id": state.id,
+        "partition": partition,
+        "owner": lease.owner if lease is not None else None,
+        "epoch": epoch if lease is not None else None,
+        "revision": revision,
+        "applied_seq": state.applied_seq,
+        "event_seq": state.event_seq,
+        "ledger_seq": state.ledger_seq,
+        "status": state.status,
+        "session_owner": state.owner,
+    }

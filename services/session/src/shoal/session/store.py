@@ -5,20 +5,30 @@ Example::
     states = StateStore(await js.key_value(subjects.session_state_bucket))
     snapshot, revision = await states.load("ses_1")          # (None, 0) when absent
     revision = await states.save(new_snapshot, revision)     # CAS; raises Fenced on a lost race
-    await EventLedger(js, subjects).publish(result.events, headers)
+    last = await EventLedger(js, subjects).publish(events, headers, after=snapshot.ledger_seq)
+    lease = await LeaseStore(js, subjects).grant(3, LeaseValue(owner="r1"), last=0, ttl=4)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import (
+    APIError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 from sqlalchemy import (
     BigInteger,
@@ -72,26 +82,316 @@ class StateStore:
         except KeyWrongLastSequenceError as exc:
             raise Fenced(
                 "session state changed under this writer",
-                detail={"session_id": snapshot.id, "expected_revision": revision},
+                detail={"session_id": snapshot.id, "expected_revision": revision, "fence": "state"},
             ) from exc
 
 
+# Server 2.11+: the expected last sequence is checked over every subject matching this filter
+# (the whole session's ledger, ``<prefix>.session.evt.<session>.>``), not the one subject.
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+# JSStreamWrongLastSequenceErrF / ...ConstantErr: the expected-sequence check failed.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerTip:
+    """The last event of one session in SESSION_EVT: its stream sequence and event id."""
+
+    seq: int
+    event_id: str
+
+    @property
+    def command_seq(self) -> int:
+        """The SESSION_CMD sequence of the command that emitted it (ids are ``<s>:<seq>:<n>``)."""
+        try:
+            return int(self.event_id.rsplit(":", 2)[1])
+        except (IndexError, ValueError):
+            return 0
+
+
 class EventLedger:
-    """Publishes session events to SESSION_EVT, each deduplicated by its id."""
+    """Appends session events to SESSION_EVT, fenced on the session's ledger position.
+
+    Every event is published with ``Nats-Expected-Last-Subject-Sequence`` = the stream sequence
+    of the session's previous event, checked over the session's whole subject tree. A writer
+    working from a stale snapshot therefore cannot append: the ledger moved past what it read.
+    The server checks the expectation *before* deduplication, so a legitimate re-run after a
+    crash between publish and state write (its events already appended, the snapshot not yet
+    recording them) is recognised here: the ledger's tip is one of this very command's events
+    (same id) — deterministic re-runs give the same events — and publishing resumes after it.
+    """
 
     def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
         self._js = js
         self._subjects = subjects
 
-    async def publish(self, events: Sequence[Envelope], headers: Mapping[str, str]) -> None:
-        """Publish in order, awaiting each PubAck (a duplicate ack counts as published)."""
-        for event in events:
-            await self._js.publish(
-                self._subjects.session_event(event.subject, event.type),
-                encode(event),
-                stream=self._subjects.session_evt_stream,
-                headers={**headers, MSG_ID_HEADER: event.id},
+    async def tip(self, session_id: str) -> LedgerTip | None:
+        """The session's last event in the ledger (read from the stream leader)."""
+        try:
+            msg = await self._js.get_last_msg(
+                self._subjects.session_evt_stream, self._subjects.session_events(session_id)
             )
+        except NotFoundError:
+            return None
+        return LedgerTip(int(msg.seq or 0), (msg.headers or {}).get(MSG_ID_HEADER, ""))
+
+    async def publish(
+        self,
+        events: Sequence[Envelope],
+        headers: Mapping[str, str],
+        *,
+        after: int | None,
+        applied_seq: int = 0,
+    ) -> int:
+        """Append ``events`` (one command's, in order) right after ledger sequence ``after``.
+
+        ``after`` is the sequence the snapshot recorded (0: the session has no event yet);
+        None means the snapshot predates ledger fencing: the tip is adopted if it belongs to
+        an applied command (``<= applied_seq``). Returns the sequence of the last event.
+        Raises :class:`Fenced` when someone else appended to this session's ledger.
+        """
+        if not events:
+            return after or 0
+        session_id = events[0].subject
+        ledger_filter = self._subjects.session_events(session_id)
+        if after is None:
+            tip = await self.tip(session_id)
+            after = tip.seq if tip is not None and tip.command_seq <= applied_seq else 0
+        expected, i = after, 0
+        # Each reconciliation moves i forward or raises; the bound is a guard against a bug.
+        for _ in range(2 * len(events) + 2):
+            if i >= len(events):
+                return expected
+            event = events[i]
+            try:
+                ack = await self._js.publish(
+                    self._subjects.session_event(event.subject, event.type),
+                    encode(event),
+                    stream=self._subjects.session_evt_stream,
+                    headers={
+                        **headers,
+                        MSG_ID_HEADER: event.id,
+                        EXPECTED_LAST_SUBJECT_SEQ: str(expected),
+                        EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: ledger_filter,
+                    },
+                )
+            except APIError as exc:
+                if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise
+                tip = await self.tip(session_id)
+                ours = [n for n, e in enumerate(events) if tip is not None and e.id == tip.event_id]
+                if tip is None or not ours:
+                    raise Fenced(
+                        "the session's ledger moved under this writer",
+                        detail={
+                            "session_id": session_id,
+                            "expected_seq": expected,
+                            "ledger_seq": tip.seq if tip else 0,
+                            "fence": "ledger",
+                        },
+                    ) from exc
+                expected, i = tip.seq, ours[0] + 1
+                continue
+            expected, i = int(ack.seq), i + 1
+        if i >= len(events):
+            return expected
+        raise RuntimeError("ledger reconciliation did not converge")  # pragma: no cover
+
+
+class LeaseValue(msgspec.Struct, kw_only=True):
+    """The value of a partition's lease key. ``epoch`` is 0 in the grant itself (its own
+    revision is only known from the ack) and set by every renewal."""
+
+    owner: str
+    token: str = ""  # this process's incarnation: one replica name restarted is a new holder
+    epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """What a lease key holds now: the revision to compare-and-set on, and the lease if live.
+
+    ``value`` is None when the key is free (never written, released, or expired: the server
+    leaves a ``MaxAge`` marker); ``revision`` is then the marker's (0 if none)."""
+
+    revision: int
+    value: LeaseValue | None
+
+    @property
+    def epoch(self) -> int:
+        if self.value is None:
+            return 0
+        return self.value.epoch or self.revision
+
+
+_lease_encoder = msgspec.json.Encoder()
+_lease_decoder = msgspec.json.Decoder(LeaseValue)
+_KV_OPERATION = "KV-Operation"
+_MARKER_REASON = "Nats-Marker-Reason"
+
+
+class LeaseStore:
+    """The ``session-leases`` bucket: key = partition, value = :class:`LeaseValue`, with a TTL.
+
+    Writes are raw publishes to ``$KV.<bucket>.<key>`` carrying both
+    ``Nats-Expected-Last-Subject-Sequence`` (compare-and-set on the revision) and ``Nats-TTL``:
+    nats-py's ``update`` takes no TTL (DESIGN §8). Reads go to the stream leader.
+    """
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+        self._js = js
+        self._bucket = subjects.session_leases_bucket
+        self._stream = f"KV_{self._bucket}"
+
+    def _subject(self, partition: int) -> str:
+        return f"$KV.{self._bucket}.{partition}"
+
+    async def read(self, partition: int) -> LeaseRecord:
+        try:
+            msg = await self._js.get_last_msg(self._stream, self._subject(partition))
+        except NotFoundError:
+            return LeaseRecord(0, None)
+        headers = msg.headers or {}
+        if _KV_OPERATION in headers or _MARKER_REASON in headers or not msg.data:
+            return LeaseRecord(int(msg.seq or 0), None)
+        try:
+            return LeaseRecord(int(msg.seq or 0), _lease_decoder.decode(msg.data))
+        except msgspec.DecodeError:
+            log.warning("unreadable lease for partition %d; treating it as held", partition)
+            return LeaseRecord(int(msg.seq or 0), LeaseValue(owner="?"))
+
+    async def read_all(self, partitions: int) -> dict[int, LeaseRecord]:
+        records = await asyncio.gather(*(self.read(p) for p in range(partitions)))
+        return dict(enumerate(records))
+
+    async def write(self, partition: int, value: LeaseValue, *, last: int, ttl: int) -> int | None:
+        """Grant or renew: the new revision, or None when the key is not at ``last`` any more."""
+        try:
+            ack = await self._js.publish(
+                self._subject(partition),
+                _lease_encoder.encode(value),
+                headers={EXPECTED_LAST_SUBJECT_SEQ: str(last)},
+                msg_ttl=ttl,
+            )
+        except APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                return None
+            raise
+        return int(ack.seq)
+
+    async def release(self, partition: int, *, last: int) -> bool:
+        """Delete the lease if it is still at revision ``last`` (ours); False if it was not."""
+        try:
+            await self._js.publish(
+                self._subject(partition),
+                b"",
+                headers={EXPECTED_LAST_SUBJECT_SEQ: str(last), _KV_OPERATION: "DEL"},
+            )
+        except APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                return False
+            raise
+        return True
+
+
+class MemberStore:
+    """The ``session-members`` bucket: one key per live replica, kept alive by TTL heartbeats."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects, kv: KeyValue) -> None:
+        self._js = js
+        self._kv = kv
+        self._bucket = subjects.session_members_bucket
+
+    async def heartbeat(self, member_id: str, value: bytes, *, ttl: int) -> None:
+        await self._js.publish(f"$KV.{self._bucket}.{member_id}", value, msg_ttl=ttl)
+
+    async def leave(self, member_id: str) -> None:
+        await self._kv.delete(member_id)
+
+    async def live(self) -> list[str]:
+        """Members whose last heartbeat has not expired (expiry markers count as gone)."""
+        try:
+            return sorted(await self._kv.keys())
+        except NoKeysError:
+            return []
+
+
+def partition_consumer(partition: int, epoch: int) -> str:
+    """The durable consumer of one partition under one lease epoch.
+
+    A new owner deletes its predecessor's consumer and creates its own: on a work-queue stream
+    the new one starts at the ack floor (acked commands are gone), redelivering at once and in
+    order whatever the old owner held unacked — no wait for ``ack_wait``, and never a later
+    command of a session before an earlier one. A paused old owner's fetches and acks then
+    reach a consumer that no longer exists.
+    """
+    return f"session-p{partition}-e{epoch}"
+
+
+def _consumer_partition(name: str) -> int | None:
+    """The partition of a session consumer name (``session-p<p>`` or ``session-p<p>-e<n>``)."""
+    if not name.startswith("session-p"):
+        return None
+    head = name[len("session-p") :].split("-e", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+class PartitionConsumers:
+    """Creates, finds and deletes the per-partition consumers on SESSION_CMD."""
+
+    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._stream = subjects.session_cmd_stream
+
+    async def existing(self) -> dict[int, list[str]]:
+        """Session partition consumers on the stream, by partition."""
+        found: dict[int, list[str]] = {}
+        offset = 0
+        while True:
+            page = await self._js.consumers_info(self._stream, offset=offset)
+            for info in page:
+                name = info.name or ""
+                p = _consumer_partition(name)
+                if p is not None:
+                    found.setdefault(p, []).append(name)
+            if len(page) < 256:  # the server's page size
+                return found
+            offset += len(page)
+
+    async def open(
+        self,
+        partition: int,
+        epoch: int,
+        config: ConsumerConfig,
+        existing: list[str],
+    ) -> JetStreamContext.PullSubscription:
+        """Replace the partition's consumer by this epoch's and bind a pull subscription."""
+        name = partition_consumer(partition, epoch)
+        for old in existing:
+            if old != name:
+                await self.delete_named(old)
+        config.name = config.durable_name = name
+        config.filter_subject = self._subjects.session_partition_filter(partition)
+        config.ack_policy = AckPolicy.EXPLICIT
+        config.deliver_policy = DeliverPolicy.ALL
+        await self._js.add_consumer(self._stream, config)
+        return await self._js.pull_subscribe_bind(durable=name, stream=self._stream)
+
+    async def delete_named(self, name: str) -> None:
+        try:
+            await self._js.delete_consumer(self._stream, name)
+        except NotFoundError:
+            pass
+
+    async def lag(self, partition: int, epoch: int) -> tuple[int, int] | None:
+        """(pending, ack_pending) of the partition's consumer under ``epoch``, if it exists."""
+        try:
+            info = await self._js.consumer_info(self._stream, partition_consumer(partition, epoch))
+        except NotFoundError:
+            return None
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
 
 class Replier:

@@ -1,28 +1,34 @@
-"""The pulling side: one durable consumer per owned partition, feeding per-session lanes.
+"""The pulling side: one durable consumer per *held* partition, feeding per-session lanes.
 
-Each owned partition ``p`` has a durable pull consumer ``session-p<p>`` on SESSION_CMD filtered
-on ``<prefix>.session.cmd.<p>.*`` (work-queue filters never overlap). A fetch loop per
-partition pulls batches and hands each message to its session's lane; lanes run sessions
+The :class:`~shoal.session.coordinator.Coordinator` decides which partitions this replica
+holds (leases); this worker runs them. For a partition granted under lease epoch ``e`` it
+replaces the partition's consumer by ``session-p<p>-e<e>`` on SESSION_CMD (filtered on
+``<prefix>.session.cmd.<p>.*``; see ``store.partition_consumer`` for why a fresh consumer per
+epoch), and a fetch loop hands each message to its session's lane. Lanes run sessions
 concurrently and each session's commands one at a time, in stream order, each acked only after
-its events are published and its state written (see handlers.py). At most ``max_in_flight``
-commands are held at once, so a slow session cannot make a replica buffer without bound.
+its events are published and its state written (handlers.py). At most ``max_in_flight``
+commands are held at once across partitions.
 
-Order across redeliveries: a lane never starts a session's next command before the previous
-one is committed (it retries I/O in place, signalling progress), so a command can only be
-redelivered behind a later one of the same session if this replica lost it — the lease issue's
-concern, where the KV fence catches it.
+Leaving a partition, two ways:
+- **drain** (rebalance, SIGTERM): stop fetching, let its lanes finish what they hold, return;
+  the coordinator then releases the lease. The next owner starts from the ack floor.
+- **drop** (lease lost or expired, a fenced write): at once — stop fetching, cancel its lanes,
+  ack nothing more. Before every fetch and every command the lease's local deadline is checked,
+  so a replica waking from a pause stops before touching anything; the fences catch the rest.
 
 Example::
 
-    worker = CommandWorker(settings, js, handler)
-    await worker.start()        # consumers created (or updated) and pulling
-    await worker.stop()         # stop pulling, finish what the lanes hold
+    worker = CommandWorker(settings, js, handler, consumers, clock)
+    await worker.start_partition(lease, existing_consumers.get(p, []))
+    await worker.drain_partition(p)     # or worker.drop_partition(p, reason="lease lost")
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from nats.aio.msg import Msg
@@ -30,19 +36,19 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from shoal.common.clock import Clock
+from shoal.common.errors import Fenced
 from shoal.common.messaging import Subjects
 from shoal.session import metrics
 from shoal.session.config import SessionSettings
 from shoal.session.handlers import CommandHandler, ProjectionHandler, SessionCache
 from shoal.session.lanes import Lanes
+from shoal.session.ownership import HeldLease
+from shoal.session.store import PartitionConsumers
 
 log = logging.getLogger(__name__)
 
 PROJECTION_CONSUMER = "session-projection"
-
-
-def partition_consumer(partition: int) -> str:
-    return f"session-p{partition}"
 
 
 class _Budget:
@@ -76,70 +82,124 @@ class _Budget:
         self._room.set()
 
 
+class _Partition:
+    """One held partition: its lease, consumer subscription, fetch loop and lanes."""
+
+    def __init__(self, lease: HeldLease) -> None:
+        self.lease = lease
+        self.lanes: Lanes[SessionCache, Msg] | None = None
+        self.fetcher: asyncio.Task[None] | None = None
+        self.fetching = True  # False once draining or dropped: no more fetches
+        self.in_hand = 0  # commands fetched and not finished
+        self.dropped = False  # True: nothing more is committed or acked
+
+    @property
+    def number(self) -> int:
+        return self.lease.partition
+
+
 class CommandWorker:
-    """Pulls this replica's partitions and applies their commands through per-session lanes."""
+    """Runs the partitions the coordinator grants: consumers, fetch loops, per-session lanes."""
 
     def __init__(
-        self, settings: SessionSettings, js: JetStreamContext, handler: CommandHandler
+        self,
+        settings: SessionSettings,
+        js: JetStreamContext,
+        handler: CommandHandler,
+        consumers: PartitionConsumers,
+        clock: Clock,
     ) -> None:
         self._settings = settings
         self._js = js
         self._handler = handler
+        self._consumers = consumers
+        self._clock = clock
         self._subjects = Subjects(settings.subject_prefix)
         self._budget = _Budget(settings.max_in_flight)
-        self._lanes: Lanes[SessionCache, Msg] = Lanes(
-            self._process, context=SessionCache, idle=settings.lane_idle.total_seconds()
-        )
-        self._fetchers: list[asyncio.Task[None]] = []
+        self._partitions: dict[int, _Partition] = {}
+        self._ttl = settings.lease_ttl.total_seconds()
+        # Stop trusting a lease this long before the server would expire it.
+        self._margin = min(0.5, self._ttl / 4)
         self._stopping = False
+        # Told about every dropped partition's lease (the coordinator releases it if still ours).
+        self.on_drop: Callable[[HeldLease], None] = lambda lease: None
 
     @property
     def stopping(self) -> bool:
         return self._stopping
 
+    def held(self) -> dict[int, HeldLease]:
+        """The leases of the partitions this worker runs (draining ones included)."""
+        return {p: part.lease for p, part in self._partitions.items() if not part.dropped}
+
     def running(self) -> bool:
-        """Every partition's fetch loop is alive (readiness)."""
-        return (
-            bool(self._fetchers)
-            and not self._stopping
-            and all(not t.done() for t in self._fetchers)
+        """No held partition's fetch loop died unexpectedly (readiness)."""
+        return not self._stopping and all(
+            part.fetcher is None or not part.fetcher.done() or not part.fetching
+            for part in self._partitions.values()
         )
 
-    async def start(self) -> None:
-        for p in self._settings.owned_partitions():
-            sub = await self._subscribe(p)
-            self._fetchers.append(asyncio.create_task(self._fetch_loop(p, sub), name=f"fetch:p{p}"))
-        log.info(
-            "pulling %d partitions", len(self._fetchers), extra={"partitions": len(self._fetchers)}
+    def lease_valid(self, lease: HeldLease) -> bool:
+        return lease.valid(self._clock.monotonic(), ttl=self._ttl, margin=self._margin)
+
+    def _config(self, p: int) -> ConsumerConfig:
+        return ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self._settings.ack_wait.total_seconds(),
+            max_ack_pending=self._settings.max_ack_pending,
+            max_deliver=-1,  # a command is never dropped for being slow; poison is termed
+            description=f"session commands of partition {p}",
         )
 
-    async def _subscribe(self, p: int) -> JetStreamContext.PullSubscription:
-        name = partition_consumer(p)
-        stream = self._subjects.session_cmd_stream
-        # Create-or-update: a new release's ack_wait or max_ack_pending takes effect on start.
-        await self._js.add_consumer(
-            stream,
-            ConsumerConfig(
-                name=name,
-                durable_name=name,
-                filter_subject=self._subjects.session_partition_filter(p),
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=self._settings.ack_wait.total_seconds(),
-                max_ack_pending=self._settings.max_ack_pending,
-                max_deliver=-1,  # a command is never dropped for being slow; poison is termed
-                description=f"session commands of partition {p}",
-            ),
-        )
-        return await self._js.pull_subscribe_bind(durable=name, stream=stream)
+    async def start_partition(self, lease: HeldLease, existing: list[str]) -> None:
+        """Replace the partition's consumer by this epoch's and start pulling it."""
+        p = lease.partition
+        if p in self._partitions:
+            raise RuntimeError(f"partition {p} is already running")
+        sub = await self._consumers.open(p, lease.epoch, self._config(p), existing)
+        part = _Partition(lease)
+        part.lanes = Lanes(self._processor(part), context=SessionCache, idle=self._idle)
+        self._partitions[p] = part
+        part.fetcher = asyncio.create_task(self._fetch_loop(part, sub), name=f"fetch:p{p}")
+        metrics.PARTITIONS.set(len(self._partitions))
+        log.info("partition %d started", p, extra={"partition": p, "epoch": lease.epoch})
 
-    async def _fetch_loop(self, p: int, sub: JetStreamContext.PullSubscription) -> None:
+    @property
+    def _idle(self) -> float:
+        return self._settings.lane_idle.total_seconds()
+
+    def _processor(self, part: _Partition) -> Callable[[SessionCache, Msg], Awaitable[None]]:
+        # Bound to this grant of the partition, not its number: a lane of a dropped grant can
+        # never act under a later one.
+        async def process(cache: SessionCache, msg: Msg) -> None:
+            try:
+                if part.dropped:
+                    return  # left unacked: the partition's next consumer redelivers it
+                if not self.lease_valid(part.lease):
+                    self._drop(part, "lease expired")
+                    return
+                try:
+                    await self._handler.handle(cache, msg)
+                except Fenced:
+                    self._drop(part, "fenced write")
+            finally:
+                part.in_hand -= 1
+                self._budget.release()
+
+        return process
+
+    async def _fetch_loop(self, part: _Partition, sub: JetStreamContext.PullSubscription) -> None:
+        p = part.number
         timeout = self._settings.fetch_timeout.total_seconds()
         failures = 0
         try:
-            while not self._stopping:
+            while part.fetching:
                 await self._budget.wait_for_room()
-                if self._stopping:
+                if not part.fetching:
+                    break
+                if not self.lease_valid(part.lease):
+                    self._drop(part, "lease expired")
                     break
                 try:
                     msgs = await sub.fetch(self._settings.fetch_batch, timeout=timeout)
@@ -151,39 +211,101 @@ class CommandWorker:
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                     continue
                 failures = 0
+                if part.dropped:
+                    break  # unacked: the partition's next owner gets them redelivered
                 self._budget.take(len(msgs))
+                part.in_hand += len(msgs)
+                assert part.lanes is not None
                 for msg in msgs:
                     session_id = msg.subject.rsplit(".", 1)[-1]
-                    self._lanes.submit(session_id, msg)
-                metrics.LANES.set(len(self._lanes))
+                    part.lanes.submit(session_id, msg)
+                metrics.LANES.set(sum(len(x.lanes or ()) for x in self._partitions.values()))
         finally:
             try:
                 await sub.unsubscribe()
             except Exception:
                 log.debug("unsubscribe of partition %d failed", p, exc_info=True)
 
-    async def _process(self, cache: SessionCache, msg: Msg) -> None:
-        try:
-            await self._handler.handle(cache, msg)
-        finally:
-            self._budget.release()
+    async def _stop_fetching(self, part: _Partition) -> None:
+        part.fetching = False
+        if part.fetcher is None or part.fetcher.done():
+            return
+        # A fetch in flight returns within fetch_timeout; its messages still go to lanes.
+        fetch_wait = self._settings.fetch_timeout.total_seconds() + 1.0
+        _, pending = await asyncio.wait({part.fetcher}, timeout=fetch_wait)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(part.fetcher, return_exceptions=True)
 
-    async def stop(self, grace: timedelta) -> None:
-        """Stop pulling, let the lanes finish what they hold (up to ``grace``), then return."""
+    async def drain_partition(self, p: int, grace: timedelta | None = None) -> bool:
+        """Stop fetching ``p``, finish what its lanes hold, forget it. False if it was dropped
+        meanwhile (its lease must then not be released as if drained)."""
+        part = self._partitions.get(p)
+        if part is None:
+            return False
+        await self._stop_fetching(part)
+        limit = (grace or self._settings.shutdown_grace).total_seconds()
+        assert part.lanes is not None
+        try:
+            await asyncio.wait_for(part.lanes.drain(), limit)
+        except TimeoutError:
+            log.warning("partition %d: lanes did not finish within %.1fs; cancelling", p, limit)
+            part.dropped = True
+            self._budget.release(len(await part.lanes.cancel()))
+        if self._partitions.get(p) is part:
+            del self._partitions[p]
+        metrics.PARTITIONS.set(len(self._partitions))
+        log.info("partition %d drained", p, extra={"partition": p})
+        return not part.dropped
+
+    def drop_partition(self, p: int, *, reason: str) -> None:
+        """Leave ``p`` at once: no more fetches, commits or acks (safe to call from a lane)."""
+        part = self._partitions.get(p)
+        if part is None or part.dropped:
+            return
+        self._drop(part, reason)
+
+    def _drop(self, part: _Partition, reason: str) -> None:
+        if part.dropped:
+            return
+        p = part.number
+        part.dropped = True
+        part.fetching = False
+        if self._partitions.get(p) is part:
+            del self._partitions[p]
+        metrics.PARTITIONS.set(len(self._partitions))
+        metrics.PARTITIONS_DROPPED.labels(reason).inc()
+        if reason.startswith("lease") and part.in_hand > 0:
+            # Commands in hand when the lease went: none of them will be written here.
+            metrics.FENCED_WRITES.labels("lease").inc(part.in_hand)
+        log.warning("partition %d dropped: %s", p, reason, extra={"partition": p})
+        asyncio.get_running_loop().create_task(self._cancel(part), name=f"drop:p{p}")
+        self.on_drop(part.lease)
+
+    async def _cancel(self, part: _Partition) -> None:
+        if part.fetcher is not None:
+            part.fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(part.fetcher, return_exceptions=True)
+        if part.lanes is not None:
+            self._budget.release(len(await part.lanes.cancel()))
+
+    def renewed(self, p: int, revision: int, sent_at: float) -> None:
+        """The coordinator renewed ``p``'s lease: trust it until ``sent_at + ttl``."""
+        part = self._partitions.get(p)
+        if part is not None:
+            part.lease.revision = revision
+            part.lease.sent_at = sent_at
+
+    def begin_stop(self) -> None:
+        """Shutdown starts: a command whose I/O fails is left unacked for the next owner."""
         self._stopping = True
         self._handler.stop_retrying()
-        if self._fetchers:
-            # A fetch in flight returns within fetch_timeout; its messages still go to lanes.
-            fetch_wait = self._settings.fetch_timeout.total_seconds() + 1.0
-            _, pending = await asyncio.wait(self._fetchers, timeout=fetch_wait)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*self._fetchers, return_exceptions=True)
-        try:
-            await asyncio.wait_for(self._lanes.drain(), grace.total_seconds())
-        except TimeoutError:
-            log.warning("lanes did not finish within %s; cancelling", grace)
-            await self._lanes.cancel()
+
+    async def stop(self, grace: timedelta) -> None:
+        """Drain whatever partition is still running (the coordinator hands them off first)."""
+        self.begin_stop()
+        await asyncio.gather(*(self.drain_partition(p, grace) for p in list(self._partitions)))
         metrics.LANES.set(0)
 
 
