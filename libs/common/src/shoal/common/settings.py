@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Environment = Literal["development", "test", "production"]
@@ -62,6 +62,19 @@ class CommonSettings(BaseSettings):
     otel_exporter: Literal["none", "console", "otlp"] = "none"
 
     dev_admin_key: SecretStr | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_seconds(cls, value: object, info: ValidationInfo) -> object:
+        """A duration given as ``"20"`` or ``"0.5"`` means seconds (ISO 8601 ``PT20S`` works
+        too); without this pydantic refuses the plain numbers operators and Helm charts write."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and field.annotation is timedelta and isinstance(value, str):
+            try:
+                return timedelta(seconds=float(value))
+            except ValueError:
+                return value
+        return value
 
     @model_validator(mode="after")
     def _refuse_placeholders_in_production(self) -> CommonSettings:

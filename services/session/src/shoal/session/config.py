@@ -12,7 +12,7 @@ import re
 from datetime import timedelta
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from shoal.common.settings import CommonSettings
 
@@ -55,17 +55,6 @@ class SessionSettings(CommonSettings):
     # replica runs no projection consumer; the messages RPC is served either way.
     projection_enabled: bool = True
     projection_batch: int = Field(default=200, ge=1, le=1000)
-
-    @field_validator("lease_ttl", "member_ttl", "renew_interval", mode="before")
-    @classmethod
-    def _seconds(cls, value: object) -> object:
-        # "4" or "0.5" in the environment means seconds (pydantic wants "PT4S" otherwise).
-        if isinstance(value, str):
-            try:
-                return timedelta(seconds=float(value))
-            except ValueError:
-                return value
-        return value
 
     @model_validator(mode="after")
     def _index_within_count(self) -> SessionSettings:
