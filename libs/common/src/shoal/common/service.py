@@ -16,6 +16,8 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,6 +60,47 @@ class TraceRequests:
                 await send(message)
 
             await self.app(scope, receive, send_with_status)
+
+
+class PolledCheck:
+    """A readiness check answered from an async probe (a database ping) that runs in the
+    background every ``interval`` seconds: ``/readyz`` checks are synchronous and must not wait
+    on I/O. Probes once on entry, stops on exit::
+
+        async with PolledCheck(db.ping, interval=5.0) as database:
+            readiness.add("database", database)
+    """
+
+    def __init__(self, probe: Callable[[], Awaitable[bool]], *, interval: float) -> None:
+        self._probe = probe
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self.ok = False
+
+    def __call__(self) -> bool:
+        return self.ok
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.ok = await self._probe()
+
+    async def start(self) -> None:
+        self.ok = await self._probe()
+        self._task = asyncio.create_task(self._poll(), name="readiness-probe")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def __aenter__(self) -> PolledCheck:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 class Readiness:

@@ -8,9 +8,7 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +18,7 @@ from fastapi import FastAPI
 from shoal.common.clock import Clock, SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
 from shoal.common.messaging.catalog import provision_stream
-from shoal.common.service import Readiness, create_service_app
+from shoal.common.service import PolledCheck, Readiness, create_service_app
 from shoal.common.storage import Database
 from shoal.keys.audit import audit_stream_config
 from shoal.keys.config import KeysSettings
@@ -32,20 +30,6 @@ from shoal.keys.vault import SecretService
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_keys"
 _DB_PROBE_INTERVAL = timedelta(seconds=5)
-
-
-class DatabaseProbe:
-    """Pings PostgreSQL in the background so ``/readyz`` answers without waiting on it."""
-
-    def __init__(self, ping: Callable[[], Awaitable[bool]], interval: timedelta) -> None:
-        self._ping = ping
-        self._interval = interval.total_seconds()
-        self.ok = False
-
-    async def run(self) -> None:
-        while True:
-            self.ok = await self._ping()
-            await asyncio.sleep(self._interval)
 
 
 def create_app(settings: KeysSettings | None = None, *, clock: Clock | None = None) -> FastAPI:
@@ -84,17 +68,11 @@ def create_app(settings: KeysSettings | None = None, *, clock: Clock | None = No
             if settings.dev_admin_key is not None:
                 await service.ensure_dev_admin(settings.dev_admin_key.get_secret_value())
 
-            probe = DatabaseProbe(db.ping, _DB_PROBE_INTERVAL)
-            probe_task = asyncio.create_task(probe.run(), name="keys-db-probe")
-
-            async def stop_probe() -> None:
-                probe_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await probe_task
-
-            stack.push_async_callback(stop_probe)
+            database = await stack.enter_async_context(
+                PolledCheck(db.ping, interval=_DB_PROBE_INTERVAL.total_seconds())
+            )
             readiness.add("nats", lambda: nc.is_connected)
-            readiness.add("database", lambda: probe.ok)
+            readiness.add("database", database)
 
             # nc.drain on the way out answers the requests already received, then closes;
             # it runs before db.close (the stack unwinds in reverse).

@@ -8,8 +8,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +17,7 @@ from fastapi import FastAPI
 
 from shoal.common.clock import Clock, SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
-from shoal.common.service import Readiness, create_service_app
+from shoal.common.service import PolledCheck, Readiness, create_service_app
 from shoal.common.storage import Database
 from shoal.scheduler.config import SchedulerSettings
 from shoal.scheduler.handlers import TimerLoop, serve_scheduler
@@ -28,20 +27,6 @@ from shoal.scheduler.store import JetStreamTimerPublisher, TimerStore
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_scheduler"
 _DB_PROBE_INTERVAL = timedelta(seconds=5)
-
-
-class DatabaseProbe:
-    """Pings PostgreSQL in the background so ``/readyz`` answers without waiting on it."""
-
-    def __init__(self, ping: Callable[[], Awaitable[bool]], interval: timedelta) -> None:
-        self._ping = ping
-        self._interval = interval.total_seconds()
-        self.ok = False
-
-    async def run(self) -> None:
-        while True:
-            self.ok = await self._ping()
-            await asyncio.sleep(self._interval)
 
 
 def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None = None) -> FastAPI:
@@ -81,17 +66,11 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
             loop.start()
             stack.push_async_callback(loop.stop)  # before nc.drain and db.close
 
-            probe = DatabaseProbe(db.ping, _DB_PROBE_INTERVAL)
-            probe_task = asyncio.create_task(probe.run(), name="scheduler-db-probe")
-
-            async def stop_probe() -> None:
-                probe_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await probe_task
-
-            stack.push_async_callback(stop_probe)
+            database = await stack.enter_async_context(
+                PolledCheck(db.ping, interval=_DB_PROBE_INTERVAL.total_seconds())
+            )
             readiness.add("nats", lambda: nc.is_connected)
-            readiness.add("database", lambda: probe.ok)
+            readiness.add("database", database)
             readiness.add("timers", lambda: loop.running)
 
             await serve_scheduler(nc, subjects, service)

@@ -14,8 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +26,7 @@ from nats.aio.subscription import Subscription
 
 from shoal.common.clock import SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision, serve
-from shoal.common.service import Readiness, create_service_app
+from shoal.common.service import PolledCheck, Readiness, create_service_app
 from shoal.common.storage import Database
 from shoal.session.config import SessionSettings
 from shoal.session.coordinator import Coordinator
@@ -61,14 +59,6 @@ class SessionRuntime:
     coordinator: Coordinator
     projection: ProjectionWorker | None
     rpcs: list[Subscription]
-    db_ok: bool = False
-
-
-async def _watch_database(runtime: SessionRuntime) -> None:
-    # /readyz checks are synchronous; the ping result is refreshed here instead.
-    while True:
-        runtime.db_ok = await runtime.db.ping()
-        await asyncio.sleep(_DB_PING_INTERVAL_S)
 
 
 def create_app(settings: SessionSettings | None = None) -> FastAPI:
@@ -112,9 +102,7 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
                 if settings.projection_enabled
                 else None
             )
-            runtime = SessionRuntime(
-                nc, db, worker, coordinator, projection, rpcs, db_ok=await db.ping()
-            )
+            runtime = SessionRuntime(nc, db, worker, coordinator, projection, rpcs)
             if projection is not None:
                 await projection.start()
             await coordinator.start()
@@ -123,14 +111,15 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
             await nc.close()
             raise
         app.state.session = runtime
-        watcher = asyncio.create_task(_watch_database(runtime), name="db-ping")
+        database = PolledCheck(db.ping, interval=_DB_PING_INTERVAL_S)
+        await database.start()
 
         readiness.add("nats", lambda: nc.is_connected)
         readiness.add("consumers", worker.running)
         readiness.add("leases", coordinator.running)
         if projection is not None:
             readiness.add("projection", projection.running)
-        readiness.add("database", lambda: runtime.db_ok)
+        readiness.add("database", database)
         try:
             yield
         finally:
@@ -141,9 +130,7 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
                 await projection.stop()
             for sub in rpcs:
                 await sub.unsubscribe()
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await database.stop()
             await db.close()
             await nc.drain()
             log.info("session service stopped")
