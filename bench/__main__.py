@@ -1,4 +1,4 @@
-"""``python -m bench [raw|command|all]``: run the benchmarks and print their tables.
+"""``python -m bench [raw|command|all|fanout]``: run the benchmarks and print their tables.
 
 See bench/README.md for what each figure means. Progress goes to stderr, tables to stdout.
 """
@@ -16,6 +16,7 @@ from bench.command_path import (
     render_command_path,
     run_command_path,
 )
+from bench.gateway_fanout import FanoutOptions, FanoutResult, render_fanout, run_fanout
 from bench.raw_jetstream import RawOptions, RawResult, render_raw, run_raw
 
 FSYNC_MODES = {"always": (True,), "default": (False,), "both": (True, False)}
@@ -28,9 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "which",
         nargs="?",
-        choices=("all", "raw", "command"),
+        choices=("all", "raw", "command", "fanout"),
         default="all",
-        help="raw: the JetStream baseline; command: Shoal's command path; all: both (default)",
+        help="raw: the JetStream baseline; command: Shoal's command path; all: both (default); "
+        "fanout: event fan-out through one gateway next to a bare uvicorn broadcast server",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 100 sessions, 3 s per measurement"
@@ -56,6 +58,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the fleet's temporary directory and logs"
     )
+    fanout = parser.add_argument_group("fanout")
+    fanout.add_argument("--open", type=int, help="client sockets receiving events; default 5000")
+    fanout.add_argument("--idle", type=int, help="sockets receiving nothing; default 10000")
+    fanout.add_argument(
+        "--rate", type=float, help="events/s produced (--sessions: over how many); default 2000"
+    )
+    fanout.add_argument("--clients", type=int, default=4, help="load-generator processes")
+    fanout.add_argument(
+        "--idle-on",
+        choices=("session", "user"),
+        default="session",
+        help="idle sockets: client sockets on idle sessions (10 each) or the user stream",
+    )
+    fanout.add_argument(
+        "--stream-max-consumers",
+        type=int,
+        default=0,
+        help="raise max_consumers of SESSION_EVT and DELIVER for the run (nats-server 2.15 "
+        "defaults to 1,000 per stream; the gateway holds one consumer per socket)",
+    )
+    fanout.add_argument("--no-baseline", action="store_true", help="skip the uvicorn baseline")
+    fanout.add_argument("--no-shoal", action="store_true", help="only the uvicorn baseline")
     return parser
 
 
@@ -89,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         _bounded(args.messages or (10_000 if quick else 100_000), 1, 2_000_000, "messages")
     )
     modes = FSYNC_MODES[args.fsync]
+
+    if args.which == "fanout":
+        return _fanout(args, quick, duration, warmup)
 
     raw: list[RawResult] = []
     shoal: list[CommandResult] = []
@@ -132,6 +159,44 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(render(raw, shoal))
     return 1 if failed else 0
+
+
+def _fanout(args: argparse.Namespace, quick: bool, duration: float, warmup: float) -> int:
+    opened = int(_bounded(args.open or (200 if quick else 5_000), 1, 30_000, "open"))
+    idle = int(
+        _bounded(
+            args.idle if args.idle is not None else (500 if quick else 10_000), 0, 60_000, "idle"
+        )
+    )
+    sessions = int(_bounded(args.sessions or max(1, opened // 10), 1, opened, "sessions"))
+    rate = _bounded(args.rate or (500.0 if quick else 2_000.0), 1, 100_000, "rate")
+    options = FanoutOptions(
+        open=opened,
+        idle=idle,
+        sessions=sessions,
+        rate=rate,
+        duration=duration,
+        warmup=warmup,
+        idle_window=1.0 if quick else 3.0,
+        clients=int(_bounded(args.clients, 1, 32, "clients")),
+        idle_on=args.idle_on,
+        baseline=not args.no_baseline,
+        shoal=not args.no_shoal,
+        keep_dir=args.keep_logs,
+        fleet_env=_fleet_env(args.fleet_env),
+        stream_max_consumers=int(
+            _bounded(args.stream_max_consumers, 0, 1_000_000, "stream-max-consumers")
+        ),
+    )
+    results: list[FanoutResult] = []
+    try:
+        results = asyncio.run(run_fanout(options))
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    machine = table("Machine", ("what", "value"), machine_info())
+    print(f"{machine}\n\n{render_fanout(results)}\n")
+    return 1 if any(r.errors and r.delivered == 0 for r in results) else 0
 
 
 def render(raw: list[RawResult], shoal: list[CommandResult]) -> str:
