@@ -126,6 +126,36 @@ async def test_cross_owner_battery_and_sentinel(
             await connect_runner(url, sid, session_b.runner_token, reconnect=False)
         assert closed.value.code == 4401
 
+        # -- files: every files route of A's session answers B with 404; nothing of B's lands --
+        await a.put_file(sid, "notes/a.md", b"A's notes", "text/markdown")
+        files = f"/v1/sessions/{sid}/files"
+        for method, path in (
+            ("PUT", f"{files}/notes/a.md"),
+            ("PUT", f"{files}/notes/b-was-here.md"),
+            ("GET", f"{files}/notes/a.md"),
+            ("GET", f"{files}/notes/missing.md"),
+            ("DELETE", f"{files}/notes/a.md"),
+            ("GET", files),
+            ("GET", f"{files}?prefix=notes/"),
+            ("PUT", f"{files}/%2E%2E/escape"),
+        ):
+            response = await http.request(method, path, headers=hb, content=b"B's bytes")
+            problem = assert_problem(response, 404, "not_found")
+            assert problem["detail"] == "session not found"
+        assert [f.path for f in await a.list_files(sid)] == ["notes/a.md"]
+        assert (await a.get_file(sid, "notes/a.md")).data == b"A's notes"
+        await b.put_file(session_b.id, "notes/a.md", b"B's own")  # same path, B's own session
+        assert (await a.get_file(sid, "notes/a.md")).data == b"A's notes"
+        assert (await b.get_file(session_b.id, "notes/a.md")).data == b"B's own"
+        # The admin key reaches A's files on every route.
+        shared = await admin.get_file(sid, "notes/a.md")
+        assert (shared.data, shared.content_type) == (b"A's notes", "text/markdown")
+        await admin.put_file(sid, "notes/admin.md", b"from admin")
+        listed = [f.path for f in await admin.list_files(sid, "notes/")]
+        assert listed == ["notes/a.md", "notes/admin.md"]
+        await admin.delete_file(sid, "notes/admin.md")
+        assert [f.path for f in await a.list_files(sid)] == ["notes/a.md"]
+
         # -- secrets: B's namespace is its own --
         assert [s.name for s in await b.list_secrets()] == ["GH"]
         with pytest.raises(ShoalAPIError) as refused:
@@ -247,6 +277,30 @@ async def test_bad_input_battery(fleet: FleetFactory) -> None:
                 await http.put("/v1/secrets/S", headers=h, json=body), 400, "bad_request"
             )
         assert_problem(await http.delete("/v1/secrets/NEVER", headers=h), 404, "not_found")
+
+        # Odd file paths: 400, a path with a control character never echoed; 413 past the cap.
+        session = (await http.post("/v1/sessions", headers=h, json={})).json()["id"]
+        files = f"/v1/sessions/{session}/files"
+        for path in ("%2E%2E/x", "a/%2E%2E/b", "/abs", "a//b", "a%00b", "a%0Ab", "x" * 1100):
+            response = await http.put(f"{files}/{path}", headers=h, content=b"x")
+            problem = assert_problem(response, 400, "bad_request")
+            assert "\\u0000" not in response.text
+            if "%0" in path:
+                assert "path" not in problem
+        file_cap = 25 * 1024 * 1024
+
+        async def over_cap() -> AsyncIterator[bytes]:
+            # Streamed (no Content-Length): the gateway reads up to the cap, then answers 413.
+            # A declared length over the cap is refused before the body is read, and httpx,
+            # still writing, would see the connection close instead of the answer.
+            chunk = b"x" * (1024 * 1024)
+            for _ in range(file_cap // len(chunk)):
+                yield chunk
+            yield b"!"
+
+        big_file = await http.put(f"{files}/big", headers=h, content=over_cap())
+        assert assert_problem(big_file, 413, "payload_too_large")["max_bytes"] == file_cap
+        assert (await http.get(files, headers=h)).json()["files"] == []
 
         # Wrong scope: 403 problem+json naming the scope it needs.
         wrong_scope: tuple[tuple[str, str, str, Any], ...] = (

@@ -85,7 +85,16 @@ class FakeTenantKeys(FakeKeys):
         owner = body.get("owner")
         return {
             "keys": [
-                {"id": v["key_id"], "name": v["name"], "owner": v["owner"], "scopes": v["scopes"]}
+                {  # the keys service's key_view
+                    "id": v["key_id"],
+                    "name": v["name"],
+                    "owner": v["owner"],
+                    "scopes": v["scopes"],
+                    "created_at": T0,
+                    "expires_at": None,
+                    "last_used_at": None,
+                    "revoked_at": None,
+                }
                 for v in self.keys.values()
                 if owner is None or v["owner"] == owner
             ]

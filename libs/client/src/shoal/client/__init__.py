@@ -24,6 +24,8 @@ from shoal.client._http import ShoalClient
 from shoal.client._models import (
     ApiKey,
     Event,
+    File,
+    FileInfo,
     Message,
     MessagePage,
     Prompt,
@@ -38,6 +40,8 @@ __all__ = [
     "ApiKey",
     "Event",
     "EventStream",
+    "File",
+    "FileInfo",
     "Message",
     "MessagePage",
     "Prompt",

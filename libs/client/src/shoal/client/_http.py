@@ -13,10 +13,13 @@ import msgspec
 from shoal.client._errors import ShoalAPIError
 from shoal.client._models import (
     ApiKey,
+    File,
+    FileInfo,
     MessagePage,
     PromptReceipt,
     SecretInfo,
     Session,
+    _FileList,
     _KeyList,
     _SecretList,
 )
@@ -145,6 +148,48 @@ class ShoalClient:
         params = {"owner": owner} if owner is not None else {}
         await self._send("DELETE", f"/v1/secrets/{_seg(name)}", params=params)
 
+    # -- session files --
+    async def put_file(
+        self,
+        session_id: str,
+        path: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+    ) -> FileInfo:
+        """Store ``data`` as the session's file ``path`` ("notes/a.md"), replacing any there."""
+        return await self._call(
+            "PUT",
+            _file_url(session_id, path),
+            FileInfo,
+            content=data,
+            headers={"Content-Type": content_type},
+        )
+
+    async def get_file(self, session_id: str, path: str) -> File:
+        """The session's file ``path`` (:class:`ShoalAPIError` 404 if there is none)."""
+        response = await self._http.get(_file_url(session_id, path))
+        if response.is_error:
+            raise _api_error(response)
+        return File(
+            path=path,
+            data=response.content,
+            content_type=response.headers.get("content-type", "application/octet-stream"),
+            etag=response.headers.get("etag", "").strip('"'),
+        )
+
+    async def delete_file(self, session_id: str, path: str) -> None:
+        """Delete the session's file ``path`` (:class:`ShoalAPIError` 404 if there is none)."""
+        await self._send("DELETE", _file_url(session_id, path))
+
+    async def list_files(
+        self, session_id: str, prefix: str = "", *, limit: int = 1000
+    ) -> list[FileInfo]:
+        """The session's files whose path starts with ``prefix``, in path order (at most
+        ``limit``; the API says ``truncated`` when more matched)."""
+        params = {"prefix": prefix, "limit": limit}
+        url = f"/v1/sessions/{_seg(session_id)}/files"
+        return (await self._call("GET", url, _FileList, params=params)).files
+
     def connect_session(
         self,
         session_id: str,
@@ -204,6 +249,13 @@ class ShoalClient:
 
 def _seg(value: str) -> str:
     return quote(value, safe="")
+
+
+def _file_url(session_id: str, path: str) -> str:
+    # Each segment percent-encoded, "/" kept: the gateway sees the path as given, dots included
+    # (a literal "." or ".." segment would be folded away by URL normalisation).
+    segments = (_seg(s) if s not in (".", "..") else s.replace(".", "%2E") for s in path.split("/"))
+    return f"/v1/sessions/{_seg(session_id)}/files/" + "/".join(segments)
 
 
 def _api_error(response: httpx.Response) -> ShoalAPIError:

@@ -79,6 +79,30 @@ class SecretInfo(msgspec.Struct, kw_only=True):
     updated_at: str = ""
 
 
+class FileInfo(msgspec.Struct, kw_only=True):
+    """A session file as an upload or a listing describes it (``etag``: MD5 hex, unquoted)."""
+
+    path: str
+    size: int
+    etag: str
+    content_type: str | None = None  # in the answer to put_file
+    modified: str | None = None  # RFC 3339, in listings
+
+
+class File(msgspec.Struct, kw_only=True):
+    """A downloaded session file."""
+
+    path: str
+    data: bytes
+    content_type: str
+    etag: str
+
+
+class _FileList(msgspec.Struct, kw_only=True):
+    files: list[FileInfo]
+    truncated: bool = False
+
+
 class _KeyList(msgspec.Struct, kw_only=True):
     keys: list[ApiKey]
 

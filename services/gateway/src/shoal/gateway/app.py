@@ -22,20 +22,27 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from nats.errors import Error as NatsError
 
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
 from shoal.common.service import Readiness, before_server_shutdown, create_service_app
+from shoal.common.storage.objects import object_storage_from_settings
 from shoal.gateway.api import router
 from shoal.gateway.api.deps import GatewayState
+from shoal.gateway.api.files import router as files_router
+from shoal.gateway.api.files import upload_limit
 from shoal.gateway.api.limits import BodySizeLimit
-from shoal.gateway.api.problems import install_problem_handlers
+from shoal.gateway.api.openapi import install_openapi, operation_id
+from shoal.gateway.api.problems import install_problem_handlers, problem_responses
 from shoal.gateway.api.proxy import router as proxy_router
+from shoal.gateway.api.request_id import RequestIdMiddleware, install_request_id_logging
 from shoal.gateway.api.sockets import SocketHub
 from shoal.gateway.api.streams import router as streams_router
 from shoal.gateway.api.upgrade import StreamingState
 from shoal.gateway.bus import Bus
 from shoal.gateway.config import GatewaySettings
+from shoal.gateway.files import SessionFiles
 from shoal.gateway.realtime import Realtime
 from shoal.gateway.service import GatewayService
 from shoal.gateway.streams import EventStreams
@@ -52,6 +59,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        objects = object_storage_from_settings(settings)  # session files; connects on first use
         nc = await connect_nats(settings, name="gateway")
         try:
             await provision(nc.jetstream(), Catalog.from_settings(settings))
@@ -62,6 +70,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await bus.on_key_revoked(service.key_revoked)
             await bus.on_key_revoked(hub.key_revoked)  # open sockets of a revoked key: 4401
             app.state.gateway = GatewayState(service=service, hub=hub)
+            app.state.files = SessionFiles(service, objects, settings.max_file_bytes)
             realtime = Realtime(nc, bus_subjects, settings)  # issue 4: deltas, tickets, proxy
             await realtime.start()
             app.state.streaming = StreamingState(
@@ -77,13 +86,40 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             with contextlib.suppress(NatsError, OSError):
                 await nc.drain()
+            await objects.close()
 
-    app = create_service_app("gateway", settings, lifespan, readiness)
+    app = create_service_app(
+        "gateway", settings, lifespan, readiness, generate_unique_id_function=operation_id
+    )
+    install_request_id_logging()
     install_problem_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.include_router(router)
-    app.include_router(streams_router)
-    app.include_router(proxy_router)
+    # Middleware added last runs first: request id, then CORS, then the body cap.
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        limit_for=upload_limit(settings.max_file_bytes),
+    )
+    if settings.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_methods=settings.cors_allow_methods,
+            allow_headers=settings.cors_allow_headers,
+            expose_headers=settings.cors_expose_headers,
+            allow_credentials=settings.cors_allow_credentials,
+            max_age=int(settings.cors_max_age.total_seconds()),
+        )
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(router, generate_unique_id_function=operation_id)
+    app.include_router(
+        streams_router,
+        tags=["streaming"],
+        responses=problem_responses(400, 401, 403, 404, 503),
+        generate_unique_id_function=operation_id,
+    )
+    app.include_router(proxy_router, generate_unique_id_function=operation_id)
+    app.include_router(files_router, generate_unique_id_function=operation_id)
+    install_openapi(app)
     # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.
     app.state.uvicorn_options["ws_max_size"] = settings.max_ws_frame_bytes + 64 * 1024
     # Protocol-level keepalive: a peer that stops answering pings is dropped (issue 4).

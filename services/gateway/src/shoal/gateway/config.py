@@ -26,6 +26,9 @@ class GatewaySettings(CommonSettings):
     # -- limits --
     # Largest HTTP request body (bytes); larger ones get 413 before the route runs.
     max_body_bytes: int = Field(default=1 * MiB, ge=1 * KiB)
+    # Largest file a PUT /v1/sessions/{id}/files/{path} may store (bytes; buffered in memory,
+    # so it bounds one upload's RAM). Replaces max_body_bytes for those requests; beyond: 413.
+    max_file_bytes: int = Field(default=25 * MiB, ge=1)
     # Largest WebSocket frame a client or runner may send (bytes); larger closes with 1009.
     # Keep uvicorn's ws_max_size at or above it (its default is 16 MiB).
     max_ws_frame_bytes: int = Field(default=1 * MiB, ge=1 * KiB)
@@ -39,6 +42,24 @@ class GatewaySettings(CommonSettings):
     max_idempotency_key_chars: int = Field(default=200, ge=1)
     messages_page_max: int = Field(default=200, ge=1)
     messages_page_default: int = Field(default=50, ge=1)
+
+    # -- CORS (browsers calling the HTTP API from another origin) --
+    # Off while ``cors_allow_origins`` is empty (the default). ``SHOAL_CORS_ALLOW_ORIGINS`` is a
+    # JSON list, e.g. '["https://app.example.com"]'; "*" allows any origin. The API authenticates
+    # with Bearer headers, not cookies, so credentials stay off unless asked for.
+    cors_allow_origins: list[str] = Field(default_factory=list)
+    cors_allow_methods: list[str] = Field(
+        default_factory=lambda: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    )
+    cors_allow_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"]
+    )
+    cors_expose_headers: list[str] = Field(
+        default_factory=lambda: ["X-Request-ID", "WWW-Authenticate"]
+    )
+    cors_allow_credentials: bool = False
+    # How long a browser may cache a preflight answer.
+    cors_max_age: timedelta = timedelta(minutes=10)
 
     # -- auth --
     # How long a verified API key is trusted without asking the keys service again. A revocation

@@ -7,6 +7,7 @@ streams and refused when it crosses the cap. Either way: 413 problem+json.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,27 +20,39 @@ class _TooLarge(HTTPException):
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(413, f"request body exceeds {max_bytes} bytes")
+        self.problem_extra = {"max_bytes": max_bytes}
 
 
 class BodySizeLimit:
-    """ASGI middleware: bodies larger than ``max_bytes`` get 413."""
+    """ASGI middleware: bodies larger than ``max_bytes`` get 413.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    ``limit_for(scope)`` may name another cap for some requests (file uploads); None: the default.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        limit_for: Callable[[Scope], int | None] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        special = self.limit_for(scope) if self.limit_for is not None else None
+        max_bytes = self.max_bytes if special is None else special
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
-                    await self._refuse(scope, send)
+                if declared > max_bytes:
+                    await self._refuse(scope, send, max_bytes)
                     return
         seen = 0
         started = False
@@ -49,8 +62,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge(self.max_bytes)
+                if seen > max_bytes:
+                    raise _TooLarge(max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -63,17 +76,17 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(scope, send)
+                await self._refuse(scope, send, max_bytes)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send, max_bytes: int) -> None:
         body = json.dumps(
             problem_body(
                 413,
                 "payload_too_large",
                 "Payload too large",
-                f"request body exceeds {self.max_bytes} bytes",
+                f"request body exceeds {max_bytes} bytes",
                 str(scope.get("path", "")),
-                {"max_bytes": self.max_bytes},
+                {"max_bytes": max_bytes},
             )
         ).encode()
         await send(

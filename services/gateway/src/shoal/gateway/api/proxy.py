@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request, Response
 from shoal.common.errors import PayloadTooLarge, ShoalError, Timeout, Unavailable
 from shoal.common.messaging import dumps, loads
 from shoal.gateway.api.deps import Caller, Service
+from shoal.gateway.api.problems import problem_responses
 from shoal.gateway.api.upgrade import streaming_state
 from shoal.gateway.realtime import RunnerUnavailable
 
@@ -48,14 +49,6 @@ _DROP_RESPONSE = frozenset(
 )
 
 
-@router.api_route(
-    "/sessions/{session_id}/proxy/{path:path}",
-    methods=PROXY_METHODS,
-    responses={
-        502: {"description": "No runner connected, or its answer was unusable"},
-        504: {"description": "The runner did not answer within proxy_timeout"},
-    },
-)
 async def proxy(
     session_id: str, path: str, request: Request, caller: Caller, service: Service
 ) -> Response:
@@ -81,6 +74,24 @@ async def proxy(
     }
     answer = loads(await streaming.realtime.proxy_request(session_id, dumps(outgoing)))
     return _response(answer, session_id)
+
+
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The runner's answer (its status, headers and body, as it gave them)"},
+    "default": {"description": "The runner's answer with the status it chose"},
+    **problem_responses(401, 403, 404, 413, 502, 503, 504),
+}
+# One route per method, so each gets its own operation id (proxy_get, proxy_post, …).
+for _method in PROXY_METHODS:
+    router.add_api_route(
+        "/sessions/{session_id}/proxy/{path:path}",
+        proxy,
+        methods=[_method],
+        name=f"proxy_{_method.lower()}",
+        tags=["proxy"],
+        response_class=Response,
+        responses=_RESPONSES,
+    )
 
 
 def _response(answer: Any, session_id: str) -> Response:
