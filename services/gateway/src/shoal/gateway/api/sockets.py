@@ -368,7 +368,20 @@ class ManagedSocket:
             await asyncio.wait_for(self.ws.close(code, reason), wait)
 
 
-class ClientSocket(ManagedSocket):
+class ResumableSocket(ManagedSocket):
+    """A socket of seq'd events: every close reason tells the client where to resume."""
+
+    def lag_reason(self) -> str:
+        return f"lagging: resume from seq {self.sent_seq}"
+
+    def restart_reason(self) -> str:
+        return f"service restart: resume from seq {self.sent_seq}"
+
+    def failure_reason(self) -> str:
+        return f"gateway error: resume from seq {self.sent_seq}"
+
+
+class ClientSocket(ResumableSocket):
     """A client following one session: replay after ``since``, then live; prompts and pings."""
 
     def __init__(
@@ -385,15 +398,6 @@ class ClientSocket(ManagedSocket):
         self.session_id = session_id
         self.cursor = EventCursor(since)
         self.sent_seq = since
-
-    def lag_reason(self) -> str:
-        return f"lagging: resume from seq {self.sent_seq}"
-
-    def restart_reason(self) -> str:
-        return f"service restart: resume from seq {self.sent_seq}"
-
-    def failure_reason(self) -> str:
-        return f"gateway error: resume from seq {self.sent_seq}"
 
     async def pump(self, feed: EventFeed) -> None:
         try:

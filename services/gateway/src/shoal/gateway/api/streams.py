@@ -32,7 +32,7 @@ from shoal.gateway.api.deps import Caller, gateway_state
 from shoal.gateway.api.sockets import (
     CLOSE_BAD_REQUEST,
     CLOSE_RESTART,
-    ManagedSocket,
+    ResumableSocket,
     SocketHub,
     close_code_for,
     event_frame,
@@ -78,7 +78,7 @@ async def create_ws_ticket(request: Request, caller: Caller) -> dict[str, Any]:
     return await _streaming(request.app).tickets.issue(caller)
 
 
-class UserSocket(ManagedSocket):
+class UserSocket(ResumableSocket):
     """The EventBus view of one owner: every event of their sessions, resumable by position."""
 
     def __init__(
@@ -93,15 +93,6 @@ class UserSocket(ManagedSocket):
         self.principal = principal
         self.cursor = EventCursor(since)
         self.sent_seq = since
-
-    def lag_reason(self) -> str:
-        return f"lagging: resume from seq {self.sent_seq}"
-
-    def restart_reason(self) -> str:
-        return f"service restart: resume from seq {self.sent_seq}"
-
-    def failure_reason(self) -> str:
-        return f"gateway error: resume from seq {self.sent_seq}"
 
     async def pump(self, feed: EventFeed, gap: tuple[int, int] | None) -> None:
         try:
