@@ -300,3 +300,31 @@ async def test_projection_rebuilds_from_the_ledger(
 
         history = await eventually(page, lambda p: len(p["messages"]) == 2)
     assert [m["content"] for m in history["messages"]] == ["one", "two"]
+
+
+async def test_admin_rebuild_projection_restores_lost_rows(
+    settings: SessionSettings, gateway: Gateway, nc: NATS, subjects: Subjects, database_url: str
+) -> None:
+    sid = "ses_rebuild_rpc"
+
+    async def page() -> Any:
+        return await request(nc, subjects.rpc("session", "messages"), {"session_id": sid})
+
+    async with running(settings):
+        await gateway.create(sid)
+        await gateway.send(sid, "prompt.submit", {"prompt_id": "p1", "content": "one"})
+        await gateway.send(sid, "prompt.submit", {"prompt_id": "p2", "content": "two"})
+        await eventually(page, lambda p: len(p["messages"]) == 2)
+        db = Database(database_url)
+        try:
+            async with db.session() as s, s.begin():
+                await s.execute(text("DELETE FROM session_messages"))
+        finally:
+            await db.close()
+        assert (await page())["messages"] == []
+        report = await request(
+            nc, subjects.rpc("session", "admin.rebuild_projection"), {}, timeout=30
+        )
+        assert report["events_in_ledger"] == 3  # created, queued p1, queued p2 (no runner)
+        history = await eventually(page, lambda p: len(p["messages"]) == 2)
+    assert [m["content"] for m in history["messages"]] == ["one", "two"]

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
@@ -105,6 +106,20 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
             runtime = SessionRuntime(nc, db, worker, coordinator, projection, rpcs)
             if projection is not None:
                 await projection.start()
+                rebuild = projection.rebuild
+
+                async def rebuild_projection(body: dict[str, Any]) -> dict[str, int]:
+                    return await rebuild()
+
+                # Only replicas that run the projection answer (queue group "session").
+                rpcs.append(
+                    await serve(
+                        nc,
+                        subjects.rpc("session", "admin.rebuild_projection"),
+                        "session",
+                        rebuild_projection,
+                    )
+                )
             await coordinator.start()
         except BaseException:
             await db.close()

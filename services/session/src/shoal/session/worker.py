@@ -35,6 +35,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from shoal.common.clock import Clock
 from shoal.common.errors import Fenced
@@ -366,6 +367,20 @@ class ProjectionWorker:
                 await sub.unsubscribe()
             except Exception:
                 log.debug("unsubscribe of the projection failed", exc_info=True)
+
+    async def rebuild(self) -> dict[str, int]:
+        """Replay the whole ledger into PostgreSQL (``shoal admin rebuild-projection``): the
+        durable consumer is recreated from the ledger's start. Rows are written idempotently,
+        so what is there stays and what is missing comes back; other replicas' pulls bound to
+        the same consumer name carry on with the new one."""
+        stream = self._subjects.session_evt_stream
+        await self.stop()
+        with contextlib.suppress(NotFoundError):
+            await self._js.delete_consumer(stream, PROJECTION_CONSUMER)
+        ledger = await self._js.stream_info(stream)
+        self._stopping = False
+        await self.start()
+        return {"events_in_ledger": int(ledger.state.messages)}
 
     async def stop(self) -> None:
         self._stopping = True
