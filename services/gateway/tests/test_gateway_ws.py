@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 
 from shoal.client import ShoalClient, ShoalConnectionClosed, connect_runner
 from shoal.gateway.api.deps import gateway_state
+from shoal.gateway.config import GatewaySettings
 
 if TYPE_CHECKING:  # the fixture's type, from this directory's conftest (no runtime import:
     # several test directories have a conftest module)
@@ -343,3 +344,49 @@ async def test_runner_client_reconnects_and_redelivers(
             await replacement.stop()
     finally:
         await runner.aclose()
+
+
+async def test_close_frame_not_held_by_a_part_that_ignores_cancellation(
+    settings: GatewaySettings,
+) -> None:
+    """A part that swallows its cancellation (Python 3.11's ``wait_for`` does when the awaited
+    future completes as the cancel arrives) must not delay the close frame the socket owes."""
+    from types import SimpleNamespace
+
+    from starlette.websockets import WebSocketState
+
+    from shoal.gateway.api.sockets import CLOSE_POLICY, ManagedSocket, SocketHub
+
+    closed: list[tuple[int, str]] = []
+    never: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+    class FakeWebSocket:
+        application_state = WebSocketState.CONNECTED
+
+        async def receive(self) -> dict[str, Any]:
+            return await never
+
+        async def send_text(self, text: str) -> None:
+            pass
+
+        async def close(self, code: int, reason: str) -> None:
+            closed.append((code, reason))
+
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await release.wait()  # swallowed: lives on until its feed is closed
+
+    service: Any = SimpleNamespace(settings=settings)
+    socket = ManagedSocket(FakeWebSocket(), service, SocketHub())  # type: ignore[arg-type]
+    serving = asyncio.create_task(socket.serve(stubborn()))
+    await asyncio.sleep(0.05)
+    socket.finish(CLOSE_POLICY, "rate limit")
+    async with asyncio.timeout(settings.ws_close_timeout.total_seconds() + 2):
+        await serving
+    assert closed == [(CLOSE_POLICY, "rate limit")]
+    release.set()
+    never.cancel()

@@ -3,7 +3,7 @@
 The gateway never writes session state: it publishes commands to ``SESSION_CMD`` (durable once
 JetStream acknowledged them), waits for the session service's applied reply on a per-gateway
 inbox, reads snapshots from the ``session-state`` bucket and follows the ``SESSION_EVT`` ledger
-with ordered consumers.
+through ``fanout`` (one live subscription per session per gateway, ledger reads by direct get).
 
 Example::
 
@@ -29,7 +29,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -46,53 +45,13 @@ from shoal.common.messaging import (
 )
 from shoal.common.observability import inject_trace
 from shoal.gateway.config import GatewaySettings
+from shoal.gateway.fanout import LedgerReader, LiveFeed, LiveHub
 from shoal.gateway.ledger import start_sequence
-from shoal.gateway.service import CommandOutcome, SessionEventMsg
+from shoal.gateway.service import CommandOutcome
 
 log = logging.getLogger(__name__)
 
 _event_decoder = msgspec.json.Decoder(Envelope)
-
-
-SeqOf = Callable[[Msg, Envelope], int | None]
-
-
-def _stream_seq(msg: Msg, envelope: Envelope) -> int | None:
-    """The user stream's cursor: the DELIVER stream sequence, not the session's seq."""
-    return msg.metadata.sequence.stream if msg.metadata else None
-
-
-class OrderedFeed:
-    """An ordered consumer over one subject filter (gap-free: nats-py re-creates it on a gap).
-
-    Each event's position is the envelope's per-session ``seq`` by default, or what ``seq_of``
-    reads (the DELIVER stream sequence for user streams).
-    """
-
-    def __init__(self, sub: Any, seq_of: SeqOf | None = None) -> None:
-        self._sub = sub
-        self._seq_of = seq_of
-
-    async def next(self) -> SessionEventMsg:
-        """The next well-formed event (waits as long as it takes; malformed ones are skipped)."""
-        while True:
-            msg: Msg = await self._sub.next_msg(timeout=None)
-            try:
-                envelope = _event_decoder.decode(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                log.warning("skipping malformed event on %s", msg.subject)
-                continue
-            seq = envelope.seq if self._seq_of is None else self._seq_of(msg, envelope)
-            if seq is None:
-                log.warning("skipping event without seq on %s", msg.subject)
-                continue
-            return SessionEventMsg(seq=seq, envelope=envelope, raw=msg.data)
-
-    async def close(self) -> None:
-        try:
-            await self._sub.unsubscribe()
-        except NatsError:  # already gone with the connection
-            pass
 
 
 class _ReplyMux:
@@ -148,6 +107,15 @@ class Bus:
         self._replies = _ReplyMux(nc)
         self._kv: KeyValue | None = None
         self._subs: list[Subscription] = []
+        timeout = settings.rpc_timeout.total_seconds()
+        self._live = LiveHub(
+            nc,
+            buffer=settings.ws_send_queue,
+            buffer_bytes=max(64 * 1024, settings.ws_send_queue_bytes // 8),
+            by_stream_seq=(subjects.deliver_live_all[:-1],),
+        )
+        self._session_ledger = LedgerReader(nc, subjects.session_evt_stream, timeout=timeout)
+        self._deliver_ledger = LedgerReader(nc, subjects.deliver_stream, timeout=timeout)
 
     @property
     def connected(self) -> bool:
@@ -155,8 +123,10 @@ class Bus:
 
     async def start(self) -> None:
         await self._replies.start()
+        await self._live.start()
 
     async def stop(self) -> None:
+        await self._live.stop()
         await self._replies.stop()
         for sub in self._subs:
             try:
@@ -286,31 +256,53 @@ class Bus:
         new_only: bool = False,
         event_type: str | None = None,
         since: int = 0,
-    ) -> OrderedFeed:
-        """An ordered feed of the session's events: all of them (history, then live) or only new.
+    ) -> LiveFeed:
+        """The session's events after ``since`` (history, then live), or only new ones.
 
-        ``event_type`` narrows the feed to one type (the server filters). ``since`` > 0 starts
-        the consumer at the first event with a higher seq (found by :func:`start_sequence`), so
-        a resume reads only what it needs, however long the ledger.
+        Live events come from this gateway's one subscription per session (``fanout``), the
+        history and any repair from the ledger by batched direct gets: no consumer per socket.
+        ``since`` > 0 starts the replay at the first event with a higher seq (found by
+        :func:`start_sequence`), so a resume reads only what it needs, however long the ledger.
+        ``event_type`` returns only events of that type.
         """
-        subject = (
-            self._subjects.session_event(session_id, event_type)
-            if event_type
-            else self._subjects.session_events(session_id)
+        ledger = self._subjects.session_events(session_id)
+        live = self._subjects.session_live(session_id)
+        if new_only:
+            return await LiveFeed.open(
+                self._live,
+                self._session_ledger,
+                live=live,
+                ledger=ledger,
+                last=0,
+                pos=None,
+                event_type=event_type,
+            )
+        start = await start_sequence(self._js, self._subjects.session_evt_stream, ledger, since)
+        return await LiveFeed.open(
+            self._live,
+            self._session_ledger,
+            live=live,
+            ledger=ledger,
+            last=since,
+            pos=start or 1,
+            event_type=event_type,
         )
-        stream = self._subjects.session_evt_stream
-        start = None if new_only else await start_sequence(self._js, stream, subject, since)
-        return await self._ordered(subject, stream, new_only=new_only, start=start)
 
-    async def follow_user(self, owner: str, since: int) -> OrderedFeed:
+    async def follow_user(self, owner: str, since: int) -> LiveFeed:
         """``owner``'s DELIVER subject after DELIVER stream sequence ``since`` (0: all kept)."""
-        return await self._ordered(
-            self._subjects.deliver_user(owner),
-            self._subjects.deliver_stream,
-            new_only=False,
-            start=since + 1 if since > 0 else None,
-            seq_of=_stream_seq,
+        return await LiveFeed.open(
+            self._live,
+            self._deliver_ledger,
+            live=self._subjects.deliver_live_user(owner),
+            ledger=self._subjects.deliver_user(owner),
+            last=since,
+            pos=since + 1,
+            contiguous=False,
         )
+
+    def live_subscriptions(self) -> int:
+        """Sessions and users this gateway follows live (one core subscription each)."""
+        return self._live.subscriptions()
 
     async def first_sequence(self, stream: str) -> int:
         """The oldest sequence ``stream`` still holds (what retention left)."""
@@ -319,29 +311,3 @@ class Bus:
         except (NatsError, TimeoutError) as exc:
             raise Unavailable(f"cannot read stream info: {exc}") from exc
         return int(info.state.first_seq)
-
-    async def _ordered(
-        self,
-        subject: str,
-        stream: str,
-        *,
-        new_only: bool,
-        start: int | None,
-        seq_of: SeqOf | None = None,
-    ) -> OrderedFeed:
-        if new_only:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-        elif start is not None:
-            config = ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
-            )
-        else:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        try:
-            # Flow control bounds what the consumer buffers here (~2 MiB) while a socket is slow.
-            sub = await self._js.subscribe(
-                subject, stream=stream, ordered_consumer=True, config=config
-            )
-        except (NatsError, TimeoutError) as exc:
-            raise Unavailable(f"cannot follow {subject}: {exc}") from exc
-        return OrderedFeed(sub, seq_of)

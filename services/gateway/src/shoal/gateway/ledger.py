@@ -5,8 +5,8 @@ events again. Session seqs grow with the stream sequence (the session service ap
 session's events in seq order, fenced on the session's last subject sequence), so the first
 stream sequence holding an event with seq > N is found by a binary search of direct gets
 (``next_by_subj``: the first message of the session at or after a stream sequence), about
-log2(stream length) round trips (~20 for a million messages), then an ordered consumer starts
-there (``DeliverPolicy.BY_START_SEQUENCE``).
+log2(stream length) round trips (~20 for a million messages), then the replay starts
+there (``fanout.LiveFeed``: batched direct gets from that stream sequence).
 
 Example::
 

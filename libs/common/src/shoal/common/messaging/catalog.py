@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -83,6 +84,11 @@ class Catalog:
                 duplicate_window=EVENT_DEDUP_WINDOW.total_seconds(),
                 max_msg_size=KV_VALUE_LIMIT,
                 allow_direct=True,
+                # Gateways follow live events here: only what the stream stored (a fenced or
+                # duplicate publish is not re-published), with its stream sequence in headers.
+                republish=RePublish(
+                    src=s.session_evt_all, dest=s.session_live_all, headers_only=False
+                ),
             ),
             StreamConfig(
                 name=s.deliver_stream,
@@ -94,6 +100,8 @@ class Catalog:
                 max_age=timedelta(hours=24).total_seconds(),
                 duplicate_window=EVENT_DEDUP_WINDOW.total_seconds(),
                 discard=DiscardPolicy.OLD,
+                allow_direct=True,
+                republish=RePublish(src=s.deliver_all, dest=s.deliver_live_all, headers_only=False),
             ),
             StreamConfig(
                 name=s.jobs_stream,

@@ -88,6 +88,15 @@ class Subjects:
         """Filter for every event of one session."""
         return f"{self.prefix}.session.evt.{session_id}.>"
 
+    @property
+    def session_live_all(self) -> str:
+        """Where SESSION_EVT re-publishes what it stored (RePublish): live fan-out, core NATS."""
+        return f"{self.prefix}.live.session.evt.>"
+
+    def session_live(self, session_id: str) -> str:
+        """The stored events of one session, re-published (headers carry ``Nats-Sequence``)."""
+        return f"{self.prefix}.live.session.evt.{session_id}.>"
+
     def session_delta(self, session_id: str) -> str:
         """Core NATS (not the ledger): a runner's streaming ``message.delta`` frames, ephemeral."""
         return f"{self.prefix}.session.delta.{session_id}"
@@ -103,6 +112,14 @@ class Subjects:
 
     def deliver_user(self, user: str) -> str:
         return f"{self.prefix}.deliver.user.{user}"
+
+    @property
+    def deliver_live_all(self) -> str:
+        """Where DELIVER re-publishes what it stored (RePublish): live fan-out, core NATS."""
+        return f"{self.prefix}.live.deliver.>"
+
+    def deliver_live_user(self, user: str) -> str:
+        return f"{self.prefix}.live.deliver.user.{user}"
 
     def deliver_tag(self, tag: str) -> str:
         return f"{self.prefix}.deliver.tag.{tag}"

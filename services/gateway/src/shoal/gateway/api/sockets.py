@@ -65,6 +65,7 @@ from shoal.common.errors import Conflict, Forbidden, NotFound, ShoalError, Unaut
 from shoal.common.messaging import dumps, loads, new_id
 from shoal.gateway.api.upgrade import StreamingState, streaming_state, upgrade_principal
 from shoal.gateway.config import GatewaySettings
+from shoal.gateway.fanout import frame_of
 from shoal.gateway.service import (
     EventCursor,
     EventFeed,
@@ -348,7 +349,11 @@ class ManagedSocket:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Bounded: a part that swallows its cancellation (a library awaiting a future that
+            # completed as it was cancelled) must not hold back the close frame the socket owes.
+            _, stuck = await asyncio.wait(tasks, timeout=self._close_timeout)
+            if stuck:
+                log.warning("%d socket task(s) ignored cancellation; closing anyway", len(stuck))
             self.hub.discard(self)
             await self._close()
 
@@ -438,7 +443,13 @@ def gap_frame(first: int, last: int) -> dict[str, Any]:
 
 
 def event_frame(event: SessionEventMsg) -> str:
-    """``{"type":"event","seq":N,"event":<envelope>}``, splicing the ledger's JSON as it is."""
+    """``{"type":"event","seq":N,"event":<envelope>}``, splicing the ledger's JSON as it is.
+
+    A live event was encoded once for every socket of the gateway (``fanout.LiveEvent``).
+    """
+    frame = frame_of(event)
+    if frame is not None:
+        return frame
     return f'{{"type":"event","seq":{event.seq},"event":{event.raw.decode()}}}'
 
 
