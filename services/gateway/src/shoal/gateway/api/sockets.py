@@ -374,7 +374,21 @@ class ManagedSocket:
 
 
 class ResumableSocket(ManagedSocket):
-    """A socket of seq'd events: every close reason tells the client where to resume."""
+    """A socket of seq'd events for one principal, resumable after ``since``: every close
+    reason tells the client where to resume."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        service: GatewayService,
+        hub: SocketHub,
+        principal: Principal,
+        since: int,
+    ) -> None:
+        super().__init__(websocket, service, hub)
+        self.principal = principal
+        self.cursor = EventCursor(since)
+        self.sent_seq = since
 
     def lag_reason(self) -> str:
         return f"lagging: resume from seq {self.sent_seq}"
@@ -398,11 +412,8 @@ class ClientSocket(ResumableSocket):
         session_id: str,
         since: int,
     ) -> None:
-        super().__init__(websocket, service, hub)
-        self.principal = principal
+        super().__init__(websocket, service, hub, principal, since)
         self.session_id = session_id
-        self.cursor = EventCursor(since)
-        self.sent_seq = since
 
     async def pump(self, feed: EventFeed) -> None:
         try:

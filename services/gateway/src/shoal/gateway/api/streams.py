@@ -33,7 +33,6 @@ from shoal.gateway.api.sockets import (
     CLOSE_BAD_REQUEST,
     CLOSE_RESTART,
     ResumableSocket,
-    SocketHub,
     close_code_for,
     event_frame,
     gap_frame,
@@ -80,19 +79,6 @@ async def create_ws_ticket(request: Request, caller: Caller) -> dict[str, Any]:
 
 class UserSocket(ResumableSocket):
     """The EventBus view of one owner: every event of their sessions, resumable by position."""
-
-    def __init__(
-        self,
-        websocket: WebSocket,
-        service: GatewayService,
-        hub: SocketHub,
-        principal: Principal,
-        since: int,
-    ) -> None:
-        super().__init__(websocket, service, hub)
-        self.principal = principal
-        self.cursor = EventCursor(since)
-        self.sent_seq = since
 
     async def pump(self, feed: EventFeed, gap: tuple[int, int] | None) -> None:
         try:
