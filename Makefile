@@ -4,6 +4,9 @@ PYTHON ?= python3
 # uv installs everything from uv.lock; it is installed with pip when missing.
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --locked --no-sync
+# Installed packages are byte-compiled once (`--compile-bytecode`): where the environment sets
+# PYTHONDONTWRITEBYTECODE, every process would otherwise recompile every module it imports
+# (measured: 3.9 s -> 1.7 s to start one service, and the tests start many).
 PYTEST_ARGS ?=
 
 .PHONY: help install up test test-chaos lint fmt typecheck bench clean
@@ -13,7 +16,7 @@ help: ## list the targets
 
 install: ## install uv (if missing) and the locked environment into .venv
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	$(UV) sync --locked --all-packages
+	$(UV) sync --locked --all-packages --compile-bytecode
 
 up: install ## run the whole fleet on this machine (embedded NATS + PostgreSQL), Ctrl-C stops it
 	$(RUN) shoal up $(UP_ARGS)

@@ -19,11 +19,14 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import text
 
+from shoal.common.clock import iso
 from shoal.common.contracts import Event, Status
-from shoal.common.messaging import Subjects, request
+from shoal.common.messaging import Envelope, Subjects, request
 from shoal.common.storage import Database
+from shoal.session.app import MIGRATIONS_DIR, VERSION_TABLE
 from shoal.session.config import SessionSettings
 from shoal.session.ownership import assign
+from shoal.session.store import HistoryStore
 
 
 def _types(events: list[Any]) -> list[str]:
@@ -328,3 +331,57 @@ async def test_admin_rebuild_projection_restores_lost_rows(
         assert report["events_in_ledger"] == 3  # created, queued p1, queued p2 (no runner)
         history = await eventually(page, lambda p: len(p["messages"]) == 2)
     assert [m["content"] for m in history["messages"]] == ["one", "two"]
+
+
+async def test_a_projected_batch_leaves_what_one_event_at_a_time_leaves(database_url: str) -> None:
+    """The projection merges a batch's index rows per session before one upsert: whatever the
+    batch boundaries and the order inside them, the row is what applying events singly gives."""
+
+    def status(sid: str, seq: int, value: str, at: float) -> Envelope:
+        kind = Event.SESSION_CREATED if seq == 1 else Event.SESSION_STATUS
+        return Envelope(
+            id=f"{sid}:{seq}:0",
+            type=kind,
+            source="session",
+            time=iso(at),
+            subject=sid,
+            owner="alice",
+            seq=seq,
+            data={} if seq == 1 else {"status": value},
+        )
+
+    def events(sid: str) -> list[Envelope]:
+        return [
+            status(sid, 1, "idle", 1_000.0),
+            status(sid, 2, "running", 1_001.0),
+            status(sid, 3, "idle", 1_002.0),
+            status(sid, 4, "running", 1_003.0),
+        ]
+
+    db = Database(database_url, pool_size=1)
+    try:
+        await db.migrate(MIGRATIONS_DIR, VERSION_TABLE)
+        history = HistoryStore(db)
+        for event in events("ses_single"):
+            await history.project([event])
+        batched = events("ses_batched")
+        await history.project([batched[2], batched[3], batched[0]])  # out of order, one batch
+        await history.project([batched[1]])  # a stale one after the newest
+
+        async with db.session() as s:
+            query = text(
+                "SELECT id, owner, status, created_at, updated_at, last_seq FROM sessions"
+                " WHERE id IN ('ses_single', 'ses_batched') ORDER BY id DESC"
+            )
+            single, batch = (await s.execute(query)).all()
+    finally:
+        await db.close()
+    assert single.status == "running"
+    assert single.last_seq == 4
+    assert (batch.owner, batch.status, batch.created_at, batch.updated_at, batch.last_seq) == (
+        single.owner,
+        single.status,
+        single.created_at,
+        single.updated_at,
+        single.last_seq,
+    )

@@ -21,6 +21,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from shoal.common.settings import CommonSettings
 
@@ -73,7 +74,13 @@ def setup_tracing(service: str, settings: CommonSettings) -> TracerProvider:
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
-    provider = TracerProvider(resource=Resource.create({"service.name": f"shoal-{service}"}))
+    # With no exporter nothing would ever read a span: sample none. Trace context still flows
+    # (a non-recording span keeps the caller's trace id, and a new one gets its own for logs),
+    # and recording every span cost most of a request's CPU in the command-path benchmark.
+    sampler = ALWAYS_OFF if settings.otel_exporter == "none" else None
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": f"shoal-{service}"}), sampler=sampler
+    )
     if settings.otel_exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif settings.otel_exporter == "otlp":  # pragma: no cover - needs an exporter package

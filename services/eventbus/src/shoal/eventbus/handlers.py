@@ -3,7 +3,8 @@
 Each event is fanned out, and acked only after DELIVER acknowledged every publish, so a crash
 anywhere leads to a redelivery, never a loss; the redelivery's publishes carry the same
 ``Nats-Msg-Id`` and DELIVER drops them, so each event reaches a delivery subject once.
-Events are handled one at a time in stream order, which keeps each user's stream in order.
+A pulled batch is published back to back in stream order, which keeps each user's stream in
+order, and its acks are awaited together (one round trip per batch, not per event).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from shoal.common.errors import BadRequest
 from shoal.common.messaging import Subjects
 from shoal.eventbus.config import EventbusSettings
 from shoal.eventbus.metrics import DELIVERIES, DUPLICATES, EVENTS
-from shoal.eventbus.service import EventFanout
+from shoal.eventbus.service import DeliveryStore, EventFanout, Fanout
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,13 @@ class EventConsumer:
         js: JetStreamContext,
         subjects: Subjects,
         fanout: EventFanout,
+        store: DeliveryStore,
         settings: EventbusSettings,
     ) -> None:
         self._js = js
         self._subjects = subjects
         self._fanout = fanout
+        self._store = store
         self._settings = settings
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -111,46 +114,56 @@ class EventConsumer:
                 await sub.unsubscribe()
 
     async def _handle_batch(self, msgs: list[Msg]) -> None:
-        for index, msg in enumerate(msgs):
-            if self._stopping.is_set():
-                # Hand the unhandled rest back now, so another replica takes them at once.
-                await self._hand_back(msgs[index:], delay=None)
-                return
-            if not await self._handle(msg):
-                # Hold the rest back too, so they are redelivered after it, in stream order.
+        """Fan a pulled batch out with one round trip, then ack in stream order.
+
+        Every delivery of the batch is published back to back (DELIVER stores them in stream
+        order) and the acks are awaited together. An event is acked once all its publishes
+        were; at the first one that failed, it and every later event are handed back (nak with
+        a delay) so they are redelivered after it, in order. Later events that did land are
+        dropped on redelivery by DELIVER's duplicate window, so nothing is delivered twice; the
+        one imperfection is that such an event precedes the failed one in DELIVER.
+        """
+        if self._stopping.is_set():
+            # Hand the batch back now, so another replica takes it at once.
+            await self._hand_back(msgs, delay=None)
+            return
+        planned: list[tuple[Msg, Fanout]] = []
+        for msg in msgs:
+            try:
+                planned.append((msg, self._fanout.prepare(msg.data, msg.headers or {})))
+            except BadRequest as exc:
+                # It can never be delivered; redelivering it forever would only block the stream.
+                seq = msg.metadata.sequence.stream if msg.metadata else None
+                log.warning(
+                    "terminating malformed event", extra={"stream_seq": seq, "error": exc.message}
+                )
+                EVENTS.labels("malformed").inc()
+                await msg.term()
+        items = [
+            (delivery, fanout.body, dict(fanout.headers))
+            for _, fanout in planned
+            for delivery in fanout.deliveries
+        ]
+        outcomes = iter(await self._store.publish_all(items))
+        for index, (msg, fanout) in enumerate(planned):
+            results = [next(outcomes) for _ in fanout.deliveries]
+            errors = [r for r in results if isinstance(r, Exception)]
+            if errors:
+                seq = msg.metadata.sequence.stream if msg.metadata else None
+                log.warning(
+                    "fan-out failed; event will be redelivered",
+                    extra={"stream_seq": seq, "error": repr(errors[0])},
+                )
+                EVENTS.labels("retried").inc()
                 delay = self._settings.eventbus_retry_delay.total_seconds()
-                await self._hand_back(msgs[index + 1 :], delay=delay)
+                await self._hand_back([m for m, _ in planned[index:]], delay=delay)
                 return
+            await msg.ack()
+            EVENTS.labels("fanned_out").inc()
+            for delivery in fanout.deliveries:
+                DELIVERIES.labels(delivery.target).inc()
+            DUPLICATES.inc(sum(1 for r in results if r is True))
 
     async def _hand_back(self, msgs: list[Msg], *, delay: float | None) -> None:
         for msg in msgs:
             await msg.nak(delay=delay)
-
-    async def _handle(self, msg: Msg) -> bool:
-        """Fan one event out and ack it; ``False`` if it must be retried later."""
-        seq = msg.metadata.sequence.stream if msg.metadata else None
-        try:
-            result = await self._fanout.fan_out(msg.data, msg.headers or {})
-        except BadRequest as exc:
-            # It can never be delivered; redelivering it forever would only block the stream.
-            log.warning(
-                "terminating malformed event", extra={"stream_seq": seq, "error": exc.message}
-            )
-            EVENTS.labels("malformed").inc()
-            await msg.term()
-            return True
-        except Exception:
-            log.warning(
-                "fan-out failed; event will be redelivered",
-                extra={"stream_seq": seq},
-                exc_info=True,
-            )
-            EVENTS.labels("retried").inc()
-            await msg.nak(delay=self._settings.eventbus_retry_delay.total_seconds())
-            return False
-        await msg.ack()
-        EVENTS.labels("fanned_out").inc()
-        for delivery in result.deliveries:
-            DELIVERIES.labels(delivery.target).inc()
-        DUPLICATES.inc(result.duplicates)
-        return True

@@ -1,12 +1,13 @@
 """The eventbus's rules: which delivery subjects an event goes to, under which dedup ids.
 
-No transport here: the edge (handlers.py) pulls, calls :meth:`EventFanout.fan_out`, and acks
-only after every delivery publish was acknowledged by the server.
+No transport here: the edge (handlers.py) pulls, calls :meth:`EventFanout.prepare` for each
+event, publishes every delivery of a pulled batch through a :class:`DeliveryStore`, and acks an
+event only after every one of its delivery publishes was acknowledged by the server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,14 +23,22 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
-class FanoutResult:
+class Fanout:
+    """One event's publishes: the same bytes to each delivery, with its trace header."""
+
     deliveries: list[Delivery]
-    duplicates: int
+    body: bytes
+    headers: dict[str, str]
 
 
 class DeliveryStore(Protocol):
-    async def publish(self, delivery: Delivery, body: bytes, headers: dict[str, str]) -> bool:
-        """Publish and wait for the server's ack; ``True`` if it was a duplicate."""
+    async def publish_all(
+        self, items: Sequence[tuple[Delivery, bytes, dict[str, str]]]
+    ) -> list[bool | Exception]:
+        """Publish every item in order, back to back, then wait for the server's acks.
+
+        Per item: ``True`` if it was a duplicate, ``False`` if stored, or the error.
+        """
         ...
 
 
@@ -43,9 +52,8 @@ def tags_of(event: Envelope) -> list[str]:
 
 
 class EventFanout:
-    def __init__(self, subjects: Subjects, store: DeliveryStore) -> None:
+    def __init__(self, subjects: Subjects) -> None:
         self._subjects = subjects
-        self._store = store
 
     def deliveries(self, event: Envelope) -> list[Delivery]:
         """Every delivery of ``event``: its owner's stream, then one per tag."""
@@ -60,15 +68,11 @@ class EventFanout:
             out.append(Delivery("tag", self._subjects.deliver_tag(tag), f"t:{tag}:{event.id}"))
         return out
 
-    async def fan_out(self, raw: bytes, headers: Mapping[str, str]) -> FanoutResult:
-        """Re-publish one ledger event, byte for byte, to each of its deliveries.
+    def prepare(self, raw: bytes, headers: Mapping[str, str]) -> Fanout:
+        """What re-publishing one ledger event, byte for byte, to each delivery takes.
 
         Raises :class:`BadRequest` for an event that can never be delivered (terminate it).
         """
         event = decode(raw)
-        deliveries = self.deliveries(event)
         forward = {k: v for k, v in headers.items() if k == TRACEPARENT_HEADER}
-        duplicates = 0
-        for delivery in deliveries:
-            duplicates += await self._store.publish(delivery, raw, dict(forward))
-        return FanoutResult(deliveries, duplicates)
+        return Fanout(self.deliveries(event), raw, forward)

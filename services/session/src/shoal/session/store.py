@@ -455,25 +455,28 @@ class HistoryStore:
         self._db = db
 
     async def project(self, events: Sequence[Envelope]) -> None:
-        """Write the rows these events imply, in one transaction; safe to repeat."""
+        """Write the rows these events imply, in one transaction; safe to repeat.
+
+        Two statements per batch whatever its size: the messages, and one row per session
+        (its events merged first: the upsert keeps the earliest creation and the newest
+        status, so merging in memory gives what applying them one by one would).
+        """
         messages: list[dict[str, Any]] = []
-        index: list[dict[str, Any]] = []
+        index: dict[str, dict[str, Any]] = {}
         for event in events:
             row = _message_row(event)
             if row is not None:
                 messages.append(row)
             row = _session_row(event)
             if row is not None:
-                index.append(row)
+                index[row["id"]] = _merge_session_rows(index.get(row["id"]), row)
         if not messages and not index:
             return
         async with self._db.session() as s, s.begin():
             if messages:
-                await s.execute(insert(session_messages).on_conflict_do_nothing(), messages)
-            # One statement per row, in ledger order, so a batch holding two updates of the
-            # same session applies them in turn.
-            for row in index:
-                await s.execute(_upsert_session(row))
+                await s.execute(_INSERT_MESSAGES, messages)
+            if index:
+                await s.execute(_UPSERT_SESSIONS, list(index.values()))
 
     async def messages(self, session_id: str, after: int, limit: int) -> list[MessageRow]:
         """Up to ``limit`` messages with ``seq > after``, oldest first."""
@@ -536,8 +539,23 @@ def _session_row(event: Envelope) -> dict[str, Any] | None:
     }
 
 
-def _upsert_session(row: dict[str, Any]) -> Any:
-    stmt = insert(sessions).values(**row)
+def _merge_session_rows(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Two index rows of one session as the upsert would leave them, in either order."""
+    if old is None:
+        return new
+    newer = new if new["last_seq"] > old["last_seq"] else old
+    return {
+        **newer,
+        "created_at": min(old["created_at"], new["created_at"]),
+        "owner": newer["owner"] or old["owner"],
+    }
+
+
+_INSERT_MESSAGES = insert(session_messages).on_conflict_do_nothing()
+
+
+def _upsert_sessions() -> Any:
+    stmt = insert(sessions)
     new = stmt.excluded
     newer = sessions.c.last_seq < new.last_seq
     return stmt.on_conflict_do_update(
@@ -551,3 +569,6 @@ def _upsert_session(row: dict[str, Any]) -> Any:
             "last_seq": func.greatest(sessions.c.last_seq, new.last_seq),
         },
     )
+
+
+_UPSERT_SESSIONS = _upsert_sessions()
