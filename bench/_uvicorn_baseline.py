@@ -13,8 +13,9 @@ Run by ``bench.gateway_fanout`` as its own process (so its CPU and memory can be
   the ``time.monotonic_ns()`` of its generation (``sent_ns``), encoded once and sent to every
   socket of the topic through that socket's bounded queue and sender task.
 
-Same uvicorn and WebSocket implementation as Shoal's services (``ws="auto"``, no
-permessage-deflate, the same 20 s protocol pings), plain ASGI, no framework. Every socket
+Same uvicorn and WebSocket implementation as Shoal's services (``--ws``, which the bench sets to
+``shoal.common.service.WS_IMPLEMENTATION``; no permessage-deflate, the same 20 s protocol
+pings), plain ASGI, no framework. Every socket
 gets a ``{"type":"hello"}`` frame on accept, so a client knows it is being served.
 """
 
@@ -204,6 +205,9 @@ def main() -> None:
     parser.add_argument("--topics", type=int, default=1)
     parser.add_argument("--content-bytes", type=int, default=200)
     parser.add_argument("--sockets", type=int, default=1 << 16, help="sockets to expect (fds)")
+    parser.add_argument(
+        "--ws", default="websockets-sansio", help="uvicorn's WebSocket implementation (--ws)"
+    )
     args = parser.parse_args()
     if args.host != "127.0.0.1":
         raise SystemExit("the baseline listens on 127.0.0.1 only")
@@ -216,6 +220,7 @@ def main() -> None:
         port=args.port,
         lifespan="off",
         log_level="warning",
+        ws=args.ws,
         ws_per_message_deflate=False,
     )
     uvicorn.Server(config).run()

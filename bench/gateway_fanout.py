@@ -71,6 +71,7 @@ from bench._uvicorn_baseline import raise_fd_limit
 from bench.command_path import CommandOptions, running_fleet
 from shoal.common.embedded import free_port, wait_for_port
 from shoal.common.messaging import Subjects
+from shoal.common.service import WS_IMPLEMENTATION
 
 SETUP_CONCURRENCY = 32  # HTTP connections creating sessions
 HANDSHAKES_PER_CLIENT = 32  # socket handshakes in flight per client process
@@ -683,7 +684,7 @@ async def run_baseline(options: FanoutOptions) -> FanoutResult:
     argv = [
         sys.executable, "-m", "bench._uvicorn_baseline", "--port", str(port),
         "--topics", str(options.sessions), "--content-bytes", str(options.content_bytes),
-        "--sockets", str(sockets),
+        "--sockets", str(sockets), "--ws", WS_IMPLEMENTATION,
     ]  # fmt: skip
     server = subprocess.Popen(  # noqa: ASYNC220 (started once, not awaited)
         argv, stdin=subprocess.PIPE, start_new_session=True

@@ -174,15 +174,22 @@ def before_server_shutdown(app: FastAPI, hook: ShutdownHook) -> None:
     app.state.before_server_shutdown.append(hook)
 
 
+# uvicorn's sans-I/O WebSocket protocol: a send frames and writes to the transport at once, and
+# pings are timers, so a socket costs one task (the app's) instead of the legacy ``websockets``
+# implementation's four (transfer data, keepalive, close, the app's) and their buffers.
+WS_IMPLEMENTATION = "websockets-sansio"
+
+
 def server_config(app: FastAPI, settings: CommonSettings, **overrides: Any) -> uvicorn.Config:
-    """uvicorn settings for a Shoal service: our JSON logging, no permessage-deflate (it costs
-    memory per socket), the service's own options (``app.state.uvicorn_options``), then
-    ``overrides``."""
+    """uvicorn settings for a Shoal service: our JSON logging, the sans-I/O WebSocket protocol
+    (:data:`WS_IMPLEMENTATION`), no permessage-deflate (it costs memory per socket), the
+    service's own options (``app.state.uvicorn_options``), then ``overrides``."""
     options: dict[str, Any] = {
         "host": settings.http_host,
         "port": settings.http_port,
         "lifespan": "on",
         "log_config": None,
+        "ws": WS_IMPLEMENTATION,
         "ws_per_message_deflate": False,
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace.total_seconds()),
     }

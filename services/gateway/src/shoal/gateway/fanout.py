@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -97,36 +97,66 @@ def _header_int(msg: Msg, name: str) -> int | None:
 
 
 class Tap:
-    """One socket's view of a shared subscription: a bounded buffer of live events."""
+    """One socket's view of a shared subscription: a bounded buffer of live events.
 
-    __slots__ = ("buffer", "limit", "max_bytes", "size", "stale", "subject", "wake")
+    While the socket's feed waits (caught up), ``sink`` takes events straight from the
+    subscription's callback (no task wakes up per event); what it refuses is buffered and wakes
+    the feed. The buffer and the waiter exist only when needed: an idle socket holds neither.
+    """
+
+    __slots__ = ("buffer", "limit", "max_bytes", "sink", "size", "stale", "subject", "waiter")
 
     def __init__(self, subject: str, limit: int, max_bytes: int) -> None:
         self.subject = subject
         self.limit = limit
         self.max_bytes = max_bytes
         self.size = 0  # bytes of the buffered frames (shared objects, but a slow socket pins them)
-        self.buffer: deque[LiveEvent] = deque()
+        self.buffer: deque[LiveEvent] | None = None
         self.stale = False  # events were dropped (overflow, reconnect): catch up from the ledger
-        self.wake = asyncio.Event()
+        self.sink: Callable[[LiveEvent], bool] | None = None
+        self.waiter: asyncio.Future[None] | None = None
 
     def push(self, event: LiveEvent) -> None:
-        if self.buffer and (
-            len(self.buffer) >= self.limit or self.size + len(event.frame) > self.max_bytes
-        ):
-            self.buffer.clear()
+        buffer = self.buffer
+        if not buffer:
+            sink = self.sink
+            if sink is not None and not self.stale and sink(event):
+                return
+            if buffer is None:
+                buffer = self.buffer = deque()
+        elif len(buffer) >= self.limit or self.size + len(event.frame) > self.max_bytes:
+            buffer.clear()
             self.size = 0
             self.stale = True
-        self.buffer.append(event)
+        buffer.append(event)
         self.size += len(event.frame)
-        self.wake.set()
+        self.wake()
+
+    def peek(self) -> LiveEvent | None:
+        return self.buffer[0] if self.buffer else None
 
     def pop(self) -> None:
+        assert self.buffer is not None
         self.size -= len(self.buffer.popleft().frame)
 
     def mark_stale(self) -> None:
         self.stale = True
-        self.wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, sink: Callable[[LiveEvent], bool] | None) -> None:
+        """Until an event is buffered or the tap is woken; ``sink`` takes events meanwhile."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.sink = sink
+        try:
+            await self.waiter
+        finally:
+            self.sink = None
+            self.waiter = None
 
 
 class LiveHub:
@@ -245,7 +275,10 @@ class LiveHub:
                 log.warning("skipping malformed live event on %s", msg.subject)
                 return
             for tap in taps:
-                tap.push(event)
+                try:
+                    tap.push(event)  # may write to the socket (Tap.sink)
+                except Exception:  # one socket's failure must not cost the others the event
+                    log.exception("live delivery to a socket failed")
 
         # The callback only hands references to the taps: it cannot fall behind for long.
         return await self._nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000)
@@ -354,8 +387,10 @@ class LiveFeed:
         self._replaying = replay
         self._contiguous = contiguous
         self._type = event_type
-        self._pending: deque[LiveEvent] = deque()
+        self._pending: deque[LiveEvent] | None = None  # ledger reads not returned yet
         self._repaired_at = -1  # the stream seq of the live event a repair was last made for
+        self._sink: Callable[[SessionEventMsg], bool] | None = None
+        self._offer_live: Callable[[LiveEvent], bool] | None = None
         self.repairs = 0
 
     @classmethod
@@ -399,6 +434,26 @@ class LiveFeed:
             event_type=event_type,
         )
 
+    def deliver_to(self, sink: Callable[[SessionEventMsg], bool]) -> None:
+        """While :meth:`next` waits with nothing pending (caught up), hand each live event that
+        is next in order to ``sink`` from the subscription's callback instead of waking the
+        caller. ``sink`` returns whether it took the event; what it refuses (or anything out of
+        order: a jump to repair, a stale tap) comes out of :meth:`next` as usual."""
+        self._sink = sink
+        self._offer_live = self._offer
+
+    def _offer(self, event: LiveEvent) -> bool:
+        if event.seq <= self._last:
+            return True  # replayed already, or a copy: nothing to deliver
+        if self._pending or self._replaying or self._missing_before(event):
+            return False
+        wanted = self._type is None or event.envelope.type == self._type
+        if wanted and self._sink is not None and not self._sink(event):
+            return False
+        self._last = event.seq
+        self._pos = max(self._pos, event.stream_seq + 1)
+        return True
+
     def _missing_before(self, event: LiveEvent) -> bool:
         if self._contiguous:
             return event.seq > self._last + 1
@@ -406,6 +461,8 @@ class LiveFeed:
 
     async def _read_ledger(self) -> None:
         msgs, at_end = await self._reader.read(self._ledger, self._pos)
+        if self._pending is None:
+            self._pending = deque()
         for msg in msgs:
             stream_seq = _header_int(msg, SEQUENCE_HEADER)
             if stream_seq is None:
@@ -443,11 +500,11 @@ class LiveFeed:
             if self._replaying:
                 await self._read_ledger()
                 continue
-            if not tap.buffer:
-                tap.wake.clear()
-                await tap.wake.wait()
+            live = tap.peek()
+            if live is None:
+                await tap.wait(self._offer_live)
                 continue
-            event = tap.buffer[0]
+            event = live
             if event.seq <= self._last:
                 tap.pop()  # replayed already, or a copy
                 continue
@@ -466,7 +523,7 @@ class LiveFeed:
         tap, self._tap = self._tap, None
         if tap is not None:
             await self._hub.detach(tap)
-            tap.wake.set()
+            tap.wake()
 
 
 def frame_of(event: SessionEventMsg) -> str | None:

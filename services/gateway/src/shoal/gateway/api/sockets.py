@@ -53,7 +53,7 @@ import base64
 import binascii
 import contextlib
 import logging
-import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -65,7 +65,7 @@ from shoal.common.errors import Conflict, Forbidden, NotFound, ShoalError, Unaut
 from shoal.common.messaging import dumps, loads, new_id
 from shoal.gateway.api.upgrade import StreamingState, streaming_state, upgrade_principal
 from shoal.gateway.config import GatewaySettings
-from shoal.gateway.fanout import frame_of
+from shoal.gateway.fanout import LiveFeed, frame_of
 from shoal.gateway.service import (
     EventCursor,
     EventFeed,
@@ -162,33 +162,44 @@ class SocketHub:
 
 
 class ManagedSocket:
-    """One accepted socket: a bounded outbox drained by one sender, a receiver, a feed pump.
+    """One accepted socket: a receiver task, the caller's ``work`` (a feed pump), a bounded outbox.
 
-    Whichever part ends first ends the socket; ``finish(code, reason)`` records how to close it.
+    Frames are written at once while nothing is queued ahead of them (uvicorn's sans-I/O
+    protocol frames and writes to the transport without waiting), from whichever task or
+    callback sends them. Only when the transport pushes back (the peer reads slowly) does a
+    writer task take over; frames queue behind it in the bounded outbox, and a sender that finds
+    the outbox full for ``ws_lag_grace`` cuts the socket off (4408). The idle timeout is a loop
+    timer, not a task. Whichever part ends first ends the socket; ``finish(code, reason)`` records
+    how to close it.
     """
 
     def __init__(self, websocket: WebSocket, service: GatewayService, hub: SocketHub) -> None:
         self.ws = websocket
         self.service = service
         self.hub = hub
+        self._loop = asyncio.get_running_loop()
         settings: GatewaySettings = service.settings
         self._max_frame = settings.max_ws_frame_bytes
         self._lag_grace = settings.ws_lag_grace.total_seconds()
         self._close_timeout = settings.ws_close_timeout.total_seconds()
-        self._outbox: asyncio.Queue[tuple[int | None, str]] = asyncio.Queue(settings.ws_send_queue)
         # The outbox is bounded in frames and in bytes (characters: JSON text is mostly ASCII).
+        # Invariant: frames are queued only while ``_writer`` runs, and it drains them all.
+        self._outbox: deque[tuple[int | None, str]] = deque()
+        self._max_frames = settings.ws_send_queue
         self._max_queued = settings.ws_send_queue_bytes
         self._queued = 0
-        self._room = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None  # senders waiting for the outbox
         # Rate limit on frames from the peer: a token bucket (frames, refilled per second).
         self._rate = settings.ws_rate_limit
         self._burst = float(settings.ws_rate_burst)
         self._tokens = self._burst
-        self._refilled = time.monotonic()
+        self._refilled = self._loop.time()
         self._idle = settings.ws_idle_timeout.total_seconds()
-        self._last_heard = time.monotonic()
+        self._last_heard = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.deltas_dropped = 0
-        self._done = asyncio.Event()
+        self._done: asyncio.Future[None] = self._loop.create_future()
         self._close_with: tuple[int, str] | None = None
         self.sent_seq = 0  # last event seq written to the socket
 
@@ -207,40 +218,38 @@ class ManagedSocket:
 
     # -- machinery --
     def finish(self, code: int | None = None, reason: str = "") -> None:
-        """End the socket; the first caller's close code wins (None: the peer is already gone)."""
-        if self._done.is_set():
+        """End the socket; the first caller's close code wins (None: the peer is already gone).
+
+        Nothing more is written after it: the close reason's resume position stays true."""
+        if self._done.done():
             return
         if code is not None:
             self._close_with = (code, _reason(reason))
-        self._done.set()
+        self._done.set_result(None)
 
     async def send_frame(self, frame: dict[str, Any], seq: int | None = None) -> bool:
         return await self.send_text(dumps(frame).decode(), seq)
 
     def _has_room(self, size: int) -> bool:
-        if self._outbox.full():
+        if len(self._outbox) >= self._max_frames:
             return False
         # One frame always fits an empty outbox, however large (it is below the frame cap).
         return self._queued == 0 or self._queued + size <= self._max_queued
 
     async def send_text(self, text: str, seq: int | None = None) -> bool:
-        """Queue a frame; a client stuck behind a full queue past the grace is cut off (4408)."""
-        size = len(text)
-        if not self._has_room(size):
-            deadline = time.monotonic() + self._lag_grace
-            while not self._has_room(size):
-                remaining = deadline - time.monotonic()
-                self._room.clear()
-                try:
-                    if remaining <= 0:
-                        raise TimeoutError
-                    await asyncio.wait_for(self._room.wait(), remaining)
-                except TimeoutError:
+        """Send a frame (queue it behind a slow peer); a sender stuck behind a full outbox past
+        the grace cuts the socket off (4408). False: the socket is ending."""
+        if self._writer is not None and not self._has_room(len(text)):
+            deadline = self._loop.time() + self._lag_grace
+            while self._writer is not None and not self._has_room(len(text)):
+                remaining = deadline - self._loop.time()
+                if remaining <= 0 or self._done.done():
                     self.finish(CLOSE_LAGGING, self.lag_reason())
                     return False
-        self._queued += size
-        self._outbox.put_nowait((seq, text))
-        return True
+                if self._room is None:
+                    self._room = self._loop.create_future()
+                await asyncio.wait((self._room, self._done), timeout=remaining)
+        return self._push(text, seq)
 
     def offer_text(self, text: str) -> bool:
         """Queue an ephemeral frame (a delta) unless the outbox is half full: then drop it.
@@ -249,15 +258,74 @@ class ManagedSocket:
         must never push a socket into lagging or delay its events.
         """
         if (
-            self._outbox.qsize() * 2 >= self._outbox.maxsize
+            len(self._outbox) * 2 >= self._max_frames
             or (self._queued + len(text)) * 2 > self._max_queued
-            or self._done.is_set()
+            or self._done.done()
         ):
             self.deltas_dropped += 1
             return False
-        self._queued += len(text)
-        self._outbox.put_nowait((None, text))
+        return self._push(text, None)
+
+    def _push(self, text: str, seq: int | None) -> bool:
+        """Write now, or queue behind the writer (no bound checked here)."""
+        if self._done.done():
+            return False
+        if self._writer is None:
+            self._write_now(text, seq)
+        else:
+            self._outbox.append((seq, text))
+            self._queued += len(text)
         return True
+
+    def _write_now(self, text: str, seq: int | None) -> None:
+        """Run the ASGI send up to its first wait: usually to the end (the frame is on the
+        transport). If the transport pushes back, a writer task finishes it and drains what
+        queues behind it. (Python 3.12's eager tasks do this; the gateway supports 3.11.)"""
+        send = self.ws.send({"type": "websocket.send", "text": text})
+        try:
+            waiting = send.send(None)
+        except StopIteration:
+            if seq is not None:
+                self.sent_seq = seq
+            return
+        except BaseException as exc:  # the send's own failure ends the socket
+            self._failed(exc)
+            return
+        self._writer = self._loop.create_task(self._drain(send, waiting, seq))
+
+    async def _drain(
+        self, send: Coroutine[Any, Any, None], waiting: object, seq: int | None
+    ) -> None:
+        try:
+            await _finish_started(send, waiting)
+            if seq is not None:
+                self.sent_seq = seq
+            while self._outbox and not self._done.done():
+                seq, text = self._outbox.popleft()
+                self._queued -= len(text)
+                room = self._room
+                if room is not None:
+                    self._room = None
+                    if not room.done():
+                        room.set_result(None)
+                await self.ws.send_text(text)
+                if seq is not None:
+                    self.sent_seq = seq
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._failed(exc)
+        finally:
+            self._writer = None
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, WebSocketDisconnect | OSError):
+            self.finish()
+        elif isinstance(exc, Exception):
+            log.error("socket send failed", exc_info=exc)
+            self.finish(CLOSE_INTERNAL, self.failure_reason())
+        else:
+            raise exc
 
     async def reply(self, request: dict[str, Any], frame: dict[str, Any]) -> None:
         ref = request.get("id")
@@ -268,22 +336,13 @@ class ManagedSocket:
     async def reply_error(self, request: dict[str, Any], code: str, message: str) -> None:
         await self.reply(request, {"type": "error", "code": code, "message": message})
 
-    async def _send_loop(self) -> None:
-        while True:
-            seq, text = await self._outbox.get()
-            self._queued -= len(text)
-            self._room.set()
-            await self.ws.send_text(text)
-            if seq is not None:
-                self.sent_seq = seq
-
     async def _receive_loop(self) -> None:
         while True:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 self.finish()
                 return
-            self._last_heard = now = time.monotonic()
+            self._last_heard = now = self._loop.time()
             self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
             self._refilled = now
             if self._tokens < 1:
@@ -310,17 +369,15 @@ class ManagedSocket:
                 continue
             await self.on_frame(frame)
 
-    async def _idle_watch(self) -> None:
-        """Close with 1001 when the peer sent no frame for ``ws_idle_timeout``."""
-        if self._idle <= 0:
-            await self._done.wait()
+    def _check_idle(self) -> None:
+        """Close with 1001 when the peer sent no frame for ``ws_idle_timeout`` (a loop timer:
+        re-armed for the last frame heard, so it fires about once per timeout)."""
+        quiet = self._loop.time() - self._last_heard
+        if quiet >= self._idle:
+            self._idle_timer = None
+            self.finish(CLOSE_IDLE, f"idle timeout: no frame for {self._idle:g} s")
             return
-        while True:
-            quiet = time.monotonic() - self._last_heard
-            if quiet >= self._idle:
-                self.finish(CLOSE_IDLE, f"idle timeout: no frame for {self._idle:g} s")
-                return
-            await asyncio.sleep(self._idle - quiet + 0.05)
+        self._idle_timer = self._loop.call_later(self._idle - quiet + 0.05, self._check_idle)
 
     async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
         try:
@@ -338,15 +395,20 @@ class ManagedSocket:
             self.finish(CLOSE_INTERNAL, self.failure_reason())
 
     async def serve(self, *work: Coroutine[Any, Any, None]) -> None:
-        """Run the sender, the receiver and ``work`` until one ends, then close as recorded."""
+        """Run the receiver and ``work`` until one ends, then close as recorded."""
         self.hub.add(self)
-        tasks = [
-            asyncio.create_task(self._guard(w))
-            for w in (self._send_loop(), self._receive_loop(), self._idle_watch(), *work)
-        ]
+        if self._idle > 0:
+            self._idle_timer = self._loop.call_later(self._idle, self._check_idle)
+        tasks = [asyncio.create_task(self._guard(w)) for w in (self._receive_loop(), *work)]
         try:
-            await self._done.wait()
+            await asyncio.shield(self._done)
         finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            self.finish()  # nothing is written after this (e.g. serve itself was cancelled)
+            if self._writer is not None:
+                tasks.append(self._writer)
             for task in tasks:
                 task.cancel()
             # Bounded: a part that swallows its cancellation (a library awaiting a future that
@@ -365,17 +427,44 @@ class ManagedSocket:
         if code == CLOSE_LAGGING:
             # The close frame queues behind what the slow peer has not read yet: free the
             # outbox now and give the peer time to reach the frame that says where to resume.
-            while not self._outbox.empty():
-                self._outbox.get_nowait()
-            self._queued = 0
             wait = self.service.settings.ws_lag_close_timeout.total_seconds()
+        self._outbox.clear()
+        self._queued = 0
         with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
             await asyncio.wait_for(self.ws.close(code, reason), wait)
+
+
+async def _finish_started(coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Drive ``coro`` to its end from inside a task, after it was started by hand with
+    ``coro.send(None)`` and yielded ``waiting`` (a future it waits on, or None: a bare yield).
+    Does what a task's step does: wait, then resume it with the outcome (cancellation too)."""
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                # A task takes the yielded future over by clearing this flag; so does this.
+                waiting._asyncio_future_blocking = False
+                await waiting
+        except BaseException as exc:  # handed to the coroutine, as a task's step does
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                return
 
 
 class ResumableSocket(ManagedSocket):
     """A socket of seq'd events for one principal, resumable after ``since``: every close
     reason tells the client where to resume."""
+
+    # Positions are session seqs (one more than the last, or a gap to report) — not on a user
+    # stream, whose positions are the shared DELIVER stream's.
+    contiguous = True
 
     def __init__(
         self,
@@ -389,6 +478,29 @@ class ResumableSocket(ManagedSocket):
         self.principal = principal
         self.cursor = EventCursor(since)
         self.sent_seq = since
+
+    def follow(self, feed: EventFeed) -> None:
+        """Let a live feed write caught-up events from its subscription's callback
+        (:meth:`LiveFeed.deliver_to`): no task wakes up per event."""
+        if isinstance(feed, LiveFeed):
+            feed.deliver_to(self._take_live)
+
+    def _take_live(self, event: SessionEventMsg) -> bool:
+        """The next live event, straight from the subscription: written now if nothing is
+        queued ahead of it and it needs no ``gap`` frame first; else refused (False) and the
+        pump sends it in order."""
+        if self._writer is not None or self._done.done():
+            return False
+        frame = frame_of(event)
+        if frame is None:
+            return False
+        cursor = self.cursor
+        if self.contiguous and event.seq != cursor.last + 1:
+            return False
+        if not cursor.admit(event.seq):
+            return False
+        self._write_now(frame, event.seq)
+        return True
 
     def lag_reason(self) -> str:
         return f"lagging: resume from seq {self.sent_seq}"
@@ -416,6 +528,7 @@ class ClientSocket(ResumableSocket):
         self.session_id = session_id
 
     async def pump(self, feed: EventFeed) -> None:
+        self.follow(feed)
         try:
             while True:
                 event = await feed.next()

@@ -80,10 +80,13 @@ async def create_ws_ticket(request: Request, caller: Caller) -> dict[str, Any]:
 class UserSocket(ResumableSocket):
     """The EventBus view of one owner: every event of their sessions, resumable by position."""
 
+    contiguous = False
+
     async def pump(self, feed: EventFeed, gap: tuple[int, int] | None) -> None:
         try:
             if gap is not None and not await self.send_frame(gap_frame(*gap)):
                 return
+            self.follow(feed)
             while True:
                 event = await feed.next()
                 if self.cursor.admit(event.seq) and not await self.send_text(
