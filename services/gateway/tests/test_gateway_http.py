@@ -95,6 +95,12 @@ async def test_unknown_foreign_and_invalid_sessions_are_404(
         f"/v1/sessions/{created.id}/prompts", json={"content": "x"}, headers=bob
     )
     assert_problem(foreign, 404, "not_found")
+    # the gateway now remembers the session's owner (alice prompts): still not bob's
+    await alice.submit_prompt(created.id, "mine")
+    foreign = await http.post(
+        f"/v1/sessions/{created.id}/prompts", json={"content": "x"}, headers=bob
+    )
+    assert_problem(foreign, 404, "not_found")
     admin = await http.get(
         f"/v1/sessions/{created.id}", headers={"Authorization": "Bearer key-admin"}
     )

@@ -66,6 +66,9 @@ class GatewaySettings(CommonSettings):
     # broadcast drops the entry at once; the TTL bounds staleness if that broadcast is missed.
     auth_cache_ttl: timedelta = timedelta(seconds=5)
     auth_cache_size: int = Field(default=10_000, ge=1)
+    # Sessions whose owner this gateway remembers (an owner never changes): a prompt to one of
+    # them skips reading the session's state.
+    owner_cache_size: int = Field(default=100_000, ge=1)
 
     # -- timeouts --
     # How long a route waits for the session service to apply a command (the command itself is

@@ -366,8 +366,8 @@ class PartitionConsumers:
         epoch: int,
         config: ConsumerConfig,
         existing: list[str],
-    ) -> JetStreamContext.PullSubscription:
-        """Replace the partition's consumer by this epoch's and bind a pull subscription."""
+    ) -> str:
+        """Replace the partition's consumer by this epoch's; its name."""
         name = partition_consumer(partition, epoch)
         for old in existing:
             if old != name:
@@ -377,7 +377,7 @@ class PartitionConsumers:
         config.ack_policy = AckPolicy.EXPLICIT
         config.deliver_policy = DeliverPolicy.ALL
         await self._js.add_consumer(self._stream, config)
-        return await self._js.pull_subscribe_bind(durable=name, stream=self._stream)
+        return name
 
     async def delete_named(self, name: str) -> None:
         try:

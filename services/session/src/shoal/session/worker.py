@@ -18,7 +18,7 @@ Leaving a partition, two ways:
 
 Example::
 
-    worker = CommandWorker(settings, js, handler, consumers, clock)
+    worker = CommandWorker(settings, nc, js, handler, consumers, clock)
     await worker.start_partition(lease, existing_consumers.get(p, []))
     await worker.drain_partition(p)     # or worker.drop_partition(p, reason="lease lost")
 """
@@ -31,6 +31,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -40,6 +41,7 @@ from nats.js.errors import NotFoundError
 from shoal.common.clock import Clock
 from shoal.common.errors import Fenced
 from shoal.common.messaging import Subjects
+from shoal.common.messaging.pull import ContinuousPull
 from shoal.session import metrics
 from shoal.session.config import SessionSettings
 from shoal.session.handlers import CommandHandler, ProjectionHandler, SessionCache
@@ -105,12 +107,14 @@ class CommandWorker:
     def __init__(
         self,
         settings: SessionSettings,
+        nc: NATS,
         js: JetStreamContext,
         handler: CommandHandler,
         consumers: PartitionConsumers,
         clock: Clock,
     ) -> None:
         self._settings = settings
+        self._nc = nc
         self._js = js
         self._handler = handler
         self._consumers = consumers
@@ -122,6 +126,9 @@ class CommandWorker:
         # Stop trusting a lease this long before the server would expire it.
         self._margin = min(0.5, self._ttl / 4)
         self._stopping = False
+        metrics.LANES.set_function(
+            lambda: sum(len(part.lanes or ()) for part in self._partitions.values())
+        )
         # Told about every dropped partition's lease (the coordinator releases it if still ours).
         self.on_drop: Callable[[HeldLease], None] = lambda lease: None
 
@@ -158,11 +165,19 @@ class CommandWorker:
         p = lease.partition
         if p in self._partitions:
             raise RuntimeError(f"partition {p} is already running")
-        sub = await self._consumers.open(p, lease.epoch, self._config(p), existing)
+        name = await self._consumers.open(p, lease.epoch, self._config(p), existing)
+        puller = ContinuousPull(
+            self._nc,
+            stream=self._subjects.session_cmd_stream,
+            consumer=name,
+            batch=self._settings.fetch_batch,
+            expires=self._settings.fetch_timeout.total_seconds(),
+        )
+        await puller.start()
         part = _Partition(lease)
         part.lanes = Lanes(self._processor(part), context=SessionCache, idle=self._idle)
         self._partitions[p] = part
-        part.fetcher = asyncio.create_task(self._fetch_loop(part, sub), name=f"fetch:p{p}")
+        part.fetcher = asyncio.create_task(self._fetch_loop(part, puller), name=f"fetch:p{p}")
         metrics.PARTITIONS.set(len(self._partitions))
         log.info("partition %d started", p, extra={"partition": p, "epoch": lease.epoch})
 
@@ -190,9 +205,9 @@ class CommandWorker:
 
         return process
 
-    async def _fetch_loop(self, part: _Partition, sub: JetStreamContext.PullSubscription) -> None:
+    async def _fetch_loop(self, part: _Partition, puller: ContinuousPull) -> None:
         p = part.number
-        timeout = self._settings.fetch_timeout.total_seconds()
+        wait = self._settings.fetch_timeout.total_seconds()
         failures = 0
         try:
             while part.fetching:
@@ -203,12 +218,10 @@ class CommandWorker:
                     self._drop(part, "lease expired")
                     break
                 try:
-                    msgs = await sub.fetch(self._settings.fetch_batch, timeout=timeout)
-                except (NatsTimeout, TimeoutError):
-                    msgs = []
-                except Exception as exc:  # reconnecting, consumer gone, ...
+                    msgs = await puller.take(wait)
+                except Exception as exc:  # NATS closed or its pending buffer full
                     failures += 1
-                    log.warning("fetch on partition %d failed: %r", p, exc)
+                    log.warning("pulling partition %d failed: %r", p, exc)
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                     continue
                 failures = 0
@@ -220,12 +233,8 @@ class CommandWorker:
                 for msg in msgs:
                     session_id = msg.subject.rsplit(".", 1)[-1]
                     part.lanes.submit(session_id, msg)
-                metrics.LANES.set(sum(len(x.lanes or ()) for x in self._partitions.values()))
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                log.debug("unsubscribe of partition %d failed", p, exc_info=True)
+            await puller.stop()
 
     async def _stop_fetching(self, part: _Partition) -> None:
         part.fetching = False
@@ -307,7 +316,6 @@ class CommandWorker:
         """Drain whatever partition is still running (the coordinator hands them off first)."""
         self.begin_stop()
         await asyncio.gather(*(self.drain_partition(p, grace) for p in list(self._partitions)))
-        metrics.LANES.set(0)
 
 
 class ProjectionWorker:
