@@ -37,6 +37,7 @@ from shoal.gateway.api.openapi import install_openapi, operation_id
 from shoal.gateway.api.problems import install_problem_handlers, problem_responses
 from shoal.gateway.api.proxy import router as proxy_router
 from shoal.gateway.api.request_id import RequestIdMiddleware, install_request_id_logging
+from shoal.gateway.api.socket_routes import SocketRoutes
 from shoal.gateway.api.sockets import SocketHub
 from shoal.gateway.api.streams import router as streams_router
 from shoal.gateway.api.upgrade import StreamingState
@@ -119,6 +120,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.include_router(proxy_router, generate_unique_id_function=operation_id)
     app.include_router(files_router, generate_unique_id_function=operation_id)
+    # Outermost: the event sockets skip the framework's stack (it would stay parked per socket).
+    app.add_middleware(SocketRoutes)
     install_openapi(app)
     # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.
     app.state.uvicorn_options["ws_max_size"] = settings.max_ws_frame_bytes + 64 * 1024

@@ -502,6 +502,7 @@ class LiveFeed:
                 continue
             live = tap.peek()
             if live is None:
+                self._pending = None  # drained: an idle socket keeps no buffer
                 await tap.wait(self._offer_live)
                 continue
             event = live

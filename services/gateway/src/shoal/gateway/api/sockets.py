@@ -161,6 +161,9 @@ class SocketHub:
             await asyncio.wait_for(self._empty.wait(), grace)
 
 
+_NO_FRAMES: deque[tuple[int | None, str]] = deque(maxlen=0)  # shared, stays empty: appends vanish
+
+
 class ManagedSocket:
     """One accepted socket: a receiver task, the caller's ``work`` (a feed pump), a bounded outbox.
 
@@ -173,6 +176,35 @@ class ManagedSocket:
     how to close it.
     """
 
+    # Slots: an instance dict would cost ~1 KB more per socket, and most sockets are idle.
+    __slots__ = (
+        "_burst",
+        "_close_timeout",
+        "_close_with",
+        "_done",
+        "_idle",
+        "_idle_timer",
+        "_lag_grace",
+        "_last_heard",
+        "_loop",
+        "_max_frame",
+        "_max_frames",
+        "_max_queued",
+        "_outbox",
+        "_queued",
+        "_rate",
+        "_refilled",
+        "_room",
+        "_serving",
+        "_tokens",
+        "_writer",
+        "deltas_dropped",
+        "hub",
+        "sent_seq",
+        "service",
+        "ws",
+    )
+
     def __init__(self, websocket: WebSocket, service: GatewayService, hub: SocketHub) -> None:
         self.ws = websocket
         self.service = service
@@ -184,7 +216,7 @@ class ManagedSocket:
         self._close_timeout = settings.ws_close_timeout.total_seconds()
         # The outbox is bounded in frames and in bytes (characters: JSON text is mostly ASCII).
         # Invariant: frames are queued only while ``_writer`` runs, and it drains them all.
-        self._outbox: deque[tuple[int | None, str]] = deque()
+        self._outbox: deque[tuple[int | None, str]] = _NO_FRAMES  # a deque of its own once used
         self._max_frames = settings.ws_send_queue
         self._max_queued = settings.ws_send_queue_bytes
         self._queued = 0
@@ -200,6 +232,7 @@ class ManagedSocket:
         self._idle_timer: asyncio.TimerHandle | None = None
         self.deltas_dropped = 0
         self._done: asyncio.Future[None] = self._loop.create_future()
+        self._serving: asyncio.Task[Any] | None = None  # serve()'s task, which runs the receiver
         self._close_with: tuple[int, str] | None = None
         self.sent_seq = 0  # last event seq written to the socket
 
@@ -226,6 +259,12 @@ class ManagedSocket:
         if code is not None:
             self._close_with = (code, _reason(reason))
         self._done.set_result(None)
+        serving = self._serving
+        if serving is not None and serving is not asyncio.current_task():
+            # The receiver runs in serve()'s own task: interrupt it (serve() takes the
+            # cancellation back, as asyncio.timeout() does; None says it was ours).
+            self._serving = None
+            serving.cancel()
 
     async def send_frame(self, frame: dict[str, Any], seq: int | None = None) -> bool:
         return await self.send_text(dumps(frame).decode(), seq)
@@ -273,6 +312,8 @@ class ManagedSocket:
         if self._writer is None:
             self._write_now(text, seq)
         else:
+            if self._outbox is _NO_FRAMES:
+                self._outbox = deque()
             self._outbox.append((seq, text))
             self._queued += len(text)
         return True
@@ -395,14 +436,23 @@ class ManagedSocket:
             self.finish(CLOSE_INTERNAL, self.failure_reason())
 
     async def serve(self, *work: Coroutine[Any, Any, None]) -> None:
-        """Run the receiver and ``work`` until one ends, then close as recorded."""
+        """Run the receiver (in this task: one task less per socket) and ``work`` (a task each)
+        until one ends, then close as recorded."""
         self.hub.add(self)
         if self._idle > 0:
             self._idle_timer = self._loop.call_later(self._idle, self._check_idle)
-        tasks = [asyncio.create_task(self._guard(w)) for w in (self._receive_loop(), *work)]
+        tasks = [asyncio.create_task(self._guard(w)) for w in work]
+        serving = asyncio.current_task()
         try:
-            await asyncio.shield(self._done)
+            self._serving = serving
+            try:
+                await self._guard(self._receive_loop())
+            except asyncio.CancelledError:
+                # Ours (finish() from elsewhere) ends only the receiver; any other goes on.
+                if serving is None or self._serving is not None or serving.uncancel() > 0:
+                    raise
         finally:
+            self._serving = None
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None
@@ -428,7 +478,7 @@ class ManagedSocket:
             # The close frame queues behind what the slow peer has not read yet: free the
             # outbox now and give the peer time to reach the frame that says where to resume.
             wait = self.service.settings.ws_lag_close_timeout.total_seconds()
-        self._outbox.clear()
+        self._outbox = _NO_FRAMES
         self._queued = 0
         with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
             await asyncio.wait_for(self.ws.close(code, reason), wait)
@@ -461,6 +511,8 @@ async def _finish_started(coro: Coroutine[Any, Any, None], waiting: Any) -> None
 class ResumableSocket(ManagedSocket):
     """A socket of seq'd events for one principal, resumable after ``since``: every close
     reason tells the client where to resume."""
+
+    __slots__ = ("cursor", "principal")
 
     # Positions are session seqs (one more than the last, or a gap to report) — not on a user
     # stream, whose positions are the shared DELIVER stream's.
@@ -515,6 +567,8 @@ class ResumableSocket(ManagedSocket):
 class ClientSocket(ResumableSocket):
     """A client following one session: replay after ``since``, then live; prompts and pings."""
 
+    __slots__ = ("session_id",)
+
     def __init__(
         self,
         websocket: WebSocket,
@@ -530,17 +584,19 @@ class ClientSocket(ResumableSocket):
     async def pump(self, feed: EventFeed) -> None:
         self.follow(feed)
         try:
-            while True:
-                event = await feed.next()
-                gap = self.cursor.gap_before(event.seq)
-                if gap is not None and not await self.send_frame(gap_frame(*gap)):
-                    return
-                if self.cursor.admit(event.seq) and not await self.send_text(
-                    event_frame(event), event.seq
-                ):
-                    return
+            # No local holds the last event while waiting for the next (an idle socket would).
+            while await self._send_event(await feed.next()):
+                pass
         finally:
             await feed.close()
+
+    async def _send_event(self, event: SessionEventMsg) -> bool:
+        gap = self.cursor.gap_before(event.seq)
+        if gap is not None and not await self.send_frame(gap_frame(*gap)):
+            return False
+        return not self.cursor.admit(event.seq) or await self.send_text(
+            event_frame(event), event.seq
+        )
 
     async def on_frame(self, frame: dict[str, Any]) -> None:
         if frame["type"] != "prompt":
@@ -579,6 +635,8 @@ def event_frame(event: SessionEventMsg) -> str:
 
 class RunnerSocket(ManagedSocket):
     """The session's runner: dispatched prompts out, completions in."""
+
+    __slots__ = ("_proxied", "connection_id", "snapshot", "streaming")
 
     def __init__(
         self,
@@ -740,7 +798,7 @@ async def serve_client(
         return
     try:
         principal = await upgrade_principal(websocket, service, _tickets(websocket))
-        _, feed = await service.follow(principal, session_id, int(since_param))
+        feed = (await service.follow(principal, session_id, int(since_param)))[1]
     except ShoalError as exc:
         await refuse(websocket, close_code_for(exc), exc.message)
         return

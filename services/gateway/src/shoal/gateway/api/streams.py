@@ -39,7 +39,13 @@ from shoal.gateway.api.sockets import (
     refuse,
 )
 from shoal.gateway.api.upgrade import StreamingState, streaming_state, upgrade_principal
-from shoal.gateway.service import EventCursor, EventFeed, GatewayService, Principal
+from shoal.gateway.service import (
+    EventCursor,
+    EventFeed,
+    GatewayService,
+    Principal,
+    SessionEventMsg,
+)
 from shoal.gateway.streams import parse_position
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,7 @@ async def create_ws_ticket(request: Request, caller: Caller) -> dict[str, Any]:
 class UserSocket(ResumableSocket):
     """The EventBus view of one owner: every event of their sessions, resumable by position."""
 
+    __slots__ = ()
     contiguous = False
 
     async def pump(self, feed: EventFeed, gap: tuple[int, int] | None) -> None:
@@ -87,14 +94,15 @@ class UserSocket(ResumableSocket):
             if gap is not None and not await self.send_frame(gap_frame(*gap)):
                 return
             self.follow(feed)
-            while True:
-                event = await feed.next()
-                if self.cursor.admit(event.seq) and not await self.send_text(
-                    event_frame(event), event.seq
-                ):
-                    return
+            while await self._send_event(await feed.next()):
+                pass
         finally:
             await feed.close()
+
+    async def _send_event(self, event: SessionEventMsg) -> bool:
+        return not self.cursor.admit(event.seq) or await self.send_text(
+            event_frame(event), event.seq
+        )
 
     async def on_frame(self, frame: dict[str, Any]) -> None:
         await self.reply_error(frame, "bad_request", f"unknown frame type {frame['type']!r}")
