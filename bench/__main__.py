@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--session-replicas", type=int, default=1, help="session processes")
     parser.add_argument(
+        "--no-runner",
+        action="store_true",
+        help="command path only: no runner sockets, so a prompt is one command and one event",
+    )
+    parser.add_argument(
         "--fleet-env",
         action="append",
         default=[],
@@ -147,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                             session_replicas=args.session_replicas,
                             keep_dir=args.keep_logs,
                             fleet_env=_fleet_env(args.fleet_env),
+                            runners=not args.no_runner,
                         )
                     )
                 )
@@ -235,7 +241,8 @@ def _summary(raw: list[RawResult], shoal: list[CommandResult]) -> str:
                 ratio = f"{path.rate / base:.2f}x" if base else "-"
                 rows.append(
                     (
-                        f"Shoal prompt -> prompt.queued, fsync {mode}",
+                        f"Shoal prompt -> prompt.queued, fsync {mode}"
+                        + ("" if s.options.runners else ", no runners"),
                         f"{fmt(path.rate, 0)}",
                         latency_cell(path.latency),
                         ratio,

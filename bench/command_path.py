@@ -14,6 +14,11 @@ service as its own OS process through :class:`shoal.common.supervisor.Fleet`. Th
    session's client socket. A worker does not prompt a session again before the previous
    prompt's ``message.completed`` arrived (one prompt in flight per session).
 
+With ``runners=False`` (``--no-runner``) step 2 opens only the client sockets, so a prompt is
+exactly the issue's command path — one command, one event (``prompt.queued``) on the client's
+socket — and a worker prompts a session again as soon as its ``prompt.queued`` arrived (the
+prompts queue up in the session's state, as they would with a busy runner).
+
 Latency is from just before the HTTP request to the event's arrival on the client socket:
 to ``prompt.queued`` (the command path) and to ``message.completed`` (through the runner and
 back: two session commands). Everything it starts is stopped in ``finally`` blocks, on
@@ -69,6 +74,7 @@ class CommandOptions:
     ready_timeout: float = 90.0  # s for the fleet to answer /readyz
     keep_dir: bool = False  # keep the temporary directory (logs) for a look afterwards
     fleet_env: tuple[tuple[str, str], ...] = ()  # extra SHOAL_* settings for every service
+    runners: bool = True  # a runner per session answering every prompt (two commands each)
 
 
 @dataclass(frozen=True)
@@ -281,22 +287,25 @@ class _Load:
             if not self.stats.stopping:
                 self.stats.error(f"runner socket of {session.id} closed: {closed}")
 
-    async def connect_all(self, sessions: Sequence[_Session]) -> None:
+    async def connect_all(self, sessions: Sequence[_Session], runners: bool) -> None:
         gate = asyncio.Semaphore(SETUP_CONCURRENCY)
 
         async def attach(session: _Session) -> None:
             async with gate:
                 client = await self._open(f"/v1/sessions/{session.id}/ws", self.admin_key)
                 self.readers.append(asyncio.create_task(self._follow(session, client)))
+                if not runners:
+                    return
                 runner = await self._open(f"/v1/sessions/{session.id}/runner", session.runner_token)
                 await runner.send('{"type":"hello"}')
                 self.readers.append(asyncio.create_task(self._run_runner(session, runner)))
 
         await _all(attach(s) for s in sessions)
-        waits = [asyncio.wait_for(s.runner_connected.wait(), 60) for s in sessions]
-        await _all(waits)
+        if runners:
+            waits = [asyncio.wait_for(s.runner_connected.wait(), 60) for s in sessions]
+            await _all(waits)
 
-    async def worker(self, sessions: list[_Session]) -> None:
+    async def worker(self, sessions: list[_Session], runners: bool) -> None:
         loop = asyncio.get_running_loop()
         conn = self.http()
         try:
@@ -313,7 +322,8 @@ class _Load:
                 queued: asyncio.Future[float] = loop.create_future()
                 completed: asyncio.Future[float] = loop.create_future()
                 self.waiting[content] = (queued, completed)
-                session.previous = completed
+                # Without runners nothing completes: the worker below waits for prompt.queued.
+                session.previous = completed if runners else None
                 body = orjson.dumps({"content": content})
                 path = f"/v1/sessions/{session.id}/prompts"
                 started = time.perf_counter()
@@ -376,12 +386,18 @@ async def run_mode(sync_always: bool, options: CommandOptions) -> CommandResult:
             try:
                 _say(f"  creating {options.sessions} sessions")
                 sessions = await load.create_sessions(options.sessions)
-                _say("  connecting a client socket and a runner per session")
-                await load.connect_all(sessions)
+                _say(
+                    "  connecting a client socket and a runner per session"
+                    if options.runners
+                    else "  connecting a client socket per session (no runners)"
+                )
+                await load.connect_all(sessions, options.runners)
                 setup_seconds = time.perf_counter() - setup_started
                 _say(f"  load: concurrency {options.concurrency}, {options.duration:.0f}s")
                 workers = [
-                    asyncio.create_task(load.worker(sessions[i :: options.concurrency]))
+                    asyncio.create_task(
+                        load.worker(sessions[i :: options.concurrency], options.runners)
+                    )
                     for i in range(min(options.concurrency, len(sessions)))
                 ]
                 try:
@@ -464,7 +480,8 @@ def render_command_path(results: list[CommandResult], raw_rates: dict[bool, floa
             *((f"  cores busy: {label}", fmt(path.cores(label), 2)) for label in path.cpu_seconds),
             ("  setup (fleet, sessions, sockets)", f"{result.setup_seconds:.1f} s"),
         ]
-        title = f"Shoal command path — {fsync_label(result.sync_always)}"
+        runners = "" if opts.runners else ", no runners: one command and one event per prompt"
+        title = f"Shoal command path — {fsync_label(result.sync_always)}{runners}"
         tables.append(table(title, ("figure", "value"), rows))
     return "\n\n".join(tables)
 

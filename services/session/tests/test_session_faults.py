@@ -130,8 +130,10 @@ async def test_a_paused_replica_is_fenced_when_it_wakes(
 ) -> None:
     c = await cluster("s-a", "s-b")
     await wait_owners(js, subjects, PARTITIONS, condition=settled("s-a", "s-b"))
+    # Five times the sessions of the other tests: commands must queue up in s-a to be in hand
+    # when it stops, and one replica now drains a few hundred in well under a second.
     load = Load(
-        nc, js, subjects, _sessions(scale["sessions"], "z"), scale["commands"], concurrency=256
+        nc, js, subjects, _sessions(5 * scale["sessions"], "z"), scale["commands"], concurrency=256
     )
     sending = asyncio.create_task(load.run())
     try:

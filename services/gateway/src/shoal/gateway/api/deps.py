@@ -29,7 +29,9 @@ def gateway_state(app: FastAPI | ASGIApp) -> GatewayState:
     return state
 
 
-def get_service(request: Request) -> GatewayService:
+async def get_service(request: Request) -> GatewayService:
+    # async: FastAPI runs a plain ``def`` dependency in its thread pool, and that hand-off
+    # (twice per request, with the principal) cost more than the rest of the request.
     return gateway_state(request.app).service
 
 
