@@ -99,12 +99,16 @@ def inject_trace(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
+# One tracer for the process (a proxy until setup_tracing installs the provider): getting one
+# per span cost more than the span itself.
+_TRACER = trace.get_tracer("shoal")
+
+
 @contextmanager
 def start_span(
     name: str, headers: Mapping[str, str] | None = None, **attributes: Any
 ) -> Iterator[trace.Span]:
     """A span that continues the trace carried in ``headers`` (if any)."""
-    ctx = propagate.extract(dict(headers or {}))
-    tracer = trace.get_tracer("shoal")
-    with tracer.start_as_current_span(name, context=ctx, attributes=attributes) as span:
+    ctx = propagate.extract(headers) if headers else None
+    with _TRACER.start_as_current_span(name, context=ctx, attributes=attributes) as span:
         yield span
