@@ -37,7 +37,7 @@ def create_app(settings: EventbusSettings | None = None) -> FastAPI:
             deliveries = JetStreamDeliveries(
                 js, subjects.deliver_stream, settings.eventbus_publish_timeout
             )
-            consumer = EventConsumer(js, subjects, EventFanout(subjects), deliveries, settings)
+            consumer = EventConsumer(nc, js, subjects, EventFanout(subjects), deliveries, settings)
             await consumer.start()
             stack.push_async_callback(consumer.stop)  # runs before nc.drain
 

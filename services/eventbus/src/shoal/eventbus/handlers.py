@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import logging
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shoal.common.errors import BadRequest
 from shoal.common.messaging import Subjects
+from shoal.common.messaging.pull import ContinuousPull
 from shoal.eventbus.config import EventbusSettings
 from shoal.eventbus.metrics import DELIVERIES, DUPLICATES, EVENTS
 from shoal.eventbus.service import DeliveryStore, EventFanout, Fanout
@@ -34,12 +35,14 @@ class EventConsumer:
 
     def __init__(
         self,
+        nc: NATS,
         js: JetStreamContext,
         subjects: Subjects,
         fanout: EventFanout,
         store: DeliveryStore,
         settings: EventbusSettings,
     ) -> None:
+        self._nc = nc
         self._js = js
         self._subjects = subjects
         self._fanout = fanout
@@ -71,10 +74,15 @@ class EventConsumer:
         stream = self._subjects.session_evt_stream
         # Create, or update the updatable fields of, the durable consumer (idempotent).
         await self._js.add_consumer(stream, config=self.consumer_config())
-        sub = await self._js.pull_subscribe_bind(
-            durable=self._settings.eventbus_consumer, stream=stream
+        puller = ContinuousPull(
+            self._nc,
+            stream=stream,
+            consumer=self._settings.eventbus_consumer,
+            batch=self._settings.eventbus_batch_size,
+            expires=self._settings.eventbus_fetch_timeout.total_seconds(),
         )
-        self._task = asyncio.create_task(self._run(sub), name="eventbus-consumer")
+        await puller.start()
+        self._task = asyncio.create_task(self._run(puller), name="eventbus-consumer")
 
     async def stop(self) -> None:
         """Finish the event in hand, then stop; cancel if that takes longer than the grace."""
@@ -90,15 +98,14 @@ class EventConsumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
-        batch = self._settings.eventbus_batch_size
-        timeout = self._settings.eventbus_fetch_timeout.total_seconds()
+    async def _run(self, puller: ContinuousPull) -> None:
+        wait = self._settings.eventbus_fetch_timeout.total_seconds()
         try:
             while not self._stopping.is_set():
                 try:
-                    msgs = await sub.fetch(batch, timeout=timeout)
-                except (NatsTimeout, TimeoutError):
-                    continue
+                    msgs = await puller.take(wait)
+                    if not msgs:
+                        continue
                 except Exception:
                     log.warning("pulling SESSION_EVT failed; retrying", exc_info=True)
                     await asyncio.sleep(_ERROR_BACKOFF_S)
@@ -110,8 +117,7 @@ class EventConsumer:
                     log.warning("acking SESSION_EVT failed", exc_info=True)
                     await asyncio.sleep(_ERROR_BACKOFF_S)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await puller.stop()  # what it pulled ahead goes back at once, for another replica
 
     async def _handle_batch(self, msgs: list[Msg]) -> None:
         """Fan a pulled batch out with one round trip, then ack in stream order.

@@ -99,7 +99,7 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
             members = MemberStore(js, subjects, await js.key_value(subjects.session_members_bucket))
             coordinator = Coordinator(settings, worker, leases, members, consumers, clock)
             projection = (
-                ProjectionWorker(settings, js, ProjectionHandler(history))
+                ProjectionWorker(settings, nc, js, ProjectionHandler(history))
                 if settings.projection_enabled
                 else None
             )

@@ -33,7 +33,6 @@ from datetime import timedelta
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -322,9 +321,14 @@ class ProjectionWorker:
     """Pulls SESSION_EVT into PostgreSQL through one shared durable consumer."""
 
     def __init__(
-        self, settings: SessionSettings, js: JetStreamContext, handler: ProjectionHandler
+        self,
+        settings: SessionSettings,
+        nc: NATS,
+        js: JetStreamContext,
+        handler: ProjectionHandler,
     ) -> None:
         self._settings = settings
+        self._nc = nc
         self._js = js
         self._handler = handler
         self._subjects = Subjects(settings.subject_prefix)
@@ -350,31 +354,34 @@ class ProjectionWorker:
                 description="PostgreSQL projection of session events",
             ),
         )
-        sub = await self._js.pull_subscribe_bind(durable=PROJECTION_CONSUMER, stream=stream)
-        self._task = asyncio.create_task(self._loop(sub), name="projection")
+        puller = ContinuousPull(
+            self._nc,
+            stream=stream,
+            consumer=PROJECTION_CONSUMER,
+            batch=self._settings.projection_batch,
+            expires=self._settings.fetch_timeout.total_seconds(),
+        )
+        await puller.start()
+        self._task = asyncio.create_task(self._loop(puller), name="projection")
 
-    async def _loop(self, sub: JetStreamContext.PullSubscription) -> None:
-        timeout = self._settings.fetch_timeout.total_seconds()
+    async def _loop(self, puller: ContinuousPull) -> None:
+        wait = self._settings.fetch_timeout.total_seconds()
         failures = 0
         try:
             while not self._stopping:
                 try:
-                    msgs = await sub.fetch(self._settings.projection_batch, timeout=timeout)
-                except (NatsTimeout, TimeoutError):
-                    continue
-                except Exception as exc:
+                    msgs = await puller.take(wait)
+                except Exception as exc:  # NATS closed or its pending buffer full
                     failures += 1
-                    log.warning("projection fetch failed: %r", exc)
+                    log.warning("projection pull failed: %r", exc)
                     await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                     continue
                 failures = 0
-                # One batch at a time, in the background of nothing: shutdown waits for it.
-                await self._handler.handle(msgs)
+                if msgs:
+                    # One batch at a time, in the background of nothing: shutdown waits for it.
+                    await self._handler.handle(msgs)
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                log.debug("unsubscribe of the projection failed", exc_info=True)
+            await puller.stop()
 
     async def rebuild(self) -> dict[str, int]:
         """Replay the whole ledger into PostgreSQL (``shoal admin rebuild-projection``): the

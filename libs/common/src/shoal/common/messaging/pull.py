@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -71,12 +72,18 @@ class ContinuousPull:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
 
     async def stop(self) -> None:
+        """Stop pulling. Messages that arrived and were never taken are handed back at once
+        (nak), so the consumer redelivers them now rather than after its ack wait."""
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
                 await sub.unsubscribe()
             except Exception:
                 log.debug("unsubscribe of %s failed", self._next, exc_info=True)
+        while self._arrived:
+            msg = self._arrived.popleft()
+            with contextlib.suppress(Exception):
+                await msg.nak()
         self._wake.set()
 
     @property
