@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from gateway_fakes import FakeKeys, FakeSessionService
+from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -96,8 +97,14 @@ async def test_replay_then_live_in_order(
     created = await alice.create_session()  # seq 1
     for n in range(4):  # seq 2..5 (prompt.queued; no runner yet)
         await alice.submit_prompt(created.id, f"p{n}")
+    reads, live_events = (
+        _sample("shoal_gateway_ledger_reads_total"),
+        _sample("shoal_gateway_live_events_total"),
+    )
     conn = await ws_connect(f"{gateway.ws_url}/v1/sessions/{created.id}/ws?since=2", ALICE)
     replay = await recv_events(conn, 3)
+    assert _sample("shoal_gateway_ledger_reads_total") > reads  # the replay came from the ledger
+    assert _sample("shoal_gateway_sockets") == 1
     assert [f["seq"] for f in replay] == [3, 4, 5]
     assert [f["event"]["type"] for f in replay] == ["prompt.queued"] * 3
     assert replay[0]["event"]["data"]["content"] == "p1"
@@ -112,6 +119,7 @@ async def test_replay_then_live_in_order(
     await alice.submit_prompt(created.id, "live")  # 7
     live = await recv_events(conn, 2)
     assert [f["seq"] for f in live] == [6, 7]
+    assert _sample("shoal_gateway_live_events_total") >= live_events + 2
     await conn.close()
 
 
@@ -165,6 +173,7 @@ async def test_lagging_client_is_closed_4408_with_resume_seq(
     keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, gateway: RunningGateway
 ) -> None:
     created = await alice.create_session()
+    lagging = _sample("shoal_gateway_socket_closes_total", {"code": "4408"})
     # A client that reads nothing: its buffers fill, then the gateway's queue of 8 frames.
     conn = await ws_connect(
         f"{gateway.ws_url}/v1/sessions/{created.id}/ws", ALICE, max_queue=1, max_size=None
@@ -185,6 +194,7 @@ async def test_lagging_client_is_closed_4408_with_resume_seq(
     assert caught.value.rcvd is not None
     assert caught.value.rcvd.code == 4408
     assert caught.value.rcvd.reason == f"lagging: resume from seq {seqs[-1]}"
+    assert _sample("shoal_gateway_socket_closes_total", {"code": "4408"}) == lagging + 1
     assert seqs == list(range(2, seqs[-1] + 1))
 
 
@@ -390,3 +400,8 @@ async def test_close_frame_not_held_by_a_part_that_ignores_cancellation(
     assert closed == [(CLOSE_POLICY, "rate limit")]
     release.set()
     never.cancel()
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """A gateway metric's value in this process (the gateway under test runs in it)."""
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0

@@ -49,6 +49,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from shoal.common.errors import Unavailable
 from shoal.common.messaging import Envelope
+from shoal.gateway import metrics
 from shoal.gateway.service import SessionEventMsg
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class Tap:
         elif len(buffer) >= self.limit or self.size + len(event.frame) > self.max_bytes:
             buffer.clear()
             self.size = 0
+            if not self.stale:
+                metrics.CATCH_UPS.labels("overflow").inc()
             self.stale = True
         buffer.append(event)
         self.size += len(event.frame)
@@ -179,6 +182,7 @@ class LiveHub:
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._watch: asyncio.Task[None] | None = None
         self.received = 0
+        metrics.LIVE_SUBSCRIPTIONS.set_function(self.subscriptions)
 
     async def start(self) -> None:
         self._watch = asyncio.create_task(self._watch_reconnects())
@@ -210,6 +214,7 @@ class LiveHub:
             if now != seen:
                 seen = now
                 for taps in self._taps.values():
+                    metrics.CATCH_UPS.labels("reconnect").inc(len(taps))
                     for tap in taps:
                         tap.mark_stale()
 
@@ -261,6 +266,7 @@ class LiveHub:
 
         async def on_msg(msg: Msg) -> None:
             self.received += 1
+            metrics.LIVE_EVENTS.inc()
             taps = self._taps.get(subject)
             if not taps:
                 return
@@ -460,6 +466,7 @@ class LiveFeed:
         return event.prev >= self._pos
 
     async def _read_ledger(self) -> None:
+        metrics.LEDGER_READS.inc()
         msgs, at_end = await self._reader.read(self._ledger, self._pos)
         if self._pending is None:
             self._pending = deque()
@@ -515,6 +522,7 @@ class LiveFeed:
                 self._repaired_at = event.stream_seq
                 self._replaying = True
                 self.repairs += 1
+                metrics.REPAIRS.inc()
                 continue
             tap.pop()
             if self._take(event):

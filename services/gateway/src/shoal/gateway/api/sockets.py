@@ -63,6 +63,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from shoal.common.contracts import SessionSnapshot
 from shoal.common.errors import Conflict, Forbidden, NotFound, ShoalError, Unauthorized
 from shoal.common.messaging import dumps, loads, new_id
+from shoal.gateway import metrics
 from shoal.gateway.api.upgrade import StreamingState, streaming_state, upgrade_principal
 from shoal.gateway.config import GatewaySettings
 from shoal.gateway.fanout import LiveFeed, frame_of
@@ -115,6 +116,7 @@ def _reason(text: str) -> str:
 
 async def refuse(websocket: WebSocket, code: int, reason: str) -> None:
     """Complete the handshake and close at once, so the client sees ``code`` and ``reason``."""
+    metrics.SOCKET_CLOSES.labels(str(code)).inc()
     with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
         await websocket.accept()
         await websocket.close(code, _reason(reason))
@@ -128,6 +130,7 @@ class SocketHub:
         self._empty = asyncio.Event()
         self._empty.set()
         self.closing = False
+        metrics.SOCKETS.set_function(lambda: len(self._sockets))
 
     def add(self, socket: ManagedSocket) -> None:
         self._sockets.add(socket)
@@ -473,6 +476,7 @@ class ManagedSocket:
         if self._close_with is None or self.ws.application_state != WebSocketState.CONNECTED:
             return
         code, reason = self._close_with
+        metrics.SOCKET_CLOSES.labels(str(code)).inc()
         wait = self._close_timeout
         if code == CLOSE_LAGGING:
             # The close frame queues behind what the slow peer has not read yet: free the
