@@ -95,7 +95,7 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
             ]
             handler = CommandHandler(states, EventLedger(js, subjects), Replier(nc))
             clock = SystemClock()
-            worker = CommandWorker(settings, nc, js, handler, consumers, clock)
+            worker = CommandWorker(settings, nc, handler, consumers, clock)
             members = MemberStore(js, subjects, await js.key_value(subjects.session_members_bucket))
             coordinator = Coordinator(settings, worker, leases, members, consumers, clock)
             projection = (

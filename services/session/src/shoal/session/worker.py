@@ -18,7 +18,7 @@ Leaving a partition, two ways:
 
 Example::
 
-    worker = CommandWorker(settings, nc, js, handler, consumers, clock)
+    worker = CommandWorker(settings, nc, handler, consumers, clock)
     await worker.start_partition(lease, existing_consumers.get(p, []))
     await worker.drain_partition(p)     # or worker.drop_partition(p, reason="lease lost")
 """
@@ -101,20 +101,18 @@ class _Partition:
 
 
 class CommandWorker:
-    """Runs the partitions the coordinator grants: consumers, fetch loops, per-session lanes."""
+    """Runs the partitions the coordinator grants: consumers, pull loops, per-session lanes."""
 
     def __init__(
         self,
         settings: SessionSettings,
         nc: NATS,
-        js: JetStreamContext,
         handler: CommandHandler,
         consumers: PartitionConsumers,
         clock: Clock,
     ) -> None:
         self._settings = settings
         self._nc = nc
-        self._js = js
         self._handler = handler
         self._consumers = consumers
         self._clock = clock
