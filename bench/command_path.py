@@ -341,6 +341,8 @@ class _Load:
                     self.stats.error(f"prompt on {session.id}: {exc!r}")
                     await conn.close()
                     continue
+                if not runners:
+                    self.waiting.pop(content, None)  # nothing completes: done with this prompt
                 if self.stats.measuring:
                     self.stats.queued.append(arrived - started)
                     completed.add_done_callback(self._record_completion(started))
