@@ -263,3 +263,50 @@ async def test_unexpected_errors_are_500_without_internals() -> None:
     body = assert_problem(response, 500, "internal")
     assert "secret" not in response.text
     assert body["detail"] == "internal error"
+
+
+async def test_direct_prompt_route_answers_as_the_framework_route(
+    keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, http: httpx.AsyncClient
+) -> None:
+    """``api/prompt_route.py`` serves prompts ahead of FastAPI; a request with an ``Origin``
+    goes through the framework's route. Both must answer alike, receipts and problems."""
+    created = await alice.create_session()
+    path = f"/v1/sessions/{created.id}/prompts"
+    framework = {"Origin": "http://ui.example"}
+
+    async def both(
+        headers: dict[str, str], body: dict[str, Any]
+    ) -> tuple[httpx.Response, httpx.Response]:
+        direct = await http.post(path, json=body, headers=headers)
+        routed = await http.post(path, json=body, headers={**headers, **framework})
+        return direct, routed
+
+    def same_shape(direct: httpx.Response, routed: httpx.Response) -> None:
+        assert direct.status_code == routed.status_code, (direct.text, routed.text)
+        assert direct.headers["content-type"] == routed.headers["content-type"]
+        assert direct.headers["x-request-id"].startswith("req_")
+        assert routed.headers["x-request-id"].startswith("req_")
+        a, b = direct.json(), routed.json()
+        for volatile in ("prompt_id", "request_id", "seq"):
+            a.pop(volatile, None), b.pop(volatile, None)
+        assert a == b
+        assert direct.headers.get("www-authenticate") == routed.headers.get("www-authenticate")
+
+    direct, routed = await both(ALICE, {"content": "hi", "idempotency_key": "k-direct"})
+    same_shape(direct, routed)
+    assert direct.status_code == 202
+    assert set(direct.json()) == {"prompt_id", "session_id", "status", "seq"}
+    # The same idempotency key on either path is the same prompt.
+    assert direct.json()["prompt_id"] == routed.json()["prompt_id"]
+
+    same_shape(*await both({"Authorization": "Bearer nope"}, {"content": "x"}))  # 401
+    same_shape(*await both({"Authorization": "Bearer key-bob"}, {"content": "x"}))  # 404
+    same_shape(*await both(ALICE, {"content": "x" * (64 * 1024 + 1)}))  # 413 from the rules
+    same_shape(*await both(ALICE, {"content": ""}))  # 400: replayed to the framework
+
+    # The caller's request id is echoed, in the header and in a problem body.
+    echoed = await http.post(
+        path, json={"content": "x"}, headers={"Authorization": "Bearer nope", "X-Request-ID": "r-1"}
+    )
+    assert echoed.headers["x-request-id"] == "r-1"
+    assert echoed.json()["request_id"] == "r-1"

@@ -35,6 +35,7 @@ from shoal.gateway.api.files import upload_limit
 from shoal.gateway.api.limits import BodySizeLimit
 from shoal.gateway.api.openapi import install_openapi, operation_id
 from shoal.gateway.api.problems import install_problem_handlers, problem_responses
+from shoal.gateway.api.prompt_route import PromptRoute
 from shoal.gateway.api.proxy import router as proxy_router
 from shoal.gateway.api.request_id import RequestIdMiddleware, install_request_id_logging
 from shoal.gateway.api.socket_routes import SocketRoutes
@@ -120,7 +121,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.include_router(proxy_router, generate_unique_id_function=operation_id)
     app.include_router(files_router, generate_unique_id_function=operation_id)
-    # Outermost: the event sockets skip the framework's stack (it would stay parked per socket).
+    # Outermost: the command path's hot route and the event sockets skip the framework's stack
+    # (its CPU per prompt request; its frames, parked per socket).
+    app.add_middleware(PromptRoute, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(SocketRoutes)
     install_openapi(app)
     # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.

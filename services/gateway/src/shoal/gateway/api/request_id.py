@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 from starlette.requests import HTTPConnection
@@ -41,6 +43,16 @@ def accepted_request_id(value: str | None) -> str:
 def current_request_id() -> str | None:
     """The id of the request this task is serving, if any."""
     return _current.get()
+
+
+@contextmanager
+def serving_request(request_id: str) -> Iterator[None]:
+    """Log lines written inside carry ``request_id`` (the middleware's, for direct routes)."""
+    token = _current.set(request_id)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 def request_id_of(conn: HTTPConnection | Scope) -> str | None:
@@ -76,11 +88,8 @@ class RequestIdMiddleware:
                 message = {**message, "headers": [*headers, header]}
             await send(message)
 
-        token = _current.set(request_id)
-        try:
+        with serving_request(request_id):
             await self.app(scope, receive, send_with_id if scope["type"] == "http" else send)
-        finally:
-            _current.reset(token)
 
 
 class RequestIdLogFilter(logging.Filter):
