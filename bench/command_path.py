@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -85,6 +86,8 @@ class CommandResult:
     setup_seconds: float
     options: CommandOptions
     services: tuple[str, ...]
+    # NATS messages per prompt by client connection name: (into the server, out of it).
+    traffic: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def installed_services() -> tuple[str, ...]:
@@ -105,6 +108,7 @@ class _Fleet:
     nats_url: str
     pids: dict[str, list[int]]
     services: tuple[str, ...]
+    monitor_url: str  # nats-server's monitoring endpoint
 
 
 @contextlib.asynccontextmanager
@@ -119,6 +123,7 @@ async def running_fleet(
         store_dir=home / "nats",
         sync_always=sync_always,
         log_file=logs / "nats.log",
+        monitor_port=free_port(),  # /connz: messages per prompt by connection
     )
     postgres = EmbeddedPostgres(
         data_dir=home / "postgres", port=free_port(), log_file=logs / "postgres.log"
@@ -163,7 +168,8 @@ async def running_fleet(
             for label, server in (("nats-server", nats), ("postgres", postgres)):
                 if server.proc is not None:
                     pids[label] = [server.proc.pid]
-            yield _Fleet(fleet.gateway_url, fleet.admin_key, nats.url, pids, services)
+            monitor = f"http://127.0.0.1:{nats.monitor_port}"
+            yield _Fleet(fleet.gateway_url, fleet.admin_key, nats.url, pids, services, monitor)
     finally:
         await asyncio.shield(asyncio.to_thread(postgres.stop))
         await asyncio.shield(asyncio.to_thread(nats.stop))
@@ -406,11 +412,13 @@ async def run_mode(sync_always: bool, options: CommandOptions) -> CommandResult:
                     await asyncio.sleep(options.warmup)
                     groups = {**fleet.pids, "load generator": [os.getpid()]}
                     meter = CpuMeter(groups)
+                    before = await _connection_counts(fleet.monitor_url)
                     meter.start()
                     load.stats.measuring = True
                     await asyncio.sleep(options.duration)
                     load.stats.measuring = False
                     cpu, wall = meter.stop()
+                    after = await _connection_counts(fleet.monitor_url)
                     queued = list(load.stats.queued)
                     errors = load.stats.errors
                 finally:
@@ -441,7 +449,34 @@ async def run_mode(sync_always: bool, options: CommandOptions) -> CommandResult:
         setup_seconds=setup_seconds,
         options=options,
         services=fleet.services,
+        traffic=_per_prompt(before, after, len(queued)),
     )
+
+
+async def _connection_counts(monitor_url: str) -> dict[str, tuple[int, int]]:
+    """(in_msgs, out_msgs) summed per client connection name, from nats-server's /connz."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        connz = (await client.get(f"{monitor_url}/connz", params={"limit": 4096})).json()
+    counts: dict[str, tuple[int, int]] = {}
+    for conn in connz.get("connections") or ():
+        name = str(conn.get("name") or "unnamed")
+        seen_in, seen_out = counts.get(name, (0, 0))
+        counts[name] = (seen_in + int(conn["in_msgs"]), seen_out + int(conn["out_msgs"]))
+    return counts
+
+
+def _per_prompt(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], prompts: int
+) -> dict[str, tuple[float, float]]:
+    """Messages per prompt over the window; connections that came or went count from 0."""
+    if not prompts:
+        return {}
+    traffic = {}
+    for name, (now_in, now_out) in sorted(after.items()):
+        was_in, was_out = before.get(name, (0, 0))
+        if now_in - was_in or now_out - was_out:
+            traffic[name] = ((now_in - was_in) / prompts, (now_out - was_out) / prompts)
+    return traffic
 
 
 def _remove(home: Path) -> None:
@@ -480,6 +515,10 @@ def render_command_path(results: list[CommandResult], raw_rates: dict[bool, floa
             ("  ratio to the raw command path", ratio),
             ("  CPU per prompt (all processes)", f"{fmt(path.cpu_ms_per_command, 3)} ms"),
             *((f"  cores busy: {label}", fmt(path.cores(label), 2)) for label in path.cpu_seconds),
+            *(
+                (f"  NATS msgs per prompt: {name} (in / out)", f"{sent:.2f} / {got:.2f}")
+                for name, (sent, got) in result.traffic.items()
+            ),
             ("  setup (fleet, sessions, sockets)", f"{result.setup_seconds:.1f} s"),
         ]
         runners = "" if opts.runners else ", no runners: one command and one event per prompt"
