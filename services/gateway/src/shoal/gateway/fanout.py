@@ -50,6 +50,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from shoal.common.errors import Unavailable
 from shoal.common.messaging import Envelope
 from shoal.gateway import metrics
+from shoal.gateway._wire import text_frame
 from shoal.gateway.service import SessionEventMsg
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,20 @@ class LiveEvent(SessionEventMsg):
 
     ``seq`` is the socket's position: the session seq, or the DELIVER stream sequence on a
     user stream. ``prev`` is the stream sequence of the previous message on the same subject
-    (0: unknown).
+    (0: unknown). ``wire``: the frame as a complete WebSocket text frame, the same bytes for
+    every socket (``_wire``); only on live events, which are shared (None on ledger reads,
+    which each socket makes for itself).
     """
 
     stream_seq: int
     prev: int
     frame: str
+    wire: bytes | None = None
 
 
-def _decode(data: bytes, stream_seq: int, prev: int, by_stream_seq: bool) -> LiveEvent | None:
+def _decode(
+    data: bytes, stream_seq: int, prev: int, by_stream_seq: bool, *, wire: bool = False
+) -> LiveEvent | None:
     try:
         envelope = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -85,7 +91,13 @@ def _decode(data: bytes, stream_seq: int, prev: int, by_stream_seq: bool) -> Liv
         return None
     frame = f'{{"type":"event","seq":{seq},"event":{data.decode()}}}'
     return LiveEvent(
-        seq=seq, envelope=envelope, raw=data, stream_seq=stream_seq, prev=prev, frame=frame
+        seq=seq,
+        envelope=envelope,
+        raw=data,
+        stream_seq=stream_seq,
+        prev=prev,
+        frame=frame,
+        wire=text_frame(b'{"type":"event","seq":%d,"event":%b}' % (seq, data)) if wire else None,
     )
 
 
@@ -274,7 +286,11 @@ class LiveHub:
             if stream_seq is None:
                 return  # not a re-published stored message
             event = _decode(
-                msg.data, stream_seq, _header_int(msg, LAST_SEQUENCE_HEADER) or 0, by_stream_seq
+                msg.data,
+                stream_seq,
+                _header_int(msg, LAST_SEQUENCE_HEADER) or 0,
+                by_stream_seq,
+                wire=True,
             )
             if event is None:
                 # Malformed: it has no place in the order; the feeds skip it in the ledger too.
@@ -538,3 +554,8 @@ class LiveFeed:
 def frame_of(event: SessionEventMsg) -> str | None:
     """The event's client frame when it was encoded once for every socket, else None."""
     return event.frame if isinstance(event, LiveEvent) else None
+
+
+def wire_of(event: SessionEventMsg) -> bytes | None:
+    """The event's complete WebSocket frame when it was encoded once for every socket."""
+    return event.wire if isinstance(event, LiveEvent) else None

@@ -63,10 +63,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from shoal.common.contracts import SessionSnapshot
 from shoal.common.errors import Conflict, Forbidden, NotFound, ShoalError, Unauthorized
 from shoal.common.messaging import dumps, loads, new_id
-from shoal.gateway import metrics
+from shoal.gateway import _wire, metrics
 from shoal.gateway.api.upgrade import StreamingState, streaming_state, upgrade_principal
 from shoal.gateway.config import GatewaySettings
-from shoal.gateway.fanout import LiveFeed, frame_of
+from shoal.gateway.fanout import LiveEvent, LiveFeed, frame_of, wire_of
 from shoal.gateway.service import (
     EventCursor,
     EventFeed,
@@ -170,13 +170,14 @@ _NO_FRAMES: deque[tuple[int | None, str]] = deque(maxlen=0)  # shared, stays emp
 class ManagedSocket:
     """One accepted socket: a receiver task, the caller's ``work`` (a feed pump), a bounded outbox.
 
-    Frames are written at once while nothing is queued ahead of them (uvicorn's sans-I/O
-    protocol frames and writes to the transport without waiting), from whichever task or
-    callback sends them. Only when the transport pushes back (the peer reads slowly) does a
-    writer task take over; frames queue behind it in the bounded outbox, and a sender that finds
-    the outbox full for ``ws_lag_grace`` cuts the socket off (4408). The idle timeout is a loop
-    timer, not a task. Whichever part ends first ends the socket; ``finish(code, reason)`` records
-    how to close it.
+    Frames are written at once while nothing is queued ahead of them, from whichever task or
+    callback sends them: straight to the transport as prebuilt frame bytes where uvicorn's
+    sans-I/O protocol would write exactly those (``_wire``), else through the ASGI ``send``
+    (which frames and writes without waiting). Only when the transport pushes back (the peer
+    reads slowly) does a writer task take over; frames queue behind it in the bounded outbox,
+    and a sender that finds the outbox full for ``ws_lag_grace`` cuts the socket off (4408). The
+    idle timeout is a loop timer, not a task. Whichever part ends first ends the socket;
+    ``finish(code, reason)`` records how to close it.
     """
 
     # Slots: an instance dict would cost ~1 KB more per socket, and most sockets are idle.
@@ -184,6 +185,7 @@ class ManagedSocket:
         "_burst",
         "_close_timeout",
         "_close_with",
+        "_direct",
         "_done",
         "_idle",
         "_idle_timer",
@@ -238,6 +240,8 @@ class ManagedSocket:
         self._serving: asyncio.Task[Any] | None = None  # serve()'s task, which runs the receiver
         self._close_with: tuple[int, str] | None = None
         self.sent_seq = 0  # last event seq written to the socket
+        # The connection's protocol when frames may bypass the ASGI send (_wire), else None.
+        self._direct = _wire.direct_protocol(getattr(websocket, "_send", None))
 
     # -- to override --
     def lag_reason(self) -> str:
@@ -278,7 +282,7 @@ class ManagedSocket:
         # One frame always fits an empty outbox, however large (it is below the frame cap).
         return self._queued == 0 or self._queued + size <= self._max_queued
 
-    async def send_text(self, text: str, seq: int | None = None) -> bool:
+    async def send_text(self, text: str, seq: int | None = None, wire: bytes | None = None) -> bool:
         """Send a frame (queue it behind a slow peer); a sender stuck behind a full outbox past
         the grace cuts the socket off (4408). False: the socket is ending."""
         if self._writer is not None and not self._has_room(len(text)):
@@ -291,7 +295,7 @@ class ManagedSocket:
                 if self._room is None:
                     self._room = self._loop.create_future()
                 await asyncio.wait((self._room, self._done), timeout=remaining)
-        return self._push(text, seq)
+        return self._push(text, seq, wire)
 
     def offer_text(self, text: str) -> bool:
         """Queue an ephemeral frame (a delta) unless the outbox is half full: then drop it.
@@ -308,12 +312,13 @@ class ManagedSocket:
             return False
         return self._push(text, None)
 
-    def _push(self, text: str, seq: int | None) -> bool:
-        """Write now, or queue behind the writer (no bound checked here)."""
+    def _push(self, text: str, seq: int | None, wire: bytes | None = None) -> bool:
+        """Write now, or queue behind the writer (no bound checked here). ``wire``: ``text``
+        as a complete frame already, if the caller has it."""
         if self._done.done():
             return False
         if self._writer is None:
-            self._write_now(text, seq)
+            self._write_now(text, seq, wire)
         else:
             if self._outbox is _NO_FRAMES:
                 self._outbox = deque()
@@ -321,10 +326,23 @@ class ManagedSocket:
             self._queued += len(text)
         return True
 
-    def _write_now(self, text: str, seq: int | None) -> None:
-        """Run the ASGI send up to its first wait: usually to the end (the frame is on the
-        transport). If the transport pushes back, a writer task finishes it and drains what
-        queues behind it. (Python 3.12's eager tasks do this; the gateway supports 3.11.)"""
+    def _write_now(self, text: str, seq: int | None, wire: bytes | None = None) -> None:
+        """Write the frame to the transport if it takes it as is (``_wire``); else run the ASGI
+        send up to its first wait: usually to the end (the frame is on the transport). If the
+        transport pushes back, a writer task finishes it and drains what queues behind it.
+        (Python 3.12's eager tasks do this; the gateway supports 3.11.)"""
+        direct = self._direct
+        if direct is not None and _wire.writable(direct):
+            try:
+                direct.transport.write(
+                    wire if wire is not None else _wire.text_frame(text.encode())
+                )
+            except Exception as exc:  # as the send's own failure would: ends the socket
+                self._failed(exc)
+                return
+            if seq is not None:
+                self.sent_seq = seq
+            return
         send = self.ws.send({"type": "websocket.send", "text": text})
         try:
             waiting = send.send(None)
@@ -545,17 +563,14 @@ class ResumableSocket(ManagedSocket):
         """The next live event, straight from the subscription: written now if nothing is
         queued ahead of it and it needs no ``gap`` frame first; else refused (False) and the
         pump sends it in order."""
-        if self._writer is not None or self._done.done():
-            return False
-        frame = frame_of(event)
-        if frame is None:
+        if self._writer is not None or self._done.done() or not isinstance(event, LiveEvent):
             return False
         cursor = self.cursor
         if self.contiguous and event.seq != cursor.last + 1:
             return False
         if not cursor.admit(event.seq):
             return False
-        self._write_now(frame, event.seq)
+        self._write_now(event.frame, event.seq, event.wire)
         return True
 
     def lag_reason(self) -> str:
@@ -599,7 +614,7 @@ class ClientSocket(ResumableSocket):
         if gap is not None and not await self.send_frame(gap_frame(*gap)):
             return False
         return not self.cursor.admit(event.seq) or await self.send_text(
-            event_frame(event), event.seq
+            event_frame(event), event.seq, wire_of(event)
         )
 
     async def on_frame(self, frame: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from shoal.gateway.api.sockets import (
     refuse,
 )
 from shoal.gateway.api.upgrade import StreamingState, streaming_state, upgrade_principal
+from shoal.gateway.fanout import wire_of
 from shoal.gateway.service import (
     EventCursor,
     EventFeed,
@@ -101,7 +102,7 @@ class UserSocket(ResumableSocket):
 
     async def _send_event(self, event: SessionEventMsg) -> bool:
         return not self.cursor.admit(event.seq) or await self.send_text(
-            event_frame(event), event.seq
+            event_frame(event), event.seq, wire_of(event)
         )
 
     async def on_frame(self, frame: dict[str, Any]) -> None:
