@@ -106,3 +106,41 @@ async def test_messages_it_was_given_but_never_took_come_back_at_once_after_a_st
         await second.stop()
     assert [int(m.data) for m in taken] == [0, 1]
     assert sorted(int(m.data) for m in rest) == [2, 3, 4]
+
+
+async def test_linger_waits_for_a_fuller_batch_but_no_longer_than_asked(
+    nc: NATS, js: JetStreamContext
+) -> None:
+    stream, prefix = await _stream(js)
+    puller = ContinuousPull(nc, stream=stream, consumer="c", batch=10, expires=5.0)
+    await puller.start()
+    try:
+
+        async def trickle() -> None:
+            for n in range(4):
+                await js.publish(f"{prefix}.x", str(n).encode())
+                await asyncio.sleep(0.02)
+
+        publishing = asyncio.create_task(trickle())
+        first = await puller.take(2.0, linger=0.5)  # the first, then the three 20 ms apart
+        await publishing
+        assert [m.data for m in first] == [b"0", b"1", b"2", b"3"]
+        for msg in first:
+            await msg.ack()
+
+        await js.publish(f"{prefix}.x", b"4")
+        started = time.monotonic()
+        alone = await puller.take(2.0, linger=0.1)  # nothing follows: back after the linger
+        assert [m.data for m in alone] == [b"4"]
+        assert 0.09 <= time.monotonic() - started < 1.0
+        await alone[0].ack()
+
+        for n in range(5, 8):
+            await js.publish(f"{prefix}.x", str(n).encode())
+        await asyncio.sleep(0.2)  # all three in hand: a full limit returns at once
+        started = time.monotonic()
+        full = await puller.take(2.0, limit=3, linger=5.0)
+        assert [m.data for m in full] == [b"5", b"6", b"7"]
+        assert time.monotonic() - started < 1.0
+    finally:
+        await puller.stop()

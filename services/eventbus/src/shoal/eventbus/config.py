@@ -19,6 +19,9 @@ class EventbusSettings(CommonSettings):
     # is missed; "new" suits adding an eventbus to a fleet with a long ledger already.
     eventbus_start: Literal["all", "new"] = "all"
     eventbus_batch_size: int = Field(default=100, ge=1, le=1000)
+    # Once an event arrived, wait this long for more to fill the batch (SHOAL_EVENTBUS_LINGER):
+    # a batch costs one round of publishes and acks whatever its size. 0 = take what is there.
+    eventbus_linger: timedelta = timedelta(milliseconds=5)
     # How long one pull waits for events; also the longest a graceful stop waits on a pull.
     eventbus_fetch_timeout: timedelta = timedelta(seconds=1)
     eventbus_ack_wait: timedelta = timedelta(seconds=30)

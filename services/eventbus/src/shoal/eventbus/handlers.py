@@ -100,10 +100,11 @@ class EventConsumer:
 
     async def _run(self, puller: ContinuousPull) -> None:
         wait = self._settings.eventbus_fetch_timeout.total_seconds()
+        linger = self._settings.eventbus_linger.total_seconds()
         try:
             while not self._stopping.is_set():
                 try:
-                    msgs = await puller.take(wait)
+                    msgs = await puller.take(wait, linger=linger)
                     if not msgs:
                         continue
                 except Exception:

@@ -55,6 +55,9 @@ class SessionSettings(CommonSettings):
     # replica runs no projection consumer; the messages RPC is served either way.
     projection_enabled: bool = True
     projection_batch: int = Field(default=200, ge=1, le=1000)
+    # Once an event arrived, wait this long for more (SHOAL_PROJECTION_LINGER): one transaction
+    # per batch, so history lags the ledger by up to this much more. 0 = take what is there.
+    projection_linger: timedelta = timedelta(milliseconds=10)
 
     @model_validator(mode="after")
     def _index_within_count(self) -> SessionSettings:

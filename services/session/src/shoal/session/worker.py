@@ -364,11 +364,12 @@ class ProjectionWorker:
 
     async def _loop(self, puller: ContinuousPull) -> None:
         wait = self._settings.fetch_timeout.total_seconds()
+        linger = self._settings.projection_linger.total_seconds()
         failures = 0
         try:
             while not self._stopping:
                 try:
-                    msgs = await puller.take(wait)
+                    msgs = await puller.take(wait, linger=linger)
                 except Exception as exc:  # NATS closed or its pending buffer full
                     failures += 1
                     log.warning("projection pull failed: %r", exc)

@@ -19,6 +19,7 @@ Example::
     puller = ContinuousPull(nc, stream="S", consumer="c", batch=100, expires=2.0)
     await puller.start()
     msgs = await puller.take(wait=2.0)   # [] after the wait, else what has arrived
+    msgs = await puller.take(wait=2.0, linger=0.005)  # and up to 5 ms more to fill the batch
     await puller.stop()
 """
 
@@ -30,6 +31,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -91,28 +93,39 @@ class ContinuousPull:
         """Messages requested and not yet arrived (open requests only)."""
         return int(sum(owed for owed, _ in self._open))
 
-    async def take(self, wait: float, limit: int | None = None) -> list[Msg]:
-        """What has arrived (at most ``limit``), waiting up to ``wait`` seconds for the first."""
+    async def take(self, wait: float, limit: int | None = None, linger: float = 0.0) -> list[Msg]:
+        """What has arrived (at most ``limit``), waiting up to ``wait`` seconds for the first.
+
+        ``linger`` > 0: once something arrived, wait up to that many seconds more while fewer
+        than ``limit`` (default: the batch) are in hand. A consumer whose cost is per batch (a
+        database transaction, a round of acks) trades that much latency for fuller batches.
+        """
         deadline = time.monotonic() + wait
         await self._top_up()
-        while not self._arrived and self._sub is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wake.wait()
-            except TimeoutError:
-                break
-            if self._expired:  # a request ran its course: keep one open
-                self._expired = False
-                await self._top_up()
+        await self._wait_for(lambda: bool(self._arrived), deadline)
+        want = self._batch if limit is None else limit
+        if linger > 0 and 0 < len(self._arrived) < want:
+            await self._wait_for(lambda: len(self._arrived) >= want, time.monotonic() + linger)
         count = len(self._arrived) if limit is None else min(limit, len(self._arrived))
         msgs = [self._arrived.popleft() for _ in range(count)]
         if msgs:
             await self._top_up()
         return msgs
+
+    async def _wait_for(self, enough: Callable[[], bool], deadline: float) -> None:
+        while not enough() and self._sub is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+            except TimeoutError:
+                return
+            if self._expired:  # a request ran its course: keep one open
+                self._expired = False
+                await self._top_up()
 
     async def _top_up(self) -> None:
         if self._sub is None:
