@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import sys
 
-from bench._report import fmt, latency_cell, machine_info, table
+from bench._report import fmt, latency_cell, machine_info, run_loop, table
 from bench.command_path import (
     CommandOptions,
     CommandResult,
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     try:
         if args.which in ("all", "raw"):
-            raw = asyncio.run(
+            raw = run_loop(
                 run_raw(
                     RawOptions(
                         messages=messages,
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.which in ("all", "command"):
             try:
-                shoal = asyncio.run(
+                shoal = run_loop(
                     run_command_path(
                         CommandOptions(
                             sessions=sessions,

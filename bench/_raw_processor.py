@@ -26,6 +26,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.kv import KeyValue
 
+from bench._report import run_loop
+
 CMD_STREAM = "RAW_CMD"
 EVT_STREAM = "RAW_EVT"
 STATE_BUCKET = "raw-state"
@@ -202,7 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nats-url", required=True)
     args = parser.parse_args()
-    asyncio.run(_main(args.nats_url))
+    run_loop(_main(args.nats_url))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+import uvloop
+
+_T = TypeVar("_T")
+
+
+def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run`` on uvloop, the event loop every Shoal service runs on (uvicorn picks it):
+    the load generator and the raw baseline's processor run on it too, so ratios compare
+    Python on the same loop."""
+    return uvloop.run(main)
 
 
 @dataclass(frozen=True)
