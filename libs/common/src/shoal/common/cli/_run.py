@@ -44,7 +44,7 @@ def run_service(name: str) -> int:
         print(f"shoal run: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     app = entry.load()()
-    server = ServiceServer(server_config(app, settings))
+    server = ServiceServer(server_config(app, settings), freeze_gc=True)
 
     def after_uvicorn(sig: int, frame: FrameType | None) -> None:
         # uvicorn re-raises the signal that stopped it once it has shut down gracefully:
