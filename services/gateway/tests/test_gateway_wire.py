@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from gateway_fakes import FakeKeys, FakeSessionService
+from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
@@ -21,7 +24,7 @@ from websockets.uri import parse_uri
 
 from shoal.client import ShoalClient
 from shoal.common.service import ServiceServer, server_config
-from shoal.gateway._wire import direct_protocol, text_frame
+from shoal.gateway._wire import direct_protocol, text_frame, writable
 from shoal.gateway.api.deps import gateway_state
 from shoal.gateway.app import create_app
 from shoal.gateway.config import GatewaySettings
@@ -204,3 +207,108 @@ async def test_compression_negotiated_keeps_the_asgi_send(
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, 15)
+
+
+# -- when a direct write is allowed: a real uvicorn protocol on a transport that records writes --
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 8470) if name in ("sockname", "peername") else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@dataclass
+class _Accepted:
+    protocol: WebSocketsSansIOProtocol
+    transport: _Transport
+    send: Any  # the ASGI send the app was given
+    stop: asyncio.Event
+    state: ServerState
+
+    async def close(self) -> None:
+        """End the app and wait for its task."""
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.state.tasks), 5)
+
+
+async def _accepted(deflate: bool = False) -> _Accepted:
+    """A protocol whose app accepted the socket (no server: the transport only records)."""
+    accepted: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        accepted.set_result(send)
+        await stop.wait()
+
+    config = Config(app=app, ws="websockets-sansio", ws_per_message_deflate=deflate)
+    config.load()
+    state = ServerState()
+    protocol = WebSocketsSansIOProtocol(config, state, {})
+    transport = _Transport()
+    protocol.connection_made(transport)
+    extensions = "Sec-WebSocket-Extensions: permessage-deflate\r\n" if deflate else ""
+    protocol.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        + extensions.encode()
+        + b"\r\n"
+    )
+    send = await asyncio.wait_for(accepted, 5)
+    return _Accepted(protocol, transport, send, stop, state)
+
+
+async def test_direct_writes_only_while_open_and_not_paused() -> None:
+    accepted = await _accepted()
+    protocol, transport = accepted.protocol, accepted.transport
+    try:
+        assert direct_protocol(accepted.send) is protocol
+        assert writable(protocol)
+        protocol.pause_writing()  # above the transport's high-water mark
+        assert not writable(protocol)
+        protocol.resume_writing()
+        assert writable(protocol)
+        transport.closing = True
+        assert not writable(protocol)
+        transport.closing = False
+        # The peer's close frame (masked, code 1000): the connection is closing.
+        protocol.data_received(bytes([0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8]))
+        assert not writable(protocol)
+    finally:
+        await accepted.close()
+
+
+async def test_no_direct_writes_after_the_app_closes_or_with_compression() -> None:
+    accepted = await _accepted()
+    try:
+        await accepted.send({"type": "websocket.close", "code": 1000})
+        assert not writable(accepted.protocol)
+    finally:
+        await accepted.close()
+    accepted = await _accepted(deflate=True)
+    try:
+        assert accepted.protocol.conn.extensions  # negotiated: frames differ per connection
+        assert direct_protocol(accepted.send) is None
+    finally:
+        await accepted.close()
