@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import math
 import multiprocessing
+import os
 import re
 import resource
 import shutil
@@ -82,6 +83,7 @@ IDLE_PER_SESSION = 10  # idle client sockets per idle session
 EVENT_TYPE = "message.completed"
 PING = b'{"type":"ping"}'
 KEEPALIVE = 60  # s between a socket's application pings (the gateway's idle timeout is 120 s)
+SATURATED = 0.9  # share of the machine's cores busy past which the latencies are the machine's
 _ID_RE = re.compile(r"\b(ses|usr|key)_[0-9a-z]{8,}")  # ids out of close reasons, so they add up
 
 
@@ -135,6 +137,7 @@ class FanoutResult:
     errors: list[str] = field(default_factory=list)
     fd_limit: str = ""
     notes: list[str] = field(default_factory=list)
+    machine_cores: float = float("nan")  # cores busy in the window, every process (/proc/stat)
 
     @property
     def rate(self) -> float:
@@ -638,9 +641,11 @@ async def _measure(
     meter = CpuMeter(groups)
     await clients.each(("start",))
     meter.start()
+    machine_from = _machine_busy()
     await asyncio.sleep(options.duration)
     answers = await clients.each(("stop",), 60)
     cpu, wall = meter.stop()
+    result.machine_cores = (_machine_busy() - machine_from) / wall if wall > 0 else math.nan
     latencies: list[float] = []
     for answer in answers:
         result.delivered += answer["frames"]
@@ -650,6 +655,18 @@ async def _measure(
     result.seconds = wall
     result.cpu = cpu
     result.latency = Latency.of(latencies)
+
+
+def _machine_busy() -> float:
+    """CPU seconds every process of the machine has spent so far (/proc/stat: all but idle and
+    iowait): what bounds the latencies when the bench and the fleet share too few cores."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return math.nan
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 async def _idle_cpu(pids: list[int], seconds: float) -> float:
@@ -1028,6 +1045,11 @@ def render_fanout(results: list[FanoutResult]) -> str:
         ),
         row("server CPU per delivered frame (µs)", lambda r: r.us_per_frame, 1),
         row("server cores busy under load", lambda r: r.server_cpu / r.seconds, 2),
+        row(
+            f"machine cores busy, every process (of {os.cpu_count()})",
+            lambda r: r.machine_cores,
+            2,
+        ),
         text(
             "publish -> receive p50 / p95 / p99",
             latency_cell(b.latency),
@@ -1072,6 +1094,13 @@ def render_fanout(results: list[FanoutResult]) -> str:
         for label, count in result.closes.most_common(5):
             notes.append(f"{result.name}: socket closed {count}x: {label}")
         notes.extend(f"{result.name}: {note}" for note in result.notes)
+        cores = os.cpu_count() or 1
+        if result.machine_cores >= SATURATED * cores:
+            notes.append(
+                f"{result.name}: the machine was saturated ({result.machine_cores:.2f} of {cores}"
+                " cores busy in the window, every process): the latencies include waiting for a"
+                " CPU; a lower --rate (or fewer --open) shows them at a load the machine carries"
+            )
         notes.extend(f"{result.name}: error: {error}" for error in result.errors)
     if notes:
         parts.append("Fan-out notes\n" + "\n".join(f"- {n}" for n in notes))
