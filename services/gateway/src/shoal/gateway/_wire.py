@@ -36,6 +36,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+# The protocol's attributes writable() reads, as uvicorn names them.
+_PROTOCOL_STATE = (
+    "writable",
+    "close_sent",
+    "disconnected",
+    "handshake_complete",
+    "conn",
+    "transport",
+)
 _FIN_TEXT = 0x81  # FIN + opcode 0x1 (text); RSV bits clear: no extension
 _header_16 = struct.Struct("!BBH").pack
 _header_64 = struct.Struct("!BBQ").pack
@@ -70,6 +79,9 @@ def direct_protocol(send: Callable[..., Any] | None) -> WebSocketsSansIOProtocol
     if _SansIOProtocol is None or type(protocol) is not _SansIOProtocol:
         return None
     if getattr(send, "__func__", None) is not _SansIOProtocol.send:
+        return None
+    # Another uvicorn version may keep its state under other names: then keep its send.
+    if not all(hasattr(protocol, name) for name in _PROTOCOL_STATE):
         return None
     if not protocol.handshake_complete or protocol.conn.extensions:
         return None
