@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from gateway_fakes import FakeKeys, FakeSessionService
 from nats.aio.client import Client as NATS
 
+from shoal.client import ShoalClient
 from shoal.common.embedded import free_port
 from shoal.common.messaging import Subjects
 from shoal.common.service import ServiceServer, server_config
@@ -108,3 +109,10 @@ def gateway_factory(settings: GatewaySettings) -> Callable[[], Any]:
         return await start_gateway(settings)
 
     return start
+
+
+@pytest.fixture
+async def alice(gateway: RunningGateway) -> AsyncIterator[ShoalClient]:
+    """A client with alice's key (FakeKeys knows it)."""
+    async with ShoalClient(gateway.base_url, "key-alice") as client:
+        yield client

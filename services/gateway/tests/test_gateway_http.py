@@ -23,12 +23,6 @@ ALICE = {"Authorization": "Bearer key-alice"}
 
 
 @pytest.fixture
-async def alice(gateway: RunningGateway) -> AsyncIterator[ShoalClient]:
-    async with ShoalClient(gateway.base_url, "key-alice") as client:
-        yield client
-
-
-@pytest.fixture
 async def http(gateway: RunningGateway) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=gateway.base_url) as client:
         yield client

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -35,12 +34,6 @@ def settings_overrides() -> dict[str, Any]:
         "sse_keepalive": timedelta(seconds=0.3),
         "ws_allowed_origins": ["https://app.example.com"],
     }
-
-
-@pytest.fixture
-async def alice(gateway: RunningGateway) -> AsyncIterator[ShoalClient]:
-    async with ShoalClient(gateway.base_url, "key-alice") as client:
-        yield client
 
 
 async def ws(url: str, headers: dict[str, str] | None = None, **kw: Any) -> ClientConnection:

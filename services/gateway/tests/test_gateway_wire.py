@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -38,12 +37,6 @@ ALICE = {"Authorization": "Bearer key-alice"}
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
     return {"ws_send_queue": 8, "ws_lag_grace": timedelta(seconds=0.3)}
-
-
-@pytest.fixture
-async def alice(gateway: RunningGateway) -> AsyncIterator[ShoalClient]:
-    async with ShoalClient(gateway.base_url, "key-alice") as client:
-        yield client
 
 
 @pytest.fixture
