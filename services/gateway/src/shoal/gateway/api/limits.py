@@ -6,13 +6,13 @@ streams and refused when it crosses the cap. Either way: 413 problem+json.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shoal.gateway.api.problems import PROBLEM_JSON, problem_body
+from shoal.gateway.api.problems import problem
 
 
 class _TooLarge(HTTPException):
@@ -52,7 +52,7 @@ class BodySizeLimit:
                 except ValueError:
                     declared = 0
                 if declared > max_bytes:
-                    await self._refuse(scope, send, max_bytes)
+                    await body_too_large(max_bytes, scope["path"])(scope, receive, send)
                     return
         seen = 0
         started = False
@@ -76,28 +76,19 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(scope, send, max_bytes)
+                await body_too_large(max_bytes, scope["path"])(scope, receive, send)
 
-    async def _refuse(self, scope: Scope, send: Send, max_bytes: int) -> None:
-        body = json.dumps(
-            problem_body(
-                413,
-                "payload_too_large",
-                "Payload too large",
-                f"request body exceeds {max_bytes} bytes",
-                str(scope.get("path", "")),
-                {"max_bytes": max_bytes},
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", PROBLEM_JSON.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+def body_too_large(max_bytes: int, instance: str, request_id: str | None = None) -> JSONResponse:
+    """The 413 for a body over ``max_bytes``; the connection closes (the rest is not read)."""
+    response = problem(
+        413,
+        "payload_too_large",
+        "Payload too large",
+        f"request body exceeds {max_bytes} bytes",
+        instance,
+        {"max_bytes": max_bytes},
+        request_id,
+    )
+    response.headers["connection"] = "close"
+    return response

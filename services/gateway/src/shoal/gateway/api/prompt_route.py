@@ -11,7 +11,8 @@ stack does for this one route, in one frame:
 - a server span continuing the caller's ``traceparent`` (as ``TraceRequests``);
 - the key and its scope (:meth:`GatewayService.authenticate`, ``authorize_route``);
 - the body validated by the route's own model (:class:`~shoal.gateway.api.routes.SubmitPrompt`);
-- the receipt as the route answers it, errors as problem+json (``problems.problem_body``).
+- the receipt as the route answers it; errors as the app's handlers answer them
+  (``problems.shoal_problem``, ``limits.body_too_large``).
 
 Whatever it does not handle goes to the app untouched, which answers it exactly as before: a
 request with an ``Origin`` header (CORS is the framework's), a non-JSON content type, a root
@@ -32,12 +33,14 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.common.errors import ShoalError
 from shoal.common.observability import start_span
 from shoal.gateway.api.deps import gateway_state
-from shoal.gateway.api.problems import PROBLEM_JSON, problem_body
+from shoal.gateway.api.limits import body_too_large
+from shoal.gateway.api.problems import problem, shoal_problem
 from shoal.gateway.api.request_id import (
     REQUEST_ID_HEADER,
     accepted_request_id,
@@ -96,12 +99,7 @@ class PromptRoute:
         try:
             body = await _read_body(receive, headers.get(b"content-length"), self.max_body_bytes)
         except _BodyTooLarge:
-            detail = f"request body exceeds {self.max_body_bytes} bytes"
-            extra = {"max_bytes": self.max_body_bytes}
-            problem = problem_body(
-                413, "payload_too_large", "Payload too large", detail, path, extra, request_id
-            )
-            await _respond(send, 413, problem, request_id, close=True)
+            await body_too_large(self.max_body_bytes, path, request_id)(scope, receive, send)
             return
         try:
             prompt = SubmitPrompt.model_validate_json(body)
@@ -114,9 +112,13 @@ class PromptRoute:
         }
         attributes = {"http.request.method": "POST", "url.path": path}
         with start_span(f"POST {path}", carrier, **attributes) as span:
-            status, answer = await self._submit(scope, headers, session_id, prompt, request_id)
+            receipt = await self._submit(scope, headers, session_id, prompt, request_id)
+            status = receipt.status_code if isinstance(receipt, Response) else 202
             span.set_attribute("http.response.status_code", status)
-        await _respond(send, status, answer, request_id)
+        if isinstance(receipt, Response):
+            await receipt(scope, receive, send)
+        else:
+            await _accepted(send, receipt, request_id)
 
     async def _submit(
         self,
@@ -125,7 +127,8 @@ class PromptRoute:
         session_id: str,
         prompt: SubmitPrompt,
         request_id: str,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> dict[str, Any] | Response:
+        """The receipt as the route answers it, or the problem the app's handlers would send."""
         path: str = scope["path"]
         try:
             service = gateway_state(scope["app"]).service
@@ -140,16 +143,14 @@ class PromptRoute:
         except ShoalError as exc:
             if exc.status >= 500:
                 log.warning("POST %s -> %s: %s", path, exc.code, exc.message)
-            return exc.status, problem_body(
-                exc.status, exc.code, exc.title, exc.message, path, exc.detail, request_id
-            )
+            return shoal_problem(exc, path, request_id)
         except Exception:
             log.exception("unhandled error on POST %s", path, extra={"request_id": request_id})
-            return 500, problem_body(
+            return problem(
                 500, "internal", "Internal error", "internal error", path, None, request_id
             )
         # The route's response model: every field present (``seq`` may be null).
-        return 202, {
+        return {
             "prompt_id": receipt["prompt_id"],
             "session_id": receipt["session_id"],
             "status": receipt["status"],
@@ -205,18 +206,13 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _respond(
-    send: Send, status: int, body: dict[str, Any], request_id: str, *, close: bool = False
-) -> None:
-    payload = orjson.dumps(body)
+async def _accepted(send: Send, receipt: dict[str, Any], request_id: str) -> None:
+    """The 202, written as two ASGI messages (the hot path: no Response object per prompt)."""
+    payload = orjson.dumps(receipt)
     headers = [
-        (b"content-type", PROBLEM_JSON.encode()) if status >= 400 else _JSON,
+        _JSON,
         (b"content-length", str(len(payload)).encode()),
         (_REQUEST_ID, request_id.encode()),
     ]
-    if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="shoal"'))
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
