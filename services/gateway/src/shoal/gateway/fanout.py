@@ -97,7 +97,7 @@ def _decode(
         stream_seq=stream_seq,
         prev=prev,
         frame=frame,
-        wire=text_frame(b'{"type":"event","seq":%d,"event":%b}' % (seq, data)) if wire else None,
+        wire=text_frame(frame.encode()) if wire else None,
     )
 
 
