@@ -36,6 +36,7 @@ from shoal.common.messaging import (
     serve,
 )
 from shoal.common.settings import CommonSettings
+from shoal.gateway.api.sockets import SocketHub
 
 KEYS: dict[str, dict[str, Any]] = {
     "key-alice": {"key_id": "k-alice", "owner": "alice", "scopes": ["sessions"], "name": "alice"},
@@ -263,3 +264,17 @@ class FakeSessionService:
         limit = int(body.get("limit") or 50)
         items = [m for m in self.messages.get(body["session_id"], []) if m["seq"] > after][:limit]
         return {"messages": items, "next": items[-1]["seq"] if len(items) == limit else None}
+
+
+async def flood_until_cut_off(
+    sessions: FakeSessionService, session_id: str, hub: SocketHub
+) -> None:
+    """Emit 48 KiB deltas to ``session_id`` until the gateway has cut off every socket (a
+    client that stopped reading gets 4408), then wait for the hub to be empty."""
+    big = "y" * (48 * 1024)
+    for _ in range(400):
+        await sessions.emit(session_id, "message.delta", {"text": big})
+        if len(hub) == 0:
+            break
+    async with asyncio.timeout(20):
+        await hub.wait_empty()

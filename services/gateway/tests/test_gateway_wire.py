@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from gateway_fakes import FakeKeys, FakeSessionService
+from gateway_fakes import FakeKeys, FakeSessionService, flood_until_cut_off
 from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
@@ -149,14 +149,7 @@ async def test_client_socket_receives_through_direct_writes_then_lags_4408(
 
     # A client that stops reading: its transport pushes back, the ASGI send and the writer take
     # over, the bounded outbox fills, and the socket is cut off with the exact resume seq.
-    hub = gateway_state(gateway.app).hub
-    big = "y" * (48 * 1024)
-    for _ in range(400):
-        await sessions.emit(created.id, "message.delta", {"text": big})
-        if len(hub) == 0:
-            break
-    async with asyncio.timeout(20):
-        await hub.wait_empty()
+    await flood_until_cut_off(sessions, created.id, gateway_state(gateway.app).hub)
     assert asgi_sends  # the slow path was taken
     seqs: list[int] = []
     with pytest.raises(ConnectionClosed) as caught:

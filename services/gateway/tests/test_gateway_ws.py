@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from gateway_fakes import FakeKeys, FakeSessionService
+from gateway_fakes import FakeKeys, FakeSessionService, flood_until_cut_off
 from prometheus_client import REGISTRY
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -172,14 +172,7 @@ async def test_lagging_client_is_closed_4408_with_resume_seq(
         f"{gateway.ws_url}/v1/sessions/{created.id}/ws", ALICE, max_queue=1, max_size=None
     )
     assert (await recv_json(conn))["seq"] == 1  # served (and registered) before the flood
-    big = "y" * (48 * 1024)
-    hub = gateway_state(gateway.app).hub
-    for _ in range(400):
-        await sessions.emit(created.id, "message.delta", {"text": big})
-        if len(hub) == 0:
-            break
-    async with asyncio.timeout(20):
-        await hub.wait_empty()
+    await flood_until_cut_off(sessions, created.id, gateway_state(gateway.app).hub)
     frames: list[str] = []
     with pytest.raises(ConnectionClosed) as caught:
         await read_until_closed(conn, frames)
