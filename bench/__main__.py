@@ -183,7 +183,7 @@ def _fanout(args: argparse.Namespace, quick: bool, duration: float, warmup: floa
         rate=rate,
         duration=duration,
         warmup=warmup,
-        idle_window=1.0 if quick else 3.0,
+        idle_window=1.0 if quick else FanoutOptions.idle_window,
         clients=int(_bounded(args.clients, 1, 32, "clients")),
         idle_on=args.idle_on,
         baseline=not args.no_baseline,

@@ -32,20 +32,24 @@ class JetStreamDeliveries:
     ) -> list[bool | Exception]:
         futures: list[asyncio.Future[PubAck]] = []
         unsent: Exception | None = None
-        for delivery, body, headers in items:
-            try:
-                futures.append(
-                    await self._js.publish_async(
-                        delivery.subject,
-                        body,
-                        wait_stall=self._timeout,
-                        stream=self._stream,
-                        headers={**headers, MSG_ID_HEADER: delivery.msg_id},
+        try:
+            # The client's pending-publish bound is waited for under this deadline, not with
+            # publish_async's ``wait_stall``: on Python 3.11 that runs ``asyncio.wait_for``,
+            # which wraps the wait in a task and yields to the loop on every publish, so the
+            # client's flusher wrote each publish in a system call of its own. Without it a
+            # batch is queued back to back and goes out in one write.
+            async with asyncio.timeout(self._timeout):
+                for delivery, body, headers in items:
+                    futures.append(
+                        await self._js.publish_async(
+                            delivery.subject,
+                            body,
+                            stream=self._stream,
+                            headers={**headers, MSG_ID_HEADER: delivery.msg_id},
+                        )
                     )
-                )
-            except Exception as exc:  # not sent: it and everything after it fail
-                unsent = exc
-                break
+        except Exception as exc:  # not sent: it and everything after it fail
+            unsent = exc
         if futures:
             await asyncio.wait(futures, timeout=self._timeout)
         results = [_outcome(future) for future in futures]
