@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import importlib.util
 import json
@@ -514,6 +515,78 @@ async def test_wait_ready_reports_a_service_that_exits(tmp_path: Path) -> None:
         assert "no config, giving up" in error.value.message
     finally:
         await fleet.stop()
+
+
+async def _impostor() -> asyncio.Server:
+    """An HTTP server that answers every request as a ready service with another pid."""
+    body = b'{"status":"ready","checks":{},"pid":1}'
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+async def test_another_process_on_the_port_is_not_the_child_being_ready(tmp_path: Path) -> None:
+    impostor = await _impostor()
+    port = impostor.sockets[0].getsockname()[1]
+    spec = ServiceSpec(
+        name="slow",
+        argv=(sys.executable, "-c", "import time; time.sleep(60)"),
+        env=dict(os.environ),
+        http_port=port,
+    )
+    fleet = Fleet([spec], log_dir=tmp_path)
+    try:
+        await fleet.start()
+        async with httpx.AsyncClient(timeout=2) as client:
+            assert not await fleet["slow"].probe(client)
+        slow = fleet["slow"]
+        assert slow.last_probe == f"answered by pid 1 on {spec.url}, not {slow.pid}"
+    finally:
+        await fleet.stop(grace=5)
+        impostor.close()
+        await impostor.wait_closed()
+
+
+async def test_a_picked_port_found_taken_is_picked_again(stub_path: Path, tmp_path: Path) -> None:
+    impostor = await _impostor()
+    taken = impostor.sockets[0].getsockname()[1]
+    config = FleetConfig(
+        nats_url="nats://127.0.0.1:1",
+        database_url="postgresql+asyncpg://postgres@127.0.0.1:1/none",
+        admin_key="shoal_dev_test",
+        services=("keys",),
+        base_env=_child_env(stub_path),
+    )
+    [picked] = fleet_specs(config)
+    assert picked.port_picked
+    # As if another process had bound the port between the pick and the child's start.
+    spec = dataclasses.replace(
+        picked, http_port=taken, env={**picked.env, "SHOAL_HTTP_PORT": str(taken)}
+    )
+    notes: list[str] = []
+    fleet = Fleet([spec], log_dir=tmp_path, notify=notes.append)
+    try:
+        await fleet.start()
+        await fleet.wait_ready(30)
+        keys = fleet["keys"]
+        assert keys.spec.http_port != taken
+        now = keys.spec.http_port
+        assert notes == [f"keys: port {taken} is taken by another process; now {now}"]
+        async with httpx.AsyncClient(timeout=2) as client:
+            assert (await client.get(f"{keys.url}/readyz")).json()["pid"] == keys.pid
+    finally:
+        await fleet.stop(grace=5)
+        impostor.close()
+        await impostor.wait_closed()
 
 
 _ORPHAN_SCRIPT = """

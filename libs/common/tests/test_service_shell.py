@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -39,5 +40,9 @@ async def test_requests_continue_the_callers_trace_and_probes_answer() -> None:
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 503
         ready["dep"] = True
-        assert (await client.get("/readyz")).json() == {"status": "ready", "checks": {"dep": True}}
+        assert (await client.get("/readyz")).json() == {
+            "status": "ready",
+            "checks": {"dep": True},
+            "pid": os.getpid(),
+        }
         assert "# HELP" in (await client.get("/metrics")).text

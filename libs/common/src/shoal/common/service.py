@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import gc
 import math
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -159,7 +160,9 @@ def create_service_app(
     async def readyz() -> JSONResponse:
         ok, checks = readiness.report()
         return JSONResponse(
-            {"status": "ready" if ok else "not ready", "checks": checks},
+            # The pid lets a supervisor tell its child's answer from another process's on the
+            # same port (shoal.common.supervisor).
+            {"status": "ready" if ok else "not ready", "checks": checks, "pid": os.getpid()},
             status_code=200 if ok else 503,
         )
 

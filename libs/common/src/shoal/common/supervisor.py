@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -128,6 +129,9 @@ class ServiceSpec:
     env: Mapping[str, str]
     http_port: int
     http_host: str = "127.0.0.1"
+    # The port was free when it was picked, not reserved: another process may bind it before
+    # the child does. Such a port is picked again when the child (re)starts and finds it taken.
+    port_picked: bool = False
 
     @property
     def url(self) -> str:
@@ -195,7 +199,8 @@ def fleet_specs(config: FleetConfig) -> list[ServiceSpec]:
         for index, name in enumerate(replica_names(service, replicas)):
             gateway = service == "gateway"
             host = config.gateway_host if gateway else "127.0.0.1"
-            port = config.gateway_port if gateway and config.gateway_port else free_port()
+            picked = not (gateway and config.gateway_port)
+            port = free_port() if picked else config.gateway_port
             env = {
                 **base,
                 "SHOAL_SERVICE_NAME": service,
@@ -208,7 +213,16 @@ def fleet_specs(config: FleetConfig) -> list[ServiceSpec]:
                 env["SHOAL_REPLICA_COUNT"] = str(replicas)
             env.update(config.extra_env)
             argv = (config.python, "-m", "shoal.common.cli", "run", service)
-            specs.append(ServiceSpec(name=name, argv=argv, env=env, http_port=port, http_host=host))
+            specs.append(
+                ServiceSpec(
+                    name=name,
+                    argv=argv,
+                    env=env,
+                    http_port=port,
+                    http_host=host,
+                    port_picked=picked,
+                )
+            )
     return specs
 
 
@@ -334,10 +348,16 @@ class ServiceProcess:
             return False
         try:
             response = await client.get(f"{self.url}/readyz")
-        except Exception as exc:  # refused, reset, timed out: all mean "not yet"
+            answered_by = response.json().get("pid") if response.status_code == 200 else None
+        except Exception as exc:  # refused, reset, timed out, not ours: all mean "not yet"
             self.last_probe = f"no answer ({type(exc).__name__})"
             return False
         self.last_probe = f"{response.status_code} {response.text[:200]}"
+        if response.status_code == 200 and answered_by != self.pid:
+            # Another process holds the port (the child could not bind it and is exiting):
+            # its answer says nothing about the child.
+            self.last_probe = f"answered by pid {answered_by} on {self.url}, not {self.pid}"
+            return False
         return response.status_code == 200
 
     def log_tail(self, lines: int = 20) -> str:
@@ -355,6 +375,7 @@ class ServiceProcess:
         return path.open("ab")
 
     async def _spawn(self) -> None:
+        self._repick_port_if_taken()
         log_file = self._open_log()
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -375,6 +396,17 @@ class ServiceProcess:
             self._pump = asyncio.create_task(self._echo_lines(self._proc.stdout))
         if self._on_spawn is not None:
             self._on_spawn(self)
+
+    def _repick_port_if_taken(self) -> None:
+        from shoal.common.embedded import free_port, port_in_use
+
+        spec = self.spec
+        if not spec.port_picked or not port_in_use(spec.http_port):
+            return
+        port = free_port()
+        self._notify(f"{self.name}: port {spec.http_port} is taken by another process; now {port}")
+        env = {**spec.env, "SHOAL_HTTP_PORT": str(port)}
+        self.spec = dataclasses.replace(spec, http_port=port, env=env)
 
     async def _echo_lines(self, stream: asyncio.StreamReader) -> None:
         prefix = f"{self.name} | ".encode()
