@@ -56,6 +56,13 @@ class CommonSettings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=0, ge=0, le=65535)
     shutdown_grace: timedelta = timedelta(seconds=10)
+    # The garbage collector's clock (shoal.common.service.GcPacer): young passes every
+    # gc_young_interval (a gen1 pass every 10th), a full pass every gc_full_interval (0: when
+    # CPython decides).
+    gc_young_interval: timedelta = Field(
+        default=timedelta(milliseconds=250), gt=timedelta(0), le=timedelta(seconds=60)
+    )
+    gc_full_interval: timedelta = Field(default=timedelta(minutes=10), ge=timedelta(0))
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -34,7 +34,7 @@ def run_service(name: str) -> int:
 
     from pydantic import ValidationError
 
-    from shoal.common.service import ServiceServer, server_config
+    from shoal.common.service import GcPacer, ServiceServer, server_config
     from shoal.common.settings import CommonSettings
 
     os.environ.setdefault("SHOAL_SERVICE_NAME", name)
@@ -44,7 +44,11 @@ def run_service(name: str) -> int:
         print(f"shoal run: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     app = entry.load()()
-    server = ServiceServer(server_config(app, settings), freeze_gc=True)
+    pacer = GcPacer(
+        young=settings.gc_young_interval.total_seconds(),
+        full=settings.gc_full_interval.total_seconds(),
+    )
+    server = ServiceServer(server_config(app, settings), gc_pacer=pacer)
 
     def after_uvicorn(sig: int, frame: FrameType | None) -> None:
         # uvicorn re-raises the signal that stopped it once it has shut down gracefully:
