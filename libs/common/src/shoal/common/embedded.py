@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from shoal.common.errors import BadRequest, Conflict, Unavailable
@@ -28,11 +29,23 @@ from shoal.common.errors import BadRequest, Conflict, Unavailable
 _DB_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
+# Ports free_port handed out lately: the OS gives a released port out again readily (3
+# repeats in 200 picks in a row here), and two services of one fleet were once given the same
+# port — the second could not bind it.
+_handed_out: deque[int] = deque(maxlen=4096)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port that was free a moment ago (the OS picks it), and not one this process handed
+    out among its last 4,096 picks."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.append(port)
+            return port
+    raise RuntimeError("no free port that was not handed out already")
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
