@@ -418,15 +418,20 @@ def test_up_with_the_real_services(start_up: Any, tmp_path: Path) -> None:
 # --- Fleet -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def stub_fleet(stub_path: Path, tmp_path: Path) -> AsyncIterator[Fleet]:
-    config = FleetConfig(
-        nats_url="nats://127.0.0.1:1",  # the stubs connect to nothing
+def _stub_config(stub_path: Path, *services: str) -> FleetConfig:
+    """A fleet of stand-in services that connect to nothing."""
+    return FleetConfig(
+        nats_url="nats://127.0.0.1:1",
         database_url="postgresql+asyncpg://postgres@127.0.0.1:1/none",
         admin_key="shoal_dev_test",
-        services=("keys", "gateway"),
+        services=services,
         base_env=_child_env(stub_path),
     )
+
+
+@pytest.fixture
+async def stub_fleet(stub_path: Path, tmp_path: Path) -> AsyncIterator[Fleet]:
+    config = _stub_config(stub_path, "keys", "gateway")
     fleet = Fleet(fleet_specs(config), config=config, log_dir=tmp_path / "logs")
     try:
         await fleet.start()
@@ -466,13 +471,7 @@ async def test_fleet_kill_pause_resume_stop_start(stub_fleet: Fleet) -> None:
 async def test_fleet_restarts_and_prefixes_output(stub_path: Path) -> None:
     lines: list[bytes] = []
     notes: list[str] = []
-    config = FleetConfig(
-        nats_url="nats://127.0.0.1:1",
-        database_url="postgresql+asyncpg://postgres@127.0.0.1:1/none",
-        admin_key="shoal_dev_test",
-        services=("scheduler",),
-        base_env=_child_env(stub_path),
-    )
+    config = _stub_config(stub_path, "scheduler")
     spawned: list[int] = []
     fleet = Fleet(
         fleet_specs(config),
@@ -565,13 +564,7 @@ async def test_another_process_on_the_port_is_not_the_child_being_ready(tmp_path
 async def test_a_picked_port_found_taken_is_picked_again(stub_path: Path, tmp_path: Path) -> None:
     impostor = await _impostor()
     taken = impostor.sockets[0].getsockname()[1]
-    config = FleetConfig(
-        nats_url="nats://127.0.0.1:1",
-        database_url="postgresql+asyncpg://postgres@127.0.0.1:1/none",
-        admin_key="shoal_dev_test",
-        services=("keys",),
-        base_env=_child_env(stub_path),
-    )
+    config = _stub_config(stub_path, "keys")
     [picked] = fleet_specs(config)
     assert picked.port_picked
     # As if another process had bound the port between the pick and the child's start.
