@@ -38,7 +38,7 @@ from shoal.common.messaging import (
     loads,
 )
 from shoal.common.supervisor import ServiceProcess, ServiceSpec
-from shoal.session.store import LeaseRecord, LeaseStore
+from shoal.session.store import LeaseRecord, LeaseStore, PartitionConsumers
 
 _ids = itertools.count(1)
 
@@ -165,6 +165,21 @@ async def wait_owners(
         if time.monotonic() - started > within:
             raise AssertionError(f"leases did not settle within {within}s: {owners}")
         await asyncio.sleep(0.05)
+
+
+async def held_unacked(
+    js: JetStreamContext, subjects: Subjects, owner: str, partitions: int
+) -> int:
+    """Commands the server has handed to ``owner``'s consumers and not seen acked: what that
+    replica holds right now, by the server's count (readable while the replica is stopped)."""
+    records: dict[int, LeaseRecord] = await LeaseStore(js, subjects).read_all(partitions)
+    consumers = PartitionConsumers(js, subjects)
+    held = 0
+    for p, record in records.items():
+        if record.value is not None and record.value.owner == owner:
+            lag = await consumers.lag(p, record.epoch)
+            held += lag[1] if lag else 0
+    return held
 
 
 def all_owned_by(members: set[str], partitions: int) -> Any:

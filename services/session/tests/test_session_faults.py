@@ -20,7 +20,15 @@ from typing import Any
 
 import nats
 import pytest
-from _cluster import Cluster, Load, all_owned_by, audit, wait_drained, wait_owners
+from _cluster import (
+    Cluster,
+    Load,
+    all_owned_by,
+    audit,
+    held_unacked,
+    wait_drained,
+    wait_owners,
+)
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -138,12 +146,18 @@ async def test_a_paused_replica_is_fenced_when_it_wakes(
     sending = asyncio.create_task(load.run())
     try:
         # SIGSTOP while it has commands in hand, half-way through their I/O: what a long GC
-        # pause or a frozen VM does to a writer.
-        in_hand = await c.wait_metric(
-            "s-a", "shoal_session_commands_in_flight", at_least=5, within=30.0
-        )
-        c.replicas["s-a"].pause()
-        paused_at = time.monotonic()
+        # pause or a frozen VM does to a writer. Its gauge is read before the stop, and it can
+        # finish them in between: the server's count of what it holds unacked decides.
+        for _ in range(20):
+            await c.wait_metric("s-a", "shoal_session_commands_in_flight", at_least=5, within=30.0)
+            c.replicas["s-a"].pause()
+            paused_at = time.monotonic()
+            in_hand = await held_unacked(js, subjects, "s-a", PARTITIONS)
+            if in_hand > 0:
+                break
+            c.replicas["s-a"].resume()
+        else:
+            raise AssertionError("s-a was never stopped with commands in hand")
         _, failover = await wait_owners(
             js, subjects, PARTITIONS, condition=all_owned_by({"s-b"}, PARTITIONS)
         )

@@ -94,6 +94,7 @@ class _Partition:
         self.fetching = True  # False once draining or dropped: no more fetches
         self.in_hand = 0  # commands fetched and not finished
         self.dropped = False  # True: nothing more is committed or acked
+        self.drop_reason = ""
 
     @property
     def number(self) -> int:
@@ -231,7 +232,10 @@ class CommandWorker:
                     session_id = msg.subject.rsplit(".", 1)[-1]
                     part.lanes.submit(session_id, msg)
         finally:
-            await puller.stop()
+            returned = await puller.stop()
+            if returned and part.drop_reason.startswith("lease"):
+                # Pulled when the lease went, never taken: not written here either.
+                metrics.FENCED_WRITES.labels("lease").inc(returned)
 
     async def _stop_fetching(self, part: _Partition) -> None:
         part.fetching = False
@@ -277,6 +281,7 @@ class CommandWorker:
             return
         p = part.number
         part.dropped = True
+        part.drop_reason = reason
         part.fetching = False
         if self._partitions.get(p) is part:
             del self._partitions[p]

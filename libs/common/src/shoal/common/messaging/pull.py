@@ -73,20 +73,22 @@ class ContinuousPull:
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
 
-    async def stop(self) -> None:
+    async def stop(self) -> int:
         """Stop pulling. Messages that arrived and were never taken are handed back at once
-        (nak), so the consumer redelivers them now rather than after its ack wait."""
+        (nak), so the consumer redelivers them now rather than after its ack wait; how many."""
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
                 await sub.unsubscribe()
             except Exception:
                 log.debug("unsubscribe of %s failed", self._next, exc_info=True)
+        returned = len(self._arrived)
         while self._arrived:
             msg = self._arrived.popleft()
             with contextlib.suppress(Exception):
                 await msg.nak()
         self._wake.set()
+        return returned
 
     @property
     def requested(self) -> int:
