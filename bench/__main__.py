@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         help="raise max_consumers of SESSION_EVT and DELIVER for the run (nats-server 2.15 "
         "defaults to 1,000 per stream; the gateway holds one consumer per socket)",
     )
+    fanout.add_argument(
+        "--server-core",
+        action="store_true",
+        help="the gateway (and the baseline server) on a core of its own, every other process "
+        "of the run on the rest (what a Kubernetes CPU request gives it); needs >= 2 cores",
+    )
     fanout.add_argument("--no-baseline", action="store_true", help="skip the uvicorn baseline")
     fanout.add_argument("--no-shoal", action="store_true", help="only the uvicorn baseline")
     return parser
@@ -193,6 +199,7 @@ def _fanout(args: argparse.Namespace, quick: bool, duration: float, warmup: floa
         stream_max_consumers=int(
             _bounded(args.stream_max_consumers, 0, 1_000_000, "stream-max-consumers")
         ),
+        server_core=args.server_core,
     )
     results: list[FanoutResult] = []
     try:

@@ -107,6 +107,9 @@ class FanoutOptions:
     # (nats-server 2.15 gives every stream a default limit of 1,000 consumers; today the
     # gateway holds one ordered consumer per socket)
     stream_max_consumers: int = 0
+    # Give the server (the gateway / the baseline server) a core of its own and run every other
+    # process of the run on the rest, as a Kubernetes CPU request would (needs >= 2 cores).
+    server_core: bool = False
 
     @property
     def fanout(self) -> float:
@@ -368,15 +371,11 @@ class _SocketSpec:
 
 async def _recv(conn: Connection, within: float) -> Any:
     """The next object on a pipe, without a thread (so Ctrl-C is never stuck behind one)."""
-    if not conn.poll():
-        loop = asyncio.get_running_loop()
-        readable: asyncio.Future[None] = loop.create_future()
-        fd = conn.fileno()
-        loop.add_reader(fd, _resolve, readable)
-        try:
-            await asyncio.wait_for(readable, within)
-        finally:
-            loop.remove_reader(fd)
+    deadline = time.monotonic() + within
+    while not conn.poll():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        await asyncio.sleep(0.01)
     return conn.recv()
 
 
@@ -450,9 +449,7 @@ def _client_main(conn: Connection, host: str, port: int, sockets: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench stops us (Ctrl-C reaches it too)
     raise_fd_limit(sockets + 1024)
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):
-        # asyncio's own loop: with uvloop, a client holding thousands of sockets lost its pipe
-        # to the bench mid-run (the bench read ECONNRESET while the process was alive).
-        asyncio.run(_client_async(conn, host, port))
+        run_loop(_client_async(conn, host, port))
 
 
 # ----------------------------------------------------------------------------- publisher
@@ -744,6 +741,7 @@ def _open_specs(
 async def run_baseline(options: FanoutOptions) -> FanoutResult:
     """The bare uvicorn broadcast server under the same load."""
     result = FanoutResult("baseline", options, server_label="baseline server")
+    split = _split_cores(options)
     port = free_port()
     sockets = options.open + options.idle
     argv = [
@@ -761,6 +759,7 @@ async def run_baseline(options: FanoutOptions) -> FanoutResult:
         http = Http1Connection("127.0.0.1", port, {})
         clients = _Clients(options.clients, url, sockets)
         result.fd_limit = _fd_limit(server.pid)
+        _core_note(result, server.pid, split)
         result.rss_start = _rss(server.pid)
         _say(f"  {options.open} open sockets on {options.sessions} topics")
         paths = [f"/ws/{i}" for i in range(options.sessions)]
@@ -803,6 +802,37 @@ async def run_baseline(options: FanoutOptions) -> FanoutResult:
             server.kill()
             await asyncio.to_thread(server.wait, 5)
     return result
+
+
+def _split_cores(options: FanoutOptions) -> tuple[set[int], set[int]] | None:
+    """(the server's core, everyone else's) when ``server_core``: the highest core this process
+    may use is the server's. Called before anything is started, so every process the run
+    starts inherits "everyone else's" and only the server is moved."""
+    if not options.server_core:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise RuntimeError("--server-core needs at least 2 cores")
+    server, rest = {cores[-1]}, set(cores[:-1])
+    _pin(os.getpid(), rest)
+    return server, rest
+
+
+def _pin(pid: int, cores: set[int]) -> str:
+    """Move every thread of ``pid`` to ``cores``; a note saying so."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task), cores)
+    return ",".join(map(str, sorted(cores)))
+
+
+def _core_note(result: FanoutResult, pid: int, split: tuple[set[int], set[int]] | None) -> None:
+    if split is not None:
+        server, rest = split
+        result.notes.append(
+            f"{result.server_label} on core {_pin(pid, server)} alone; every other process of "
+            f"the run on core(s) {','.join(map(str, sorted(rest)))} (--server-core)"
+        )
 
 
 def _connect_timeout(sockets: int) -> float:
@@ -883,10 +913,11 @@ async def run_shoal(options: FanoutOptions) -> FanoutResult:
         keep_dir=options.keep_dir,
         fleet_env=options.fleet_env,
     )
+    split = _split_cores(options)
     try:
         async with running_fleet(False, home, fleet_options) as fleet:
             try:
-                await _load_shoal(result, fleet, options)
+                await _load_shoal(result, fleet, options, split)
             except Exception as exc:  # what was measured so far is still printed
                 _say(f"  failed: {type(exc).__name__}: {exc}")
                 result.errors.append(f"run failed: {type(exc).__name__}: {exc}"[:600])
@@ -904,12 +935,18 @@ async def run_shoal(options: FanoutOptions) -> FanoutResult:
     return result
 
 
-async def _load_shoal(result: FanoutResult, fleet: Any, options: FanoutOptions) -> None:
+async def _load_shoal(
+    result: FanoutResult,
+    fleet: Any,
+    options: FanoutOptions,
+    split: tuple[set[int], set[int]] | None,
+) -> None:
     parts = urlsplit(fleet.gateway_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     auth = {"Authorization": f"Bearer {fleet.admin_key}"}
     gateway = fleet.pids["gateway"]
     result.fd_limit = _fd_limit(gateway[0])
+    _core_note(result, gateway[0], split)
     if options.stream_max_consumers > 0:
         result.notes.append(await _raise_consumer_limit(fleet.nats_url, options))
     http = [Http1Connection(host, port, auth) for _ in range(SETUP_CONCURRENCY)]
@@ -1017,6 +1054,7 @@ async def run_fanout(options: FanoutOptions) -> list[FanoutResult]:
         if not wanted:
             continue
         _say(f"fan-out {name} ...")
+        cores = os.sched_getaffinity(0)
         try:
             results.append(await run(options))
         except Exception as exc:
@@ -1024,6 +1062,8 @@ async def run_fanout(options: FanoutOptions) -> list[FanoutResult]:
             failed = FanoutResult("baseline" if run is run_baseline else "shoal", options)
             failed.errors.append(f"run failed: {type(exc).__name__}: {exc}"[:600])
             results.append(failed)
+        finally:
+            os.sched_setaffinity(0, cores)  # --server-core narrowed this process's
     return results
 
 
