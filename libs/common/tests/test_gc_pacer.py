@@ -54,3 +54,41 @@ async def test_the_young_generation_stays_small_in_a_steady_state() -> None:
 def test_the_pacer_refuses_a_clock_that_never_ticks() -> None:
     with pytest.raises(ValueError, match="young must be > 0"):
         GcPacer(young=0, full=60)
+
+
+async def test_full_passes_come_from_the_clock_only() -> None:
+    generations: list[int] = []
+
+    def started(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    def promote_many() -> list[list[int]]:
+        # Survivors of young passes, as many as a quarter of the old objects: what makes
+        # CPython start a full pass on its own.
+        kept = [[] for _ in range(len(gc.get_objects()) // 2 + 100_000)]
+        for _ in range(30):
+            gc.collect(0)
+            gc.collect(1)
+        return kept
+
+    before = gc.get_threshold()
+    gc.callbacks.append(started)
+    kept = []
+    try:
+        kept.append(promote_many())
+        unpaced = generations.count(2)
+        generations.clear()
+        pacer = GcPacer(young=60, full=3600)
+        pacing = asyncio.create_task(pacer.run())
+        await asyncio.sleep(0)
+        kept.append(promote_many())
+        paced = generations.count(2)
+        pacing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pacing
+    finally:
+        gc.callbacks.remove(started)
+    assert unpaced >= 1  # CPython's own policy, the control
+    assert paced == 0
+    assert gc.get_threshold() == before  # the pacer gave CPython its thresholds back
