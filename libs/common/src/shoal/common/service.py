@@ -132,9 +132,12 @@ def create_service_app(
     settings: CommonSettings,
     lifespan: Lifespan,
     readiness: Readiness,
+    *,
+    app_class: type[FastAPI] = FastAPI,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
-    """A FastAPI app with ``/healthz``, ``/readyz`` and ``/metrics``, logging and tracing set up."""
+    """A FastAPI app (an ``app_class``) with ``/healthz``, ``/readyz`` and ``/metrics``, logging
+    and tracing set up."""
     setup_logging(settings)
     setup_tracing(name, settings)
 
@@ -147,7 +150,7 @@ def create_service_app(
     # FastAPI's own OpenTelemetry instrumentation is off: TraceRequests makes the one server
     # span and continues the caller's traceparent. Both together cost about 160 us per request.
     fastapi_kwargs.setdefault("telemetry", {"tracing": False, "metrics": False, "logs": False})
-    app = FastAPI(title=f"Shoal {name}", lifespan=run, **fastapi_kwargs)
+    app = app_class(title=f"Shoal {name}", lifespan=run, **fastapi_kwargs)
     app.state.before_server_shutdown = []
     app.state.uvicorn_options = {}
 

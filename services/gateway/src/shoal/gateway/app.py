@@ -38,7 +38,7 @@ from shoal.gateway.api.problems import install_problem_handlers, problem_respons
 from shoal.gateway.api.prompt_route import PromptRoute
 from shoal.gateway.api.proxy import router as proxy_router
 from shoal.gateway.api.request_id import RequestIdMiddleware, install_request_id_logging
-from shoal.gateway.api.socket_routes import SocketRoutes
+from shoal.gateway.api.socket_routes import GatewayApp
 from shoal.gateway.api.sockets import SocketHub
 from shoal.gateway.api.streams import router as streams_router
 from shoal.gateway.api.upgrade import StreamingState
@@ -91,7 +91,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await objects.close()
 
     app = create_service_app(
-        "gateway", settings, lifespan, readiness, generate_unique_id_function=operation_id
+        "gateway",
+        settings,
+        lifespan,
+        readiness,
+        app_class=GatewayApp,  # the event sockets skip the framework's stack (socket_routes)
+        generate_unique_id_function=operation_id,
     )
     install_request_id_logging()
     install_problem_handlers(app)
@@ -121,10 +126,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.include_router(proxy_router, generate_unique_id_function=operation_id)
     app.include_router(files_router, generate_unique_id_function=operation_id)
-    # Outermost: the command path's hot route and the event sockets skip the framework's stack
-    # (its CPU per prompt request; its frames, parked per socket).
+    # Outermost: the command path's hot route skips the framework's stack (its CPU per prompt
+    # request).
     app.add_middleware(PromptRoute, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(SocketRoutes)
     install_openapi(app)
     # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.
     app.state.uvicorn_options["ws_max_size"] = settings.max_ws_frame_bytes + 64 * 1024

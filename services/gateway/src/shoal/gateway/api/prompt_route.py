@@ -21,7 +21,7 @@ path, and every body that fails validation — those are replayed to the FastAPI
 documented one (OpenAPI) and the behaviour is the same on both (tests/test_gateway_http.py runs
 its prompt tests through this handler; the schemathesis run covers both).
 
-Installed as a middleware just inside :class:`~shoal.gateway.api.socket_routes.SocketRoutes`::
+Installed as the app's outermost middleware::
 
     app.add_middleware(PromptRoute, max_body_bytes=settings.max_body_bytes)
 """
