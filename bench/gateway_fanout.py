@@ -371,7 +371,11 @@ class _SocketSpec:
 
 
 async def _recv(conn: Connection, within: float) -> Any:
-    """The next object on a pipe, without a thread (so Ctrl-C is never stuck behind one)."""
+    """The next object on a pipe, without a thread (so Ctrl-C is never stuck behind one).
+
+    Polled, not watched with ``loop.add_reader``: watched that way on uvloop, a client holding
+    thousands of sockets once lost its pipe mid-run (the bench read ECONNRESET while the
+    process was alive; the cause was not found). Polled, it has not."""
     deadline = time.monotonic() + within
     while not conn.poll():
         if time.monotonic() > deadline:
@@ -770,7 +774,7 @@ async def run_baseline(options: FanoutOptions) -> FanoutResult:
         http = Http1Connection("127.0.0.1", port, {})
         clients = _Clients(options.clients, url, sockets)
         result.fd_limit = _fd_limit(server.pid)
-        _core_note(result, server.pid, split)
+        _give_server_its_core(result, server.pid, split)
         result.rss_start = _rss(server.pid)
         _say(f"  {options.open} open sockets on {options.sessions} topics")
         paths = [f"/ws/{i}" for i in range(options.sessions)]
@@ -829,21 +833,25 @@ def _split_cores(options: FanoutOptions) -> tuple[set[int], set[int]] | None:
     return server, rest
 
 
-def _pin(pid: int, cores: set[int]) -> str:
-    """Move every thread of ``pid`` to ``cores``; a note saying so."""
+def _pin(pid: int, cores: set[int]) -> None:
+    """Move every thread of ``pid`` to ``cores``."""
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(int(task), cores)
-    return ",".join(map(str, sorted(cores)))
 
 
-def _core_note(result: FanoutResult, pid: int, split: tuple[set[int], set[int]] | None) -> None:
-    if split is not None:
-        server, rest = split
-        result.notes.append(
-            f"{result.server_label} on core {_pin(pid, server)} alone; every other process of "
-            f"the run on core(s) {','.join(map(str, sorted(rest)))} (--server-core)"
-        )
+def _give_server_its_core(
+    result: FanoutResult, pid: int, split: tuple[set[int], set[int]] | None
+) -> None:
+    """With ``--server-core``: move the server to its core, and say so in the notes."""
+    if split is None:
+        return
+    server, rest = split
+    _pin(pid, server)
+    result.notes.append(
+        f"{result.server_label} on core {','.join(map(str, sorted(server)))} alone; every other "
+        f"process of the run on core(s) {','.join(map(str, sorted(rest)))} (--server-core)"
+    )
 
 
 def _connect_timeout(sockets: int) -> float:
@@ -957,7 +965,7 @@ async def _load_shoal(
     auth = {"Authorization": f"Bearer {fleet.admin_key}"}
     gateway = fleet.pids["gateway"]
     result.fd_limit = _fd_limit(gateway[0])
-    _core_note(result, gateway[0], split)
+    _give_server_its_core(result, gateway[0], split)
     if options.stream_max_consumers > 0:
         result.notes.append(await _raise_consumer_limit(fleet.nats_url, options))
     http = [Http1Connection(host, port, auth) for _ in range(SETUP_CONCURRENCY)]

@@ -94,7 +94,7 @@ class _Partition:
         self.fetching = True  # False once draining or dropped: no more fetches
         self.in_hand = 0  # commands fetched and not finished
         self.dropped = False  # True: nothing more is committed or acked
-        self.drop_reason = ""
+        self.lease_lost = False  # dropped because its lease expired or went to another owner
 
     @property
     def number(self) -> int:
@@ -233,7 +233,7 @@ class CommandWorker:
                     part.lanes.submit(session_id, msg)
         finally:
             returned = await puller.stop()
-            if returned and part.drop_reason.startswith("lease"):
+            if returned and part.lease_lost:
                 # Pulled when the lease went, never taken: not written here either.
                 metrics.FENCED_WRITES.labels("lease").inc(returned)
 
@@ -281,13 +281,13 @@ class CommandWorker:
             return
         p = part.number
         part.dropped = True
-        part.drop_reason = reason
+        part.lease_lost = reason.startswith("lease")
         part.fetching = False
         if self._partitions.get(p) is part:
             del self._partitions[p]
         metrics.PARTITIONS.set(len(self._partitions))
         metrics.PARTITIONS_DROPPED.labels(reason).inc()
-        if reason.startswith("lease") and part.in_hand > 0:
+        if part.lease_lost and part.in_hand > 0:
             # Commands in hand when the lease went: none of them will be written here.
             metrics.FENCED_WRITES.labels("lease").inc(part.in_hand)
         log.warning("partition %d dropped: %s", p, reason, extra={"partition": p})
