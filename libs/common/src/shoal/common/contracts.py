@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -30,6 +30,9 @@ class Command(StrEnum):
     MESSAGE_COMPLETE = "message.complete"
     QUESTION_ASK = "question.ask"
     QUESTION_ANSWER = "question.answer"
+    SESSION_UPDATE = "session.update"
+    RUNNER_ERROR = "runner.error"
+    TIMER_FIRE = "timer.fire"
 
 
 class Event(StrEnum):
@@ -39,6 +42,7 @@ class Event(StrEnum):
     PROMPT_QUEUED = "prompt.queued"
     PROMPT_DISPATCHED = "prompt.dispatched"
     PROMPT_ABORTED = "prompt.aborted"
+    PROMPT_FAILED = "prompt.failed"
     MESSAGE_CREATED = "message.created"
     MESSAGE_DELTA = "message.delta"
     MESSAGE_COMPLETED = "message.completed"
@@ -47,6 +51,7 @@ class Event(StrEnum):
     QUESTION_EXPIRED = "question.expired"
     RUNNER_CONNECTED = "runner.connected"
     RUNNER_DISCONNECTED = "runner.disconnected"
+    SESSION_UPDATED = "session.updated"
     COMMAND_REJECTED = "command.rejected"
 
 
@@ -59,10 +64,109 @@ class Status(StrEnum):
     ERROR = "error"
 
 
+class TimerKind(StrEnum):
+    """The session's durable timers (set through the scheduler, fired as ``timer.fire``)."""
+
+    IDLE = "idle"  # idle_timeout elapsed with nothing running or queued -> hibernated
+    QUESTION = "question"  # a question's expires_at -> question.expired
+    WATCHDOG = "watchdog"  # a running prompt without runner activity -> prompt.failed
+
+
+# -- command payloads: built by the gateway (and the scheduler's timers), parsed by the
+# session rules with these same types. Unknown fields are ignored (additive evolution).
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class SessionCreate(msgspec.Struct, kw_only=True):
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    runner_token_hash: str = ""
+    tags: list[Tag] = msgspec.field(default_factory=list)
+    idle_timeout: int = 0  # seconds; 0 = the session service's default
+    prompt_timeout: int = 0  # seconds; 0 = the session service's default
+
+
+class SessionUpdate(msgspec.Struct, kw_only=True):
+    """Change what a client may change after creation; an absent field is left as it is."""
+
+    tags: list[Tag] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class SessionTerminate(msgspec.Struct, kw_only=True):
+    reason: str = ""
+
+
+class PromptSubmit(msgspec.Struct, kw_only=True):
+    prompt_id: Id
+    content: str
+
+
+class PromptAbort(msgspec.Struct, kw_only=True):
+    prompt_id: str = ""  # empty: whatever runs; else only if that prompt is the running one
+
+
+class RunnerConnect(msgspec.Struct, kw_only=True):
+    connection_id: Id
+
+
+class RunnerDisconnect(msgspec.Struct, kw_only=True):
+    connection_id: Id
+    reason: str = ""  # "closed", "heartbeat", "replaced", ...
+
+
+class MessageComplete(msgspec.Struct, kw_only=True):
+    prompt_id: Id
+    message_id: Id
+    content: str
+
+
+class RunnerError(msgspec.Struct, kw_only=True):
+    """A runner's ``error`` frame: with ``prompt_id`` that prompt failed; without, the session."""
+
+    connection_id: str = ""
+    prompt_id: str = ""
+    message: str
+
+
+class QuestionAsk(msgspec.Struct, kw_only=True):
+    question_id: Id
+    content: str
+    options: list[str] | None = None
+    expires_at: str | None = None  # RFC 3339, stamped by the gateway from the frame's expires_in
+
+
+class QuestionAnswer(msgspec.Struct, kw_only=True):
+    question_id: Id
+    answer: str
+
+
+class TimerFire(msgspec.Struct, kw_only=True):
+    """A durable timer firing into the session's own command stream.
+
+    ``ref`` names what it was armed for (a question id, a prompt id, or "" for idle) and
+    ``armed_seq`` the session's ``event_seq`` when it was armed: a timer that the session has
+    since re-armed or made moot is applied as a no-op.
+    """
+
+    kind: TimerKind
+    ref: str = ""
+    armed_seq: int = 0
+
+
 class QueuedPrompt(msgspec.Struct, kw_only=True):
     prompt_id: str
     content: str
     queued_at: str
+
+
+class PendingQuestion(msgspec.Struct, kw_only=True, omit_defaults=True):
+    question_id: str
+    prompt_id: str = ""
+    content: str
+    options: list[str] | None = None
+    expires_at: str | None = None
+    asked_at: str
 
 
 class SessionSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -88,6 +192,11 @@ class SessionSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     # marks a snapshot written before ledger fencing existed.
     ledger_seq: int = 0
     message_count: int = 0
+    tags: list[str] = msgspec.field(default_factory=list)
+    idle_timeout: int = 0  # seconds, resolved at create (never 0 once created by these rules)
+    prompt_timeout: int = 0  # seconds, resolved at create
+    questions: list[PendingQuestion] = msgspec.field(default_factory=list)
+    error: str = ""  # why the session is in status "error"
 
 
 _snapshot_encoder = msgspec.json.Encoder()
@@ -115,4 +224,9 @@ def public_session(snapshot: SessionSnapshot) -> dict[str, Any]:
         "current_prompt_id": snapshot.current_prompt.prompt_id if snapshot.current_prompt else None,
         "queued_prompts": len(snapshot.queue),
         "last_seq": snapshot.event_seq,
+        "tags": snapshot.tags,
+        "idle_timeout": snapshot.idle_timeout,
+        "prompt_timeout": snapshot.prompt_timeout,
+        "pending_questions": [msgspec.structs.asdict(q) for q in snapshot.questions],
+        "error": snapshot.error or None,
     }
