@@ -4,9 +4,10 @@
 #   docker build -t shoal:dev .
 #   docker run --rm -p 8470:8470 shoal:dev run gateway
 #
-# The build stage installs the locked environment into /app/.venv (workspace members as
-# regular, non-editable installs); the final stage copies only that venv onto the same base,
-# so it has no uv, no compiler and no source tree.
+# The build stage installs the services' locked runtime closure into /app/.venv (workspace
+# members as regular, non-editable installs): the five services and shoal-common, not
+# shoal-devtools (`shoal up`, nats-server, PostgreSQL) nor shoal-client. The final stage copies
+# only that venv onto the same base, so it has no uv, no compiler and no source tree.
 
 # Both stages must use the same interpreter path: the venv's bin/python points at it.
 # Pin a digest in release builds: --build-arg PYTHON_IMAGE=python:3.12-slim@sha256:...
@@ -24,26 +25,32 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PYTHON=/usr/local/bin/python3 \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 
+# What the image runs; their dependencies come along (docs/operations.md: the closure's size).
+ARG SHOAL_PACKAGES="shoal-gateway shoal-session shoal-eventbus shoal-scheduler shoal-keys"
+
 WORKDIR /src
 
 # Dependencies first, in their own layer: it changes only when uv.lock or a pyproject does.
 COPY pyproject.toml uv.lock ./
 COPY libs/common/pyproject.toml libs/common/
 COPY libs/client/pyproject.toml libs/client/
+COPY libs/devtools/pyproject.toml libs/devtools/
 COPY services/gateway/pyproject.toml services/gateway/
 COPY services/session/pyproject.toml services/session/
 COPY services/eventbus/pyproject.toml services/eventbus/
 COPY services/scheduler/pyproject.toml services/scheduler/
 COPY services/keys/pyproject.toml services/keys/
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev --all-packages --no-install-workspace --no-editable
+    uv sync --locked --no-dev --no-install-workspace --no-editable \
+        $(printf -- '--package %s ' ${SHOAL_PACKAGES})
 
 # Then the workspace's own packages, installed as wheels so /src is not needed at run time.
 COPY libs/ libs/
 COPY services/ services/
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev --all-packages --no-editable \
- && /app/.venv/bin/shoal --help >/dev/null
+    uv sync --locked --no-dev --no-editable $(printf -- '--package %s ' ${SHOAL_PACKAGES}) \
+ && /app/.venv/bin/shoal --help >/dev/null \
+ && ! /app/.venv/bin/python -c 'import shoal.devtools' 2>/dev/null
 
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -17,7 +17,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from shoal.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 
 
 @pytest.fixture(scope="session")

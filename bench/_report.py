@@ -133,7 +133,7 @@ def fmt(value: float, digits: int = 1) -> str:
 
 
 def nats_server_version() -> str:
-    from shoal.common.embedded import nats_server_binary
+    from shoal.devtools.embedded import nats_server_binary
 
     try:
         out = subprocess.run(

@@ -2,7 +2,7 @@
 
 Per fsync mode, starts everything it measures on 127.0.0.1 in a temporary directory:
 nats-server (``sync_interval: always`` or the default), PostgreSQL, and every installed
-service as its own OS process through :class:`shoal.common.supervisor.Fleet`. Then:
+service as its own OS process through :class:`shoal.devtools.supervisor.Fleet`. Then:
 
 1. creates ``sessions`` sessions (``POST /v1/sessions``);
 2. per session, opens a client socket (``/v1/sessions/{id}/ws``, the admin key) and a runner
@@ -57,8 +57,8 @@ from websockets.exceptions import ConnectionClosed
 
 from bench._http1 import Http1Connection
 from bench._report import CpuMeter, Latency, PathResult, fmt, fsync_label, latency_cell, table
-from shoal.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from shoal.common.supervisor import SERVICES, Fleet, FleetConfig, fleet_specs
+from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from shoal.devtools.supervisor import SERVICES, Fleet, FleetConfig, fleet_specs
 
 DATABASE = "shoal"
 REQUEST_TIMEOUT = 15.0  # s: an HTTP call or an awaited event slower than this is an error

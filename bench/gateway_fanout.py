@@ -68,9 +68,9 @@ from bench._http1 import Http1Connection
 from bench._report import CpuMeter, Latency, fmt, latency_cell, run_loop, table
 from bench._uvicorn_baseline import raise_fd_limit
 from bench.command_path import CommandOptions, running_fleet
-from shoal.common.embedded import free_port, wait_for_port
 from shoal.common.messaging import Subjects
 from shoal.common.service import WS_IMPLEMENTATION
+from shoal.devtools.embedded import free_port, wait_for_port
 
 SETUP_CONCURRENCY = 32  # HTTP connections creating sessions
 HANDSHAKES_PER_CLIENT = 32  # socket handshakes in flight per client process

@@ -46,7 +46,7 @@ from nats.js.api import (
 
 from bench._raw_processor import CMD_STREAM, EVT_STREAM, STATE_BUCKET
 from bench._report import CpuMeter, Latency, PathResult, fmt, fsync_label, latency_cell, table
-from shoal.common.embedded import EmbeddedNats, free_port
+from shoal.devtools.embedded import EmbeddedNats, free_port
 
 PUB_STREAM = "RAW_PUB"
 PAYLOAD = b"x" * 256

@@ -2,7 +2,7 @@
 
 - ``fleet``: a factory. ``await fleet()`` starts every service against the run's nats-server
   and this test's fresh database, under this test's subject prefix, waits until each
-  ``/readyz`` answers 200, and returns a :class:`~shoal.common.supervisor.Fleet`::
+  ``/readyz`` answers 200, and returns a :class:`~shoal.devtools.supervisor.Fleet`::
 
       async def test_failover(fleet: FleetFactory) -> None:
           running = await fleet(session_replicas=2)
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from shoal.common.embedded import free_port
-from shoal.common.supervisor import Fleet, FleetConfig, FleetFactory, fleet_specs
+from shoal.devtools.embedded import free_port
+from shoal.devtools.supervisor import Fleet, FleetConfig, FleetFactory, fleet_specs
 
 
 @pytest.fixture

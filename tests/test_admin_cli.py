@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from shoal.client import ShoalClient
-from shoal.common.supervisor import FleetFactory
+from shoal.devtools.supervisor import FleetFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from shoal.client import Event, ShoalAPIError, ShoalClient, connect_runner
-from shoal.common.supervisor import FleetFactory
+from shoal.devtools.supervisor import FleetFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -65,7 +65,7 @@ from schemathesis.specs.openapi.checks import (
 
 from shoal.client import ProxyRequest, ProxyResponse, connect_runner
 from shoal.common.messaging import dumps
-from shoal.common.supervisor import FleetFactory
+from shoal.devtools.supervisor import FleetFactory
 
 pytestmark = [pytest.mark.e2e]
 

@@ -29,9 +29,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from shoal.client import ShoalClient
-from shoal.common.embedded import free_port
 from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, encode
-from shoal.common.supervisor import Fleet, FleetFactory, ServiceProcess
+from shoal.devtools.embedded import free_port
+from shoal.devtools.supervisor import Fleet, FleetFactory, ServiceProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -25,8 +25,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from shoal.client import ShoalAPIError, ShoalClient, ShoalConnectionClosed, connect_runner
-from shoal.common.embedded import free_port
-from shoal.common.supervisor import Fleet, FleetFactory, ServiceProcess
+from shoal.devtools.embedded import free_port
+from shoal.devtools.supervisor import Fleet, FleetFactory, ServiceProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

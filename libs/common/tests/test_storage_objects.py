@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from shoal.common.embedded import free_port
 from shoal.common.errors import BadRequest, Conflict, Unavailable
 from shoal.common.settings import CommonSettings
 from shoal.common.storage import (
@@ -21,6 +20,7 @@ from shoal.common.storage import (
     object_storage_from_settings,
     validate_key,
 )
+from shoal.devtools.embedded import free_port
 
 _MD5_HELLO = "5d41402abc4b2a76b9719d911017c592"  # md5(b"hello")
 

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 
-from shoal.common.embedded import EmbeddedPostgres, free_port
 from shoal.common.storage import Database, ensure_database, migrate_database
+from shoal.devtools.embedded import EmbeddedPostgres, free_port
 
 _CREATE_ITEMS = '''
     """create items"""

@@ -18,9 +18,9 @@ from gateway_fakes import FakeKeys, FakeSessionService
 from nats.aio.client import Client as NATS
 
 from shoal.client import ShoalClient
-from shoal.common.embedded import free_port
 from shoal.common.messaging import Subjects
 from shoal.common.service import ServiceServer, server_config
+from shoal.devtools.embedded import free_port
 from shoal.gateway.app import create_app
 from shoal.gateway.config import GatewaySettings
 

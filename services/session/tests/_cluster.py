@@ -27,7 +27,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shoal.common.clock import iso
 from shoal.common.contracts import Event, decode_snapshot
-from shoal.common.embedded import free_port
 from shoal.common.messaging import (
     MSG_ID_HEADER,
     REPLY_TO_HEADER,
@@ -37,7 +36,8 @@ from shoal.common.messaging import (
     encode,
     loads,
 )
-from shoal.common.supervisor import ServiceProcess, ServiceSpec
+from shoal.devtools.embedded import free_port
+from shoal.devtools.supervisor import ServiceProcess, ServiceSpec
 from shoal.session.store import LeaseRecord, LeaseStore, PartitionConsumers
 
 _ids = itertools.count(1)

@@ -1,4 +1,4 @@
-"""The single-writer invariants of issue 3, proven on real processes under faults.
+"""The single-writer invariants, proven on real processes under faults.
 
 Session replicas run as OS processes (``python -m shoal.common.cli run session``) against a real
 nats-server and PostgreSQL; commands go straight to JetStream; the audit reads the SESSION_EVT
@@ -32,8 +32,8 @@ from _cluster import (
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from shoal.common.embedded import EmbeddedNats, free_port
 from shoal.common.messaging import Subjects
+from shoal.devtools.embedded import EmbeddedNats, free_port
 from shoal.session.ownership import assign, moved
 
 PARTITIONS = 64

@@ -46,10 +46,10 @@ class _Frame(msgspec.Struct, kw_only=True):
     message: str | None = None
     name: str | None = None
     value: str | None = None
-    # gap frames (issue 4)
+    # gap frames
     from_: int | None = msgspec.field(default=None, name="from")
     to: int | None = None
-    # runner proxy (issue 4)
+    # runner proxy
     id: str | int | None = None
     method: str | None = None
     path: str | None = None

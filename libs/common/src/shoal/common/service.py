@@ -165,7 +165,7 @@ def create_service_app(
         ok, checks = readiness.report()
         return JSONResponse(
             # The pid lets a supervisor tell its child's answer from another process's on the
-            # same port (shoal.common.supervisor).
+            # same port (shoal.devtools.supervisor).
             {"status": "ready" if ok else "not ready", "checks": checks, "pid": os.getpid()},
             status_code=200 if ok else 503,
         )
@@ -183,14 +183,11 @@ def before_server_shutdown(app: FastAPI, hook: ShutdownHook) -> None:
 
 
 def freeze_startup() -> None:
-    """Move every object alive after start-up (modules, models, routes, clients: hundreds of
-    thousands) to the collector's permanent generation, and collect young objects less often.
+    """Move everything alive after start-up (modules, models, routes, clients) to the collector's
+    permanent generation, and run young collections every 10,000 net allocations, not 700.
 
-    Measured under bench/command_path.py: full (gen2) collections walked all of it and paused
-    the gateway and the session service for 100-400 ms every few seconds — the whole p99 of
-    the command path. Frozen objects are never collected; start-up's are meant to live as long
-    as the process. Thresholds: gen0 every 10,000 net allocations instead of 700 (a young
-    collection is cheap and most requests' objects die young anyway).
+    Start-up's objects live as long as the process; left in gen2, every full pass walks them all
+    and pauses the service (bench/README.md, "Garbage collection").
     """
     gc.collect()
     gc.freeze()
@@ -200,22 +197,12 @@ def freeze_startup() -> None:
 class GcPacer:
     """Collects the young generations on a clock, not only on CPython's allocation count.
 
-    Why: CPython starts a young collection when allocations minus deallocations of tracked
-    objects pass the threshold, and a deallocation counts whatever generation the object was
-    in. A process in a steady state — a gateway holding 15,000 sockets whose keepalive timers
-    replace themselves every 20 s — frees old objects as fast as it makes new ones, so the count
-    stays low while the young generation grows without bound; the pass that finally comes
-    walks all of it. Measured (``python -m bench fanout --sessions 50 --rate 200``, a
-    ``gc.callbacks`` probe in the gateway): one young pass of 117 ms that collected nothing in
-    a 12 s window, the whole p99 (88 ms); gen1 passes of 57-85 ms during set-up.
-
-    Every ``young`` seconds a gen0 pass, every ``middle_every``-th one a gen1 pass (what
-    survived the young passes since), so each walks seconds' worth of objects, not minutes'.
-    Every ``full`` seconds a full pass, so cycles that became garbage after they were promoted
-    are freed: that one walks everything made since start-up (about 1 s per 15,000 sockets on
-    the 2-core bench machine), which CPython's own policy would also do, at moments of its
-    choosing — while the pacer runs, CPython makes none of its own. ``full`` = 0: leave full
-    passes to CPython.
+    CPython's count is allocations minus deallocations, so a process in a steady state (a
+    gateway whose socket timers replace themselves) keeps it low while the young generation
+    grows, and the pass that finally comes walks all of it. Every ``young`` seconds a gen0 pass,
+    every ``middle_every``-th one a gen1 pass; every ``full`` seconds a full pass (0: leave full
+    passes to CPython), and while the pacer runs CPython starts none of its own.
+    Measurements: bench/README.md, "Garbage collection".
     """
 
     def __init__(self, *, young: float, full: float, middle_every: int = 10) -> None:
@@ -229,10 +216,8 @@ class GcPacer:
     async def run(self) -> None:
         thresholds = gc.get_threshold()
         if self.full > 0:
-            # Full passes on the clock only. CPython's own come once a tenth of the gen1 passes
-            # when a quarter of the old objects are new since the last one — in a gateway with
-            # 15,000 sockets, whose ping timers outlive the young passes, every few minutes,
-            # and each walked everything for 0.7-1.3 s (a gc.callbacks probe, bench fanout).
+            # Full passes on the clock only: CPython's own come at moments of its choosing and
+            # walk everything since start-up.
             gc.set_threshold(thresholds[0], thresholds[1], _NEVER)
         ticks = 0
         last_full = time.monotonic()

@@ -73,7 +73,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await bus.on_key_revoked(hub.key_revoked)  # open sockets of a revoked key: 4401
             app.state.gateway = GatewayState(service=service, hub=hub)
             app.state.files = SessionFiles(service, objects, settings.max_file_bytes)
-            realtime = Realtime(nc, bus_subjects, settings)  # issue 4: deltas, tickets, proxy
+            realtime = Realtime(nc, bus_subjects, settings)  # deltas, tickets, proxy
             await realtime.start()
             app.state.streaming = StreamingState(
                 realtime=realtime,
@@ -132,7 +132,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_openapi(app)
     # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.
     app.state.uvicorn_options["ws_max_size"] = settings.max_ws_frame_bytes + 64 * 1024
-    # Protocol-level keepalive: a peer that stops answering pings is dropped (issue 4).
+    # Protocol-level keepalive: a peer that stops answering pings is dropped.
     app.state.uvicorn_options["ws_ping_interval"] = settings.ws_ping_interval.total_seconds()
     app.state.uvicorn_options["ws_ping_timeout"] = settings.ws_ping_timeout.total_seconds()
 

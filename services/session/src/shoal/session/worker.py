@@ -57,10 +57,9 @@ class _Budget:
     """Counts commands held in this replica; fetch loops wait for room before pulling.
 
     Only messages that arrived count (``take``), not pulls that are waiting: an idle
-    partition's long poll must not hold budget that busy partitions need. Counting pulls
-    starved every partition beyond ``limit / fetch_batch`` (found by bench/command_path.py:
-    with 64 partitions only 20 ever pulled). The bound is therefore ``limit`` plus at most
-    one batch per held partition.
+    partition's long poll must not hold budget that busy partitions need (counting pulls
+    starved every partition beyond ``limit / fetch_batch``). The bound is therefore ``limit``
+    plus at most one batch per held partition.
     """
 
     def __init__(self, limit: int) -> None:

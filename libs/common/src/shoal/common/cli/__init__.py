@@ -1,56 +1,63 @@
-"""The ``shoal`` command: ``shoal run <service>`` serves one service, ``shoal up`` the fleet,
-``shoal admin …`` asks a running fleet.
+"""The ``shoal`` command: ``shoal run <service>`` serves one service, ``shoal admin …`` asks a
+running fleet; any other subcommand comes from the ``shoal.cli`` entry points of the installed
+distributions (``shoal up`` from shoal-devtools), each a ``main(argv: list[str]) -> int``
+given the arguments after its name.
 
 Example::
 
     shoal run gateway                   # SHOAL_HTTP_PORT=8470 SHOAL_NATS_URL=... in the env
-    shoal up --home .shoal --session-replicas 2
     shoal admin partitions --up .shoal/up.json
-    python -m shoal.common.cli up       # the same without the console script
+    shoal up --home .shoal              # with shoal-devtools installed
+    python -m shoal.common.cli run keys # the same without the console script
 
-Exit codes: 0 done (including a stop by SIGINT/SIGTERM), 1 failed, 2 bad usage or an unknown
-service.
+Exit codes: 0 done (including a stop by SIGINT/SIGTERM), 1 failed, 2 bad usage, an unknown
+service or a command that is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMAND_ENTRY_POINT_GROUP", "build_parser", "command_entry_points", "main"]
+
+COMMAND_ENTRY_POINT_GROUP = "shoal.cli"
+BUILTIN_COMMANDS = ("run", "admin")
+# Commands users know from the README, and the distribution that provides each.
+KNOWN_PROVIDERS = {"up": "shoal-devtools"}
+EXIT_USAGE = 2
+
+Command = Callable[[list[str]], int]
 
 
-def _port(text: str) -> int:
+def command_entry_points() -> dict[str, EntryPoint]:
+    """Installed subcommands by name (the first on ``sys.path`` wins)."""
+    found: dict[str, EntryPoint] = {}
+    for entry in entry_points(group=COMMAND_ENTRY_POINT_GROUP):
+        found.setdefault(entry.name, entry)
+    return found
+
+
+def _summary(entry: EntryPoint) -> str:
+    """The first line of the command's docstring, for ``shoal --help``."""
     try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
-    return port
+        doc = entry.load().__doc__ or ""
+    except Exception as exc:  # a broken plugin must not break `shoal --help`
+        return f"(cannot be loaded: {exc})"
+    return doc.strip().splitlines()[0].rstrip(".") if doc.strip() else f"(from {entry.value})"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from shoal.common.cli import _up
-
+def build_parser(commands: Mapping[str, EntryPoint] | None = None) -> argparse.ArgumentParser:
+    """The parser of the built-in commands; ``commands`` are listed in its help."""
     parser = argparse.ArgumentParser(
         prog="shoal", description="Shoal: run one service or the fleet."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser(
+    run = subparsers.add_parser(
         "run",
         help="serve one service (configured by SHOAL_* environment variables)",
         description="Serve one service's create_app() with uvicorn on "
@@ -58,76 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("service", help="a name from the shoal.services entry points, e.g. gateway")
 
-    up = commands.add_parser(
-        "up",
-        help="run the whole fleet on this machine (embedded NATS and PostgreSQL)",
-        description="Start nats-server, PostgreSQL and every service as supervised processes; "
-        "print the gateway URL and an admin key; Ctrl-C stops everything. Port 0 means any "
-        "free port.",
-    )
-    up.add_argument(
-        "--home",
-        type=Path,
-        default=_up.DEFAULT_HOME,
-        metavar="DIR",
-        help="data directory: nats/, postgres/, objects/, logs/, up.json (default: %(default)s)",
-    )
-    up.add_argument(
-        "--nats-url",
-        default=os.environ.get("SHOAL_NATS_URL") or None,
-        metavar="URL",
-        help="use this NATS instead of starting one (default: $SHOAL_NATS_URL)",
-    )
-    up.add_argument(
-        "--database-url",
-        default=os.environ.get("SHOAL_DATABASE_URL") or None,
-        metavar="URL",
-        help="use this PostgreSQL instead of starting one (default: $SHOAL_DATABASE_URL)",
-    )
-    up.add_argument(
-        "--nats-port",
-        type=_port,
-        default=_up.DEFAULT_NATS_PORT,
-        metavar="PORT",
-        help="embedded nats-server's client port (default: %(default)s)",
-    )
-    up.add_argument(
-        "--nats-monitor-port",
-        type=_port,
-        default=_up.DEFAULT_NATS_MONITOR_PORT,
-        metavar="PORT",
-        help="its HTTP monitoring port (default: %(default)s)",
-    )
-    up.add_argument(
-        "--postgres-port",
-        type=_port,
-        default=_up.DEFAULT_POSTGRES_PORT,
-        metavar="PORT",
-        help="embedded PostgreSQL's port (default: %(default)s)",
-    )
-    up.add_argument(
-        "--gateway-port",
-        type=_port,
-        default=_up.DEFAULT_GATEWAY_PORT,
-        metavar="PORT",
-        help="the gateway's HTTP port (default: %(default)s)",
-    )
-    up.add_argument(
-        "--session-replicas",
-        type=_positive,
-        default=1,
-        metavar="N",
-        help="session processes; named session-0.. when N > 1 (default: 1)",
-    )
-    up.add_argument(
-        "--ready-timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="give up when the services are not all ready by then (default: 60)",
-    )
-
-    admin = commands.add_parser(
+    admin = subparsers.add_parser(
         "admin",
         help="operator commands to a running fleet (over NATS)",
         description="Ask a running fleet over NATS (SHOAL_NATS_URL, SHOAL_SUBJECT_PREFIX, or "
@@ -153,38 +91,48 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate-kek", help="re-wrap every data key with the active (or given) KEK, online"
     )
     rotate.add_argument("--to", dest="to_kek_id", default=None, metavar="KEK_ID")
+
+    for name, entry in sorted((commands or {}).items()):
+        subparsers.add_parser(name, help=_summary(entry), add_help=False)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``shoal`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.command == "admin":
+def main(
+    argv: Sequence[str] | None = None, commands: Mapping[str, EntryPoint] | None = None
+) -> int:
+    """Entry point of the ``shoal`` console script; returns the exit code.
+
+    ``commands`` (default: the installed ``shoal.cli`` entry points) serve every subcommand
+    that is not built in; they cannot replace a built-in one.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    discovered = command_entry_points() if commands is None else commands
+    installed = {name: e for name, e in discovered.items() if name not in BUILTIN_COMMANDS}
+    name = args[0] if args else ""
+    if name and name not in BUILTIN_COMMANDS and not name.startswith("-"):
+        entry = installed.get(name)
+        if entry is not None:
+            command: Command = entry.load()
+            return command(args[1:])
+        if name in KNOWN_PROVIDERS:
+            print(
+                f"shoal {name}: not installed here; install {KNOWN_PROVIDERS[name]} "
+                f"(e.g. `make install` in a Shoal checkout) to get it",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+
+    parsed = build_parser(installed).parse_args(args)
+    if parsed.command == "admin":
         from shoal.common.cli._admin import run_admin
 
         body: dict[str, object] = {}
-        if args.action == "session":
-            body = {"session_id": args.session_id}
-        elif args.action == "rotate-kek":
-            body = {"to_kek_id": args.to_kek_id}
-        return run_admin(args.action, body, args.up)
-    if args.command == "run":
-        from shoal.common.cli._run import run_service
+        if parsed.action == "session":
+            body = {"session_id": parsed.session_id}
+        elif parsed.action == "rotate-kek":
+            body = {"to_kek_id": parsed.to_kek_id}
+        return run_admin(parsed.action, body, parsed.up)
 
-        return run_service(args.service)
+    from shoal.common.cli._run import run_service
 
-    from shoal.common.cli._up import UpOptions, up
-
-    return up(
-        UpOptions(
-            home=args.home,
-            nats_url=args.nats_url,
-            database_url=args.database_url,
-            nats_port=args.nats_port,
-            nats_monitor_port=args.nats_monitor_port,
-            postgres_port=args.postgres_port,
-            gateway_port=args.gateway_port,
-            session_replicas=args.session_replicas,
-            ready_timeout=args.ready_timeout,
-        )
-    )
+    return run_service(parsed.service)

@@ -21,7 +21,7 @@ Runner socket ``/v1/sessions/{id}/runner`` (``Authorization: Bearer <runner toke
     runner -> server
         ``{"type":"hello"}``; ``{"type":"ping"}``;
         ``{"type":"message.completed","prompt_id","content","message_id"?}``;
-        ``{"type":"message.delta",…}`` (accepted and dropped for now, issue 4);
+        ``{"type":"message.delta",…}`` (relayed to the client sockets as ``delta``);
         ``{"type":"secret.get","name","id"}`` -> ``{"type":"secret","name","value","ref"}`` for a
         name in the session's ``metadata.allowed_secrets``, else an ``error`` frame
         (``forbidden``; ``not_found`` if allowed but not stored). Values are never logged.
@@ -760,7 +760,7 @@ class RunnerSocket(ManagedSocket):
         return dumps(proxy_answer(answer, settings.proxy_max_body_bytes))
 
     async def send_secret(self, frame: dict[str, Any]) -> None:
-        """``secret.get`` (issue 5): the value goes to this socket and nowhere else."""
+        """``secret.get``: the value goes to this socket and nowhere else."""
         try:
             secret = await self.service.runner_secret(self.snapshot, frame.get("name"))
         except ShoalError as exc:  # messages never carry a value

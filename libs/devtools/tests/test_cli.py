@@ -30,9 +30,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from shoal.common.cli import main
-from shoal.common.embedded import free_port, port_in_use
 from shoal.common.errors import Unavailable
-from shoal.common.supervisor import (
+from shoal.devtools.embedded import free_port, port_in_use
+from shoal.devtools.supervisor import (
     SERVICES,
     Fleet,
     FleetConfig,
@@ -590,7 +590,7 @@ async def test_a_picked_port_found_taken_is_picked_again(stub_path: Path, tmp_pa
 
 _ORPHAN_SCRIPT = """
 import asyncio, sys
-from shoal.common.supervisor import Fleet, FleetConfig, fleet_specs
+from shoal.devtools.supervisor import Fleet, FleetConfig, fleet_specs
 
 async def main():
     config = FleetConfig(nats_url="nats://127.0.0.1:1", database_url="postgresql://x@127.0.0.1:1/x",

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port, port_in_use
 from shoal.common.errors import Conflict, ShoalError, Unavailable
 from shoal.common.settings import CommonSettings
-from shoal.common.supervisor import (
+from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port, port_in_use
+from shoal.devtools.supervisor import (
     Fleet,
     FleetConfig,
     ServiceProcess,

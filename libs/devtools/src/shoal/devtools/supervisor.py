@@ -171,7 +171,7 @@ def fleet_specs(config: FleetConfig) -> list[ServiceSpec]:
     Internal services listen on free ports of 127.0.0.1 (only for /healthz and /readyz);
     the gateway on ``gateway_host:gateway_port``.
     """
-    from shoal.common.embedded import free_port
+    from shoal.devtools.embedded import free_port
 
     if config.session_replicas < 1:
         raise ValueError("session_replicas must be at least 1")
@@ -398,7 +398,7 @@ class ServiceProcess:
             self._on_spawn(self)
 
     def _repick_port_if_taken(self) -> None:
-        from shoal.common.embedded import free_port, port_in_use
+        from shoal.devtools.embedded import free_port, port_in_use
 
         spec = self.spec
         if not spec.port_picked or not port_in_use(spec.http_port):
@@ -601,7 +601,7 @@ class Watchdog:
         out = self._log_file.open("ab") if self._log_file is not None else subprocess.DEVNULL
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "shoal.common.supervisor"],
+                [sys.executable, "-m", "shoal.devtools.supervisor"],
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.STDOUT,
