@@ -28,6 +28,7 @@ COMMAND_ENTRY_POINT_GROUP = "shoal.cli"
 BUILTIN_COMMANDS = ("run", "admin")
 # Commands users know from the README, and the distribution that provides each.
 KNOWN_PROVIDERS = {"up": "shoal-devtools"}
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 Command = Callable[[list[str]], int]
@@ -112,7 +113,11 @@ def main(
     if name and name not in BUILTIN_COMMANDS and not name.startswith("-"):
         entry = installed.get(name)
         if entry is not None:
-            command: Command = entry.load()
+            try:
+                command: Command = entry.load()
+            except Exception as exc:  # a broken plugin: name it instead of a traceback
+                print(f"shoal {name}: cannot load {entry.value}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
             return command(args[1:])
         if name in KNOWN_PROVIDERS:
             print(
