@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def main(argv: list[str]) -> int:
 
 
 @pytest.fixture
-def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, EntryPoint]:
+def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, EntryPoint]]:
     (tmp_path / "shoal_test_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield {"echo": EntryPoint("echo", "shoal_test_plugin:main", COMMAND_ENTRY_POINT_GROUP)}
@@ -40,6 +41,14 @@ def test_a_discovered_command_gets_the_arguments_after_its_name(
     import shoal_test_plugin  # type: ignore[import-not-found]
 
     assert shoal_test_plugin.calls == [["--flag", "value"]]
+
+
+def test_a_command_that_cannot_be_loaded_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    broken = {
+        "broken": EntryPoint("broken", "shoal_no_such_module:main", COMMAND_ENTRY_POINT_GROUP)
+    }
+    assert main(["broken"], commands=broken) == 1
+    assert "cannot load shoal_no_such_module:main" in capsys.readouterr().err
 
 
 def test_help_lists_the_discovered_commands(

@@ -28,6 +28,7 @@ COMMAND_ENTRY_POINT_GROUP = "shoal.cli"
 BUILTIN_COMMANDS = ("run", "admin")
 # Commands users know from the README, and the distribution that provides each.
 KNOWN_PROVIDERS = {"up": "shoal-devtools"}
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 Command = Callable[[list[str]], int]
@@ -50,8 +51,11 @@ def _summary(entry: EntryPoint) -> str:
     return doc.strip().splitlines()[0].rstrip(".") if doc.strip() else f"(from {entry.value})"
 
 
-def build_parser(commands: Mapping[str, EntryPoint] | None = None) -> argparse.ArgumentParser:
-    """The parser of the built-in commands; ``commands`` are listed in its help."""
+def build_parser(
+    commands: Mapping[str, EntryPoint] | None = None, *, describe: bool = True
+) -> argparse.ArgumentParser:
+    """The parser of the built-in commands; ``commands`` are listed in its help, with their
+    docstrings' first lines when ``describe`` (which imports each command's module)."""
     parser = argparse.ArgumentParser(
         prog="shoal", description="Shoal: run one service or the fleet."
     )
@@ -93,7 +97,7 @@ def build_parser(commands: Mapping[str, EntryPoint] | None = None) -> argparse.A
     rotate.add_argument("--to", dest="to_kek_id", default=None, metavar="KEK_ID")
 
     for name, entry in sorted((commands or {}).items()):
-        subparsers.add_parser(name, help=_summary(entry), add_help=False)
+        subparsers.add_parser(name, help=_summary(entry) if describe else None, add_help=False)
     return parser
 
 
@@ -112,7 +116,11 @@ def main(
     if name and name not in BUILTIN_COMMANDS and not name.startswith("-"):
         entry = installed.get(name)
         if entry is not None:
-            command: Command = entry.load()
+            try:
+                command: Command = entry.load()
+            except Exception as exc:  # a broken plugin: name it instead of a traceback
+                print(f"shoal {name}: cannot load {entry.value}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
             return command(args[1:])
         if name in KNOWN_PROVIDERS:
             print(
@@ -122,7 +130,8 @@ def main(
             )
             return EXIT_USAGE
 
-    parsed = build_parser(installed).parse_args(args)
+    # `shoal run` starts every service process: it does not import the plugins for their help.
+    parsed = build_parser(installed, describe=name not in BUILTIN_COMMANDS).parse_args(args)
     if parsed.command == "admin":
         from shoal.common.cli._admin import run_admin
 
