@@ -11,7 +11,7 @@ from shoal.common.contracts import Status
 from shoal.gateway.api import keys, secrets
 from shoal.gateway.api.deps import Caller, Service, gateway_state
 from shoal.gateway.api.problems import problem_responses
-from shoal.gateway.api.sockets import serve_client, serve_runner
+from shoal.gateway.ws import serve_client, serve_runner
 
 router = APIRouter(prefix="/v1")
 router.include_router(keys.router)  # issue 5: API keys and secrets in their own modules
