@@ -1,4 +1,4 @@
-"""Issue 4 on a real uvicorn and real NATS: positioned replay and gaps, deltas, the user stream,
+"""Streaming on a real uvicorn and real NATS: positioned replay and gaps, deltas, the user stream,
 SSE, tickets, Origin, rate and idle limits, the runner proxy."""
 
 from __future__ import annotations

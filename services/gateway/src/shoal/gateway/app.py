@@ -133,7 +133,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_openapi(app)
     # The app enforces max_ws_frame_bytes with a 1009 close; uvicorn's cap sits just above.
     app.state.uvicorn_options["ws_max_size"] = settings.max_ws_frame_bytes + 64 * 1024
-    # Protocol-level keepalive: a peer that stops answering pings is dropped (issue 4).
+    # Protocol-level keepalive: a peer that stops answering pings is dropped.
     app.state.uvicorn_options["ws_ping_interval"] = settings.ws_ping_interval.total_seconds()
     app.state.uvicorn_options["ws_ping_timeout"] = settings.ws_ping_timeout.total_seconds()
 

@@ -301,10 +301,6 @@ class Bus:
             contiguous=False,
         )
 
-    def live_subscriptions(self) -> int:
-        """Sessions and users this gateway follows live (one core subscription each)."""
-        return self._live.subscriptions()
-
     async def first_sequence(self, stream: str) -> int:
         """The oldest sequence ``stream`` still holds (what retention left)."""
         try:

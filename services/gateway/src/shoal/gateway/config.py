@@ -79,7 +79,7 @@ class GatewaySettings(CommonSettings):
     # Time to let sockets flush their close frames when the gateway stops.
     ws_close_timeout: timedelta = timedelta(seconds=2)
 
-    # -- streaming (issue 4) --
+    # -- streaming --
     # Bytes waiting to be written to one socket, on top of the frame count above: a client that
     # stays this far behind for ``ws_lag_grace`` is closed with 4408 like one past the count.
     ws_send_queue_bytes: int = Field(default=8 * MiB, ge=64 * KiB)

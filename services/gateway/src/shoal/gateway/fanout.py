@@ -197,7 +197,6 @@ class LiveHub:
         self._subs: dict[str, Subscription] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._watch: asyncio.Task[None] | None = None
-        self.received = 0
         metrics.LIVE_SUBSCRIPTIONS.set_function(self.subscriptions)
 
     async def start(self) -> None:
@@ -281,7 +280,6 @@ class LiveHub:
         by_stream_seq = subject.startswith(self._by_stream_seq) if self._by_stream_seq else False
 
         async def on_msg(msg: Msg) -> None:
-            self.received += 1
             metrics.LIVE_EVENTS.inc()
             taps = self._taps.get(subject)
             if not taps:
@@ -418,7 +416,6 @@ class LiveFeed:
         self._held: LiveEvent | None = None  # returned after the Gap that came out before it
         self._sink: Callable[[LiveEvent], bool] | None = None
         self._offer_live: Callable[[LiveEvent], bool] | None = None
-        self.repairs = 0
 
     @classmethod
     async def open(
@@ -554,7 +551,6 @@ class LiveFeed:
                 # here first. If it still is not there, retention took it: the socket says gap.
                 self._repaired_at = event.stream_seq
                 self._replaying = True
-                self.repairs += 1
                 metrics.REPAIRS.inc()
                 continue
             tap.pop()

@@ -1,4 +1,4 @@
-"""Session files: the rules of ``/v1/sessions/{id}/files/{path}`` (DESIGN.md §5–§6, issue 5).
+"""Session files: the rules of ``/v1/sessions/{id}/files/{path}`` (DESIGN.md §5–§6).
 
 No transport here. A file is one object under ``sessions/<session_id>/files/<path>`` in the
 gateway's :class:`~shoal.common.storage.ObjectStorage`; it belongs to the session's owner, so

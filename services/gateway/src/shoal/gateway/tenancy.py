@@ -1,4 +1,4 @@
-"""Tenancy rules of the gateway: scopes, acting owners, API keys and users' secrets (issue 5).
+"""Tenancy rules of the gateway: scopes, acting owners, API keys and users' secrets.
 
 No transport here. Every route family needs a scope; ``admin`` may do everything for any
 owner; ``read`` may use every ``GET`` (and follow sockets) but change nothing. Another owner's

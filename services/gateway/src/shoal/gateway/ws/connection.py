@@ -170,7 +170,6 @@ class ManagedSocket:
         "_serving",
         "_tokens",
         "_writer",
-        "deltas_dropped",
         "hub",
         "sent_seq",
         "service",
@@ -202,7 +201,6 @@ class ManagedSocket:
         self._idle = settings.ws_idle_timeout.total_seconds()
         self._last_heard = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
-        self.deltas_dropped = 0
         self._done: asyncio.Future[None] = self._loop.create_future()
         self._serving: asyncio.Task[Any] | None = None  # serve()'s task, which runs the receiver
         self._close_with: tuple[int, str] | None = None
@@ -290,7 +288,6 @@ class ManagedSocket:
             or (self._queued + len(text)) * 2 > self._max_queued
             or self._done.done()
         ):
-            self.deltas_dropped += 1
             return False
         return self._push(text, None)
 
