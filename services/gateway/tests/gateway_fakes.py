@@ -36,7 +36,7 @@ from shoal.common.messaging import (
     serve,
 )
 from shoal.common.settings import CommonSettings
-from shoal.gateway.api.sockets import SocketHub
+from shoal.gateway.ws import SocketHub
 
 KEYS: dict[str, dict[str, Any]] = {
     "key-alice": {"key_id": "k-alice", "owner": "alice", "scopes": ["sessions"], "name": "alice"},

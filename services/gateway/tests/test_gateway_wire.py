@@ -1,5 +1,5 @@
-"""Event frames written straight to the transport (``shoal.gateway._wire``): the encoding, checked
-by websockets' own parser, and the sockets that use it — or fall back to the ASGI send."""
+"""Event frames written straight to the transport (``shoal.gateway.ws.frames``): the encoding,
+checked by websockets' own parser, and the sockets that use it — or fall back to the ASGI send."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from websockets.uri import parse_uri
 
 from shoal.client import ShoalClient
 from shoal.common.service import ServiceServer, server_config
-from shoal.gateway._wire import direct_protocol, text_frame, writable
 from shoal.gateway.api.deps import gateway_state
 from shoal.gateway.app import create_app
 from shoal.gateway.config import GatewaySettings
+from shoal.gateway.ws.frames import direct_protocol, text_frame, writable
 
 if TYPE_CHECKING:  # the fixture's type (see test_gateway_ws.py)
     from conftest import RunningGateway

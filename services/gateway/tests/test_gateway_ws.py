@@ -351,7 +351,8 @@ async def test_close_frame_not_held_by_a_part_that_ignores_cancellation(
 
     from starlette.websockets import WebSocketState
 
-    from shoal.gateway.api.sockets import CLOSE_POLICY, ManagedSocket, SocketHub
+    from shoal.gateway.ws.connection import ManagedSocket, SocketHub
+    from shoal.gateway.ws.frames import CLOSE_POLICY
 
     closed: list[tuple[int, str]] = []
     never: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()

@@ -39,9 +39,7 @@ from shoal.gateway.api.prompt_route import PromptRoute
 from shoal.gateway.api.proxy import router as proxy_router
 from shoal.gateway.api.request_id import RequestIdMiddleware, install_request_id_logging
 from shoal.gateway.api.socket_routes import GatewayApp
-from shoal.gateway.api.sockets import SocketHub
 from shoal.gateway.api.streams import router as streams_router
-from shoal.gateway.api.upgrade import StreamingState
 from shoal.gateway.bus import Bus
 from shoal.gateway.config import GatewaySettings
 from shoal.gateway.files import SessionFiles
@@ -49,6 +47,9 @@ from shoal.gateway.realtime import Realtime
 from shoal.gateway.service import GatewayService
 from shoal.gateway.streams import EventStreams
 from shoal.gateway.tickets import Tickets
+from shoal.gateway.ws import SocketHub
+from shoal.gateway.ws.frames import encode_event
+from shoal.gateway.ws.upgrade import StreamingState
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             await provision(nc.jetstream(), Catalog.from_settings(settings))
             bus_subjects = Subjects(settings.subject_prefix)
-            bus = Bus(nc, bus_subjects, settings)
+            bus = Bus(nc, bus_subjects, settings, encode=encode_event)
             await bus.start()
             service = GatewayService(bus, settings)
             await bus.on_key_revoked(service.key_revoked)
             await bus.on_key_revoked(hub.key_revoked)  # open sockets of a revoked key: 4401
             app.state.gateway = GatewayState(service=service, hub=hub)
             app.state.files = SessionFiles(service, objects, settings.max_file_bytes)
-            realtime = Realtime(nc, bus_subjects, settings)  # deltas, tickets, proxy
+            realtime = Realtime(nc, bus_subjects, settings)  # deltas, tickets, runner proxy
             await realtime.start()
             app.state.streaming = StreamingState(
                 realtime=realtime,

@@ -7,7 +7,7 @@ through ``fanout`` (one live subscription per session per gateway, ledger reads 
 
 Example::
 
-    bus = Bus(nc, Subjects("shoal"), settings)
+    bus = Bus(nc, Subjects("shoal"), settings, encode=encode_event)
     await bus.start()
     outcome = await bus.send_command(envelope, wait=True)
     feed = await bus.follow_session(session_id)      # history, then live, in stream order
@@ -23,7 +23,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -45,13 +44,11 @@ from shoal.common.messaging import (
 )
 from shoal.common.observability import inject_trace
 from shoal.gateway.config import GatewaySettings
-from shoal.gateway.fanout import LedgerReader, LiveFeed, LiveHub
+from shoal.gateway.fanout import FrameEncoder, LedgerReader, LiveFeed, LiveHub
 from shoal.gateway.ledger import start_sequence
 from shoal.gateway.service import CommandOutcome
 
 log = logging.getLogger(__name__)
-
-_event_decoder = msgspec.json.Decoder(Envelope)
 
 
 class _ReplyMux:
@@ -99,7 +96,10 @@ class _ReplyMux:
 class Bus:
     """The gateway's NATS client: one per process, built in the app's lifespan."""
 
-    def __init__(self, nc: NATS, subjects: Subjects, settings: GatewaySettings) -> None:
+    def __init__(
+        self, nc: NATS, subjects: Subjects, settings: GatewaySettings, *, encode: FrameEncoder
+    ) -> None:
+        """``encode``: how a live event's frame is built, once for every socket (``fanout``)."""
         self._nc = nc
         self._js: JetStreamContext = nc.jetstream(timeout=settings.publish_timeout.total_seconds())
         self._subjects = subjects
@@ -110,6 +110,7 @@ class Bus:
         timeout = settings.rpc_timeout.total_seconds()
         self._live = LiveHub(
             nc,
+            encode=encode,
             buffer=settings.ws_send_queue,
             buffer_bytes=max(64 * 1024, settings.ws_send_queue_bytes // 8),
             by_stream_seq=(subjects.deliver_live_all[:-1],),
@@ -299,10 +300,6 @@ class Bus:
             pos=since + 1,
             contiguous=False,
         )
-
-    def live_subscriptions(self) -> int:
-        """Sessions and users this gateway follows live (one core subscription each)."""
-        return self._live.subscriptions()
 
     async def first_sequence(self, stream: str) -> int:
         """The oldest sequence ``stream`` still holds (what retention left)."""

@@ -10,8 +10,9 @@ they stored (``RePublish``, declared in the catalog) to ``<prefix>.live.session.
 events, in stream order.
 
 - :class:`LiveHub` — one core subscription per subject, reference-counted (subscribe with the
-  first socket, unsubscribe with the last). Each message is decoded once and its client frame
-  encoded once (:class:`LiveEvent`); every socket's :class:`Tap` gets the same object. A tap is
+  first socket, unsubscribe with the last). Each message is decoded once and its frame encoded
+  once by the hub's encoder (:class:`LiveEvent`: the format is the sockets' business, not this
+  module's); every socket's :class:`Tap` gets the same object. A tap is
   bounded (``buffer`` events, ``buffer_bytes``): past either, it is cleared and flagged, and
   its feed catches up from the ledger instead. A NATS reconnect flags every tap the same way.
 - :class:`LedgerReader` — batched direct gets (``next_by_subj`` + ``batch``, ~1 MiB per round
@@ -20,11 +21,12 @@ events, in stream order.
   while the tap buffers, then live; dedup by position; a jump (session seq > last + 1, or a
   ``Nats-Last-Sequence`` past the last position on a user stream) is repaired from the ledger
   before anything after it is returned. A position the ledger no longer holds comes back as a
-  jump the socket reports with a ``gap`` frame — never skipped silently.
+  :class:`Gap` ahead of the next event — never skipped silently. The feed's position is the
+  one ordering cursor of a socket.
 
 Example::
 
-    hub = LiveHub(nc, buffer=1024); await hub.start()
+    hub = LiveHub(nc, encode=encode_event, buffer=1024); await hub.start()
     reader = LedgerReader(nc, "SHOAL_SESSION_EVT", timeout=5)
     feed = await LiveFeed.open(hub, reader, live="shoal.live.session.evt.ses_1.>",
                                ledger="shoal.session.evt.ses_1.>", last=0, pos=1)
@@ -50,8 +52,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from shoal.common.errors import Unavailable
 from shoal.common.messaging import Envelope
 from shoal.gateway import metrics
-from shoal.gateway._wire import text_frame
-from shoal.gateway.service import SessionEventMsg
+from shoal.gateway.service import Gap, SessionEventMsg
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +62,27 @@ NUM_PENDING_HEADER = "Nats-Num-Pending"
 
 _decoder = msgspec.json.Decoder(Envelope)
 
+FrameEncoder = Callable[[int, bytes], tuple[str, bytes]]
+"""(position, the event's JSON) -> its frame as text and as bytes on the wire."""
+
 
 @dataclass(frozen=True, slots=True)
 class LiveEvent(SessionEventMsg):
-    """An event with its stream position and its client frame, encoded once for every socket.
+    """An event with its stream position and its frame, encoded once for every socket.
 
     ``seq`` is the socket's position: the session seq, or the DELIVER stream sequence on a
     user stream. ``prev`` is the stream sequence of the previous message on the same subject
-    (0: unknown). ``wire``: the frame as a complete WebSocket text frame, the same bytes for
-    every socket (``_wire``); only on live events, which are shared (None on ledger reads,
-    which each socket makes for itself).
+    (0: unknown). ``frame`` and ``wire``: what the hub's encoder made of it.
     """
 
     stream_seq: int
     prev: int
     frame: str
-    wire: bytes | None = None
+    wire: bytes
 
 
 def _decode(
-    data: bytes, stream_seq: int, prev: int, by_stream_seq: bool, *, wire: bool = False
+    data: bytes, stream_seq: int, prev: int, by_stream_seq: bool, encode: FrameEncoder
 ) -> LiveEvent | None:
     try:
         envelope = _decoder.decode(data)
@@ -89,7 +91,7 @@ def _decode(
     seq = stream_seq if by_stream_seq else envelope.seq
     if seq is None:
         return None
-    frame = f'{{"type":"event","seq":{seq},"event":{data.decode()}}}'
+    frame, wire = encode(seq, data)
     return LiveEvent(
         seq=seq,
         envelope=envelope,
@@ -97,7 +99,7 @@ def _decode(
         stream_seq=stream_seq,
         prev=prev,
         frame=frame,
-        wire=text_frame(frame.encode()) if wire else None,
+        wire=wire,
     )
 
 
@@ -181,11 +183,13 @@ class LiveHub:
         self,
         nc: NATS,
         *,
+        encode: FrameEncoder,
         buffer: int = 1024,
         buffer_bytes: int = 1 << 20,
         by_stream_seq: Iterable[str] = (),
     ) -> None:
         self._nc = nc
+        self.encode = encode
         self._buffer = buffer
         self._buffer_bytes = buffer_bytes
         self._by_stream_seq = tuple(by_stream_seq)  # subject prefixes positioned by stream seq
@@ -193,7 +197,6 @@ class LiveHub:
         self._subs: dict[str, Subscription] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._watch: asyncio.Task[None] | None = None
-        self.received = 0
         metrics.LIVE_SUBSCRIPTIONS.set_function(self.subscriptions)
 
     async def start(self) -> None:
@@ -277,7 +280,6 @@ class LiveHub:
         by_stream_seq = subject.startswith(self._by_stream_seq) if self._by_stream_seq else False
 
         async def on_msg(msg: Msg) -> None:
-            self.received += 1
             metrics.LIVE_EVENTS.inc()
             taps = self._taps.get(subject)
             if not taps:
@@ -290,7 +292,7 @@ class LiveHub:
                 stream_seq,
                 _header_int(msg, LAST_SEQUENCE_HEADER) or 0,
                 by_stream_seq,
-                wire=True,
+                self.encode,
             )
             if event is None:
                 # Malformed: it has no place in the order; the feeds skip it in the ledger too.
@@ -411,9 +413,9 @@ class LiveFeed:
         self._type = event_type
         self._pending: deque[LiveEvent] | None = None  # ledger reads not returned yet
         self._repaired_at = -1  # the stream seq of the live event a repair was last made for
-        self._sink: Callable[[SessionEventMsg], bool] | None = None
+        self._held: LiveEvent | None = None  # returned after the Gap that came out before it
+        self._sink: Callable[[LiveEvent], bool] | None = None
         self._offer_live: Callable[[LiveEvent], bool] | None = None
-        self.repairs = 0
 
     @classmethod
     async def open(
@@ -436,7 +438,7 @@ class LiveFeed:
                 tip = await reader.last(ledger)
                 if tip is not None:
                     stream_seq = _header_int(tip, SEQUENCE_HEADER) or 0
-                    event = _decode(tip.data, stream_seq, 0, not contiguous)
+                    event = _decode(tip.data, stream_seq, 0, not contiguous, hub.encode)
                     last = event.seq if event is not None else last
                     pos = stream_seq + 1
                 else:
@@ -456,11 +458,12 @@ class LiveFeed:
             event_type=event_type,
         )
 
-    def deliver_to(self, sink: Callable[[SessionEventMsg], bool]) -> None:
+    def deliver_to(self, sink: Callable[[LiveEvent], bool]) -> None:
         """While :meth:`next` waits with nothing pending (caught up), hand each live event that
         is next in order to ``sink`` from the subscription's callback instead of waking the
         caller. ``sink`` returns whether it took the event; what it refuses (or anything out of
-        order: a jump to repair, a stale tap) comes out of :meth:`next` as usual."""
+        order: a jump to repair, a stale tap) comes out of :meth:`next` as usual. The feed's
+        position has advanced past what ``sink`` took."""
         self._sink = sink
         self._offer_live = self._offer
 
@@ -491,7 +494,7 @@ class LiveFeed:
             if stream_seq is None:
                 continue
             self._pos = max(self._pos, stream_seq + 1)
-            event = _decode(msg.data, stream_seq, 0, not self._contiguous)
+            event = _decode(msg.data, stream_seq, 0, not self._contiguous, self._hub.encode)
             if event is None:
                 log.warning("skipping malformed event on %s", msg.subject)
                 continue
@@ -499,20 +502,31 @@ class LiveFeed:
         if at_end or not msgs:
             self._replaying = False
 
-    def _take(self, event: LiveEvent) -> bool:
-        """Advance past ``event``; whether the socket gets it."""
-        if event.seq <= self._last:
-            return False
+    def _take(self, event: LiveEvent) -> SessionEventMsg | Gap | None:
+        """Advance past ``event``; what the socket gets now. Positions skipped on a contiguous
+        feed come first, as a :class:`Gap`, and the event is held for the next call."""
+        last = self._last
+        if event.seq <= last:
+            return None
         self._last = event.seq
         self._pos = max(self._pos, event.stream_seq + 1)
-        return self._type is None or event.envelope.type == self._type
+        wanted = self._type is None or event.envelope.type == self._type
+        if self._contiguous and event.seq > last + 1:
+            self._held = event if wanted else None
+            return Gap(last + 1, event.seq - 1)
+        return event if wanted else None
 
-    async def next(self) -> SessionEventMsg:
+    async def next(self) -> SessionEventMsg | Gap:
+        """The next event in order, or the positions the ledger lost before it."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            return held
         while True:
             if self._pending:
-                event = self._pending.popleft()
-                if self._take(event):
-                    return event
+                taken = self._take(self._pending.popleft())
+                if taken is not None:
+                    return taken
                 continue
             tap = self._tap
             if tap is None:
@@ -537,25 +551,15 @@ class LiveFeed:
                 # here first. If it still is not there, retention took it: the socket says gap.
                 self._repaired_at = event.stream_seq
                 self._replaying = True
-                self.repairs += 1
                 metrics.REPAIRS.inc()
                 continue
             tap.pop()
-            if self._take(event):
-                return event
+            taken = self._take(event)
+            if taken is not None:
+                return taken
 
     async def close(self) -> None:
         tap, self._tap = self._tap, None
         if tap is not None:
             await self._hub.detach(tap)
             tap.wake()
-
-
-def frame_of(event: SessionEventMsg) -> str | None:
-    """The event's client frame when it was encoded once for every socket, else None."""
-    return event.frame if isinstance(event, LiveEvent) else None
-
-
-def wire_of(event: SessionEventMsg) -> bytes | None:
-    """The event's complete WebSocket frame when it was encoded once for every socket."""
-    return event.wire if isinstance(event, LiveEvent) else None

@@ -12,7 +12,7 @@ Example::
 
     realtime = Realtime(nc, Subjects("shoal"), settings)
     await realtime.start()
-    unwatch = await realtime.watch_deltas("ses_1", socket.offer_delta)
+    unwatch = await realtime.watch_deltas("ses_1", socket.offer_text)
     await realtime.publish_delta("ses_1", b'{"type":"delta",...}')
     await unwatch(); await realtime.stop()
 """
@@ -109,10 +109,6 @@ class Realtime:
                     await _unsubscribe(sub)
 
         return unwatch
-
-    def delta_interest(self) -> int:
-        """Sessions this gateway follows deltas for (one NATS subscription each)."""
-        return len(self._delta_subs)
 
     # -- tickets --
     def _bucket(self) -> KeyValue:

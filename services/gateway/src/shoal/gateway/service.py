@@ -63,10 +63,18 @@ class SessionEventMsg:
     raw: bytes
 
 
-class EventFeed(Protocol):
-    """Events of one session in ledger order (``bus.OrderedFeed`` in production)."""
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Positions ``first``..``last`` the ledger no longer holds (retention): said, never skipped."""
 
-    async def next(self) -> SessionEventMsg: ...
+    first: int
+    last: int
+
+
+class EventFeed(Protocol):
+    """Events of one session in ledger order (``fanout.LiveFeed`` in production)."""
+
+    async def next(self) -> SessionEventMsg | Gap: ...
 
     async def close(self) -> None: ...
 
@@ -183,27 +191,6 @@ def derived_id(prefix: str, *parts: str) -> str:
     """A token-safe id that is a pure function of ``parts`` (retries get the same id)."""
     digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
     return f"{prefix}_{digest[:32]}"
-
-
-class EventCursor:
-    """Which ledger events a socket still has to send: seq above ``since``, each seq once, in order.
-
-    The ordered consumer delivers the ledger in stream order; a copy of an event re-published
-    outside the stream's duplicate window would come again with the same seq — it is skipped.
-    """
-
-    def __init__(self, since: int) -> None:
-        self.last = since
-
-    def admit(self, seq: int) -> bool:
-        if seq <= self.last:
-            return False
-        self.last = seq
-        return True
-
-    def gap_before(self, seq: int) -> tuple[int, int] | None:
-        """The seqs missing before ``seq`` (retention removed them), if any; call before admit."""
-        return (self.last + 1, seq - 1) if seq > self.last + 1 else None
 
 
 class GatewayService:
@@ -394,14 +381,14 @@ class GatewayService:
             command_id=command_id,
         )
         outcome = await self._bus.send_command(envelope, wait=True)
-        receipt: dict[str, Any] = {
+        seq = outcome.data.get("seq") if outcome.data else None
+        # The receipt as every caller answers it (HTTP 202, the socket's prompt.accepted).
+        return {
             "prompt_id": prompt_id,
             "session_id": session_id,
             "status": "queued",
+            "seq": seq if isinstance(seq, int) else None,
         }
-        if outcome.data and isinstance(outcome.data.get("seq"), int):
-            receipt["seq"] = outcome.data["seq"]
-        return receipt
 
     # -- history --
     async def list_messages(

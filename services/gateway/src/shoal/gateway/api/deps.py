@@ -9,9 +9,9 @@ from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp
 
 from shoal.common.errors import Unavailable
-from shoal.gateway.api.sockets import SocketHub
 from shoal.gateway.service import GatewayService, Principal, bearer_token
 from shoal.gateway.tenancy import authorize_route
+from shoal.gateway.ws import SocketHub
 
 
 @dataclass(frozen=True, slots=True)

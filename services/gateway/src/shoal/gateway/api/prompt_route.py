@@ -1,25 +1,14 @@
 """``POST /v1/sessions/{id}/prompts`` served ahead of the framework: the command path's hot route.
 
-Measured under bench/command_path.py (py-spy on the gateway): of the CPU a prompt request cost
-the gateway, about four fifths went to the stack around the endpoint — request id, CORS and
-body-limit middleware, tracing, FastAPI's routing, dependency solving, body parsing, response
-validation — and one fifth to the endpoint's own work. This plain ASGI handler does what that
-stack does for this one route, in one frame:
-
-- the request id (``X-Request-ID``, kept or made up, echoed, in problem bodies and log lines);
-- the body cap (``SHOAL_MAX_BODY_BYTES``: 413 on a declared or a streamed excess);
-- a server span continuing the caller's ``traceparent`` (as ``TraceRequests``);
-- the key and its scope (:meth:`GatewayService.authenticate`, ``authorize_route``);
-- the body validated by the route's own model (:class:`~shoal.gateway.api.routes.SubmitPrompt`);
-- the receipt as the route answers it; errors as the app's handlers answer them
-  (``problems.shoal_problem``, ``limits.body_too_large``).
-
-Whatever it does not handle goes to the app untouched, which answers it exactly as before: a
-request with an ``Origin`` header (CORS is the framework's), a non-JSON content type, a root
-path, and every body that fails validation — those are replayed to the FastAPI route, so a
-400's ``errors`` list is the framework's, from one place. The FastAPI route stays the
-documented one (OpenAPI) and the behaviour is the same on both (tests/test_gateway_http.py runs
-its prompt tests through this handler; the schemathesis run covers both).
+A plain ASGI handler that does for this one route what the framework's stack does (most of a
+prompt request's CPU in the gateway was that stack; bench/README.md): the request id, the body
+cap (413), a server span continuing ``traceparent``, the key (the service checks its scope, once),
+the body validated by the route's own model, the receipt as the service shapes it, errors as the
+app's handlers answer them. What it does not handle goes to the app untouched: a request with
+an ``Origin`` (CORS is the framework's), a non-JSON content type, a ``root_path``, and every body
+that fails validation (replayed to the FastAPI route, so a 400's ``errors`` come from one place).
+``tests/test_gateway_http.py`` proves both answer alike; ``tests/test_gateway_fast_paths.py``
+pins the middleware stack this skips.
 
 Installed as the app's outermost middleware::
 
@@ -48,7 +37,6 @@ from shoal.gateway.api.request_id import (
 )
 from shoal.gateway.api.routes import SubmitPrompt
 from shoal.gateway.service import bearer_token
-from shoal.gateway.tenancy import authorize_route
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +116,7 @@ class PromptRoute:
         prompt: SubmitPrompt,
         request_id: str,
     ) -> dict[str, Any] | Response:
-        """The receipt as the route answers it, or the problem the app's handlers would send."""
+        """The receipt, or the problem the app's handlers would send."""
         path: str = scope["path"]
         try:
             service = gateway_state(scope["app"]).service
@@ -136,8 +124,7 @@ class PromptRoute:
             principal = await service.authenticate(
                 bearer_token(authorization.decode("latin-1") if authorization else None)
             )
-            authorize_route(principal, path, "POST")
-            receipt = await service.submit_prompt(
+            return await service.submit_prompt(
                 principal, session_id, prompt.content, prompt.idempotency_key
             )
         except ShoalError as exc:
@@ -149,13 +136,6 @@ class PromptRoute:
             return problem(
                 500, "internal", "Internal error", "internal error", path, None, request_id
             )
-        # The route's response model: every field present (``seq`` may be null).
-        return {
-            "prompt_id": receipt["prompt_id"],
-            "session_id": receipt["session_id"],
-            "status": receipt["status"],
-            "seq": receipt.get("seq"),
-        }
 
 
 def _prompt_route(scope: Scope) -> str | None:

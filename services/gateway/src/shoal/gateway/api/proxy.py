@@ -22,8 +22,8 @@ from shoal.common.errors import PayloadTooLarge, ShoalError, Timeout, Unavailabl
 from shoal.common.messaging import dumps, loads
 from shoal.gateway.api.deps import Caller, Service
 from shoal.gateway.api.problems import problem_responses
-from shoal.gateway.api.upgrade import streaming_state
 from shoal.gateway.realtime import RunnerUnavailable
+from shoal.gateway.ws.upgrade import streaming_state
 
 router = APIRouter(prefix="/v1")
 

@@ -11,10 +11,10 @@ from shoal.common.contracts import Status
 from shoal.gateway.api import keys, secrets
 from shoal.gateway.api.deps import Caller, Service, gateway_state
 from shoal.gateway.api.problems import problem_responses
-from shoal.gateway.api.sockets import serve_client, serve_runner
+from shoal.gateway.ws import serve_client, serve_runner
 
 router = APIRouter(prefix="/v1")
-router.include_router(keys.router)  # API keys and secrets in their own modules
+router.include_router(keys.router)  # API keys and secrets live in their own modules
 router.include_router(secrets.router)
 
 # Seqs are int64 in the ledger and in PostgreSQL: a larger ``after`` is a 400 here, not a

@@ -1,49 +1,62 @@
-"""The event sockets, dispatched ahead of the framework's routing and middleware.
+"""The app's WebSocket routes, served straight from the app's own ``__call__``.
 
 A socket's handler stays parked for the socket's whole life, and with it every frame of the
-stack above it: FastAPI's routing (two exit stacks, the endpoint wrapper, scope copies) and each
-middleware's call. That was ~13 KB per idle socket under the routes, and ~1 KB more under the
-framework's own outer layers (FastAPI's and Starlette's ``__call__``, the server-error
-middleware, FastAPI's telemetry and body-limit wrappers) while this was a middleware. The
-client socket (``/v1/sessions/{id}/ws``), the runner socket (``/v1/sessions/{id}/runner``) and
-the user socket (``/v1/events/ws``) are plain ASGI here, handled in the app's own ``__call__``,
-so their handlers sit right under the server. They run the same code as the routes
-(``serve_client``, ``serve_runner``, ``user_socket``); none of the skipped middleware acts on a
-WebSocket (request ids, CORS, body limits and tracing are for HTTP). Every other scope goes on
-to FastAPI.
+stack above it (routing, exit stacks, middleware calls): memory per idle socket. So the
+declared WebSocket routes (``routes.py``, ``streams.py``) are matched here, by the routes' own
+matchers, and their endpoints called with the socket and its path parameters, right under the
+server; none of the middleware skipped acts on a WebSocket (request ids, CORS, body limits and
+tracing are for HTTP). A request under a ``root_path`` goes through the framework, as
+``PromptRoute`` does. Every other scope goes on to FastAPI.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import inspect
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIWebSocketRoute
+from starlette.routing import Match, WebSocketRoute
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket
 
-from shoal.gateway.api.deps import gateway_state
-from shoal.gateway.api.sockets import serve_client, serve_runner
-from shoal.gateway.api.streams import user_socket
-
-_SESSION_SOCKETS = {"ws": serve_client, "runner": serve_runner}
+from shoal.gateway.ws import DirectWebSocket
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, but ``/v1/sessions/{id}/ws``, ``…/runner`` and ``/v1/events/ws`` go straight
-    to their handlers."""
+    """FastAPI, but its WebSocket routes' endpoints are called without the framework's stack."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.direct_sockets: list[WebSocketRoute] = []
+
+    def include_router(self, router: APIRouter, *, prefix: str = "", **kwargs: Any) -> None:
+        """As FastAPI's; the router's WebSocket routes are also served directly. Each must take
+        only the socket and its path parameters: no dependency would be resolved."""
+        super().include_router(router, prefix=prefix, **kwargs)
+        for route in router.routes:
+            if not isinstance(route, APIWebSocketRoute):
+                continue
+            direct = WebSocketRoute(prefix + route.path, route.endpoint, name=route.name)
+            params = set(inspect.signature(route.endpoint).parameters)
+            if (
+                route.dependencies
+                or kwargs.get("dependencies")
+                or (params != {"websocket", *direct.param_convertors})
+            ):
+                raise TypeError(
+                    f"WebSocket route {direct.path}: a directly served socket takes only "
+                    f"`websocket` and its path parameters, and no dependencies (has {params})"
+                )
+            self.direct_sockets.append(direct)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            parts = scope["path"].split("/")
-            # "/v1/sessions/<id>/ws" -> ["", "v1", "sessions", "<id>", "ws"]
-            if len(parts) == 5 and parts[1] == "v1" and parts[2] == "sessions" and parts[3]:
-                serve = _SESSION_SOCKETS.get(parts[4])
-                if serve is not None:
+        if scope["type"] == "websocket" and not scope.get("root_path"):
+            for route in self.direct_sockets:
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child_scope)
                     scope["app"] = self  # what Starlette would set
-                    websocket = WebSocket(scope, receive, send)
-                    state = gateway_state(self)
-                    await serve(websocket, state.service, state.hub, parts[3])
+                    websocket = DirectWebSocket(scope, receive, send)
+                    await route.endpoint(websocket, **scope["path_params"])
                     return
-            elif scope["path"] == "/v1/events/ws":
-                scope["app"] = self
-                await user_socket(WebSocket(scope, receive, send))
-                return
         await super().__call__(scope, receive, send)

@@ -1,9 +1,6 @@
 """Streaming routes: the user socket, server-sent events, WebSocket tickets (transport only).
 
-User socket ``/v1/events/ws?since=<N>`` — every event of the key owner's sessions (the EventBus
-view): ``{"type":"event","seq":N,"event":{…}}`` where ``seq`` is the DELIVER stream sequence
-(increasing, not contiguous: the stream is shared); resume with ``since`` = the last one seen.
-``{"type":"gap","from","to"}`` first when positions after ``since`` are gone (retention).
+User socket ``/v1/events/ws?since=<N>``: declared here, served by ``ws.serve_user``.
 
 SSE ``GET /v1/sessions/{id}/events/stream`` and ``GET /v1/events/stream`` — the same frames as
 ``data:`` lines (one JSON per event), ``id:`` = seq, resume with ``Last-Event-ID`` (or
@@ -24,30 +21,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.websockets import WebSocketDisconnect
 
-from shoal.common.errors import ShoalError, Unavailable
+from shoal.common.errors import Unavailable
 from shoal.common.messaging import dumps
 from shoal.gateway.api.deps import Caller, gateway_state
-from shoal.gateway.api.sockets import (
-    CLOSE_BAD_REQUEST,
-    CLOSE_RESTART,
-    ResumableSocket,
-    close_code_for,
-    event_frame,
-    gap_frame,
-    refuse,
-)
-from shoal.gateway.api.upgrade import StreamingState, streaming_state, upgrade_principal
-from shoal.gateway.fanout import wire_of
-from shoal.gateway.service import (
-    EventCursor,
-    EventFeed,
-    GatewayService,
-    Principal,
-    SessionEventMsg,
-)
+from shoal.gateway.service import EventFeed, Gap, GatewayService, Principal, SessionEventMsg
 from shoal.gateway.streams import parse_position
+from shoal.gateway.ws import frames, serve_user
+from shoal.gateway.ws.upgrade import StreamingState, streaming_state, upgrade_principal
 
 log = logging.getLogger(__name__)
 
@@ -84,59 +65,10 @@ async def create_ws_ticket(request: Request, caller: Caller) -> dict[str, Any]:
     return await _streaming(request.app).tickets.issue(caller)
 
 
-class UserSocket(ResumableSocket):
-    """The EventBus view of one owner: every event of their sessions, resumable by position."""
-
-    __slots__ = ()
-    contiguous = False
-
-    async def pump(self, feed: EventFeed, gap: tuple[int, int] | None) -> None:
-        try:
-            if gap is not None and not await self.send_frame(gap_frame(*gap)):
-                return
-            self.follow(feed)
-            while await self._send_event(await feed.next()):
-                pass
-        finally:
-            await feed.close()
-
-    async def _send_event(self, event: SessionEventMsg) -> bool:
-        return not self.cursor.admit(event.seq) or await self.send_text(
-            event_frame(event), event.seq, wire_of(event)
-        )
-
-    async def on_frame(self, frame: dict[str, Any]) -> None:
-        await self.reply_error(frame, "bad_request", f"unknown frame type {frame['type']!r}")
-
-
 @router.websocket("/events/ws")
 async def user_socket(websocket: WebSocket) -> None:
     state = gateway_state(websocket.app)
-    if state.hub.closing:
-        await refuse(websocket, CLOSE_RESTART, "service restart: reconnect")
-        return
-    try:
-        since = parse_position(websocket.query_params.get("since"))
-    except ShoalError as exc:
-        await refuse(websocket, CLOSE_BAD_REQUEST, exc.message)
-        return
-    try:
-        streaming = _streaming(websocket.app)
-        principal = await upgrade_principal(websocket, state.service, streaming.tickets)
-        feed, gap = await streaming.streams.follow_user(principal, since)
-    except ShoalError as exc:
-        await refuse(websocket, close_code_for(exc), exc.message)
-        return
-    try:
-        await websocket.accept()
-    except (RuntimeError, OSError, WebSocketDisconnect):
-        await feed.close()
-        return
-    socket = UserSocket(websocket, state.service, state.hub, principal, since)
-    try:
-        await socket.serve(socket.pump(feed, gap))
-    finally:
-        await feed.close()
+    await serve_user(websocket, state.service, state.hub)
 
 
 # -- server-sent events --
@@ -145,14 +77,12 @@ async def _sse_stream(
     since: int,
     gap: tuple[int, int] | None,
     *,
-    contiguous: bool,
     keepalive: float,
     lag_grace: float,
     queue_size: int,
 ) -> AsyncIterator[str]:
     """SSE text for ``feed`` after ``since``; bounded: a reader that stays behind is cut off."""
     queue: asyncio.Queue[Any] = asyncio.Queue(queue_size)
-    cursor = EventCursor(since)
     lagging = asyncio.Event()
 
     async def pump() -> None:
@@ -161,16 +91,15 @@ async def _sse_stream(
                 await queue.put(("gap", gap))
             while True:
                 event = await feed.next()
-                missing = cursor.gap_before(event.seq) if contiguous else None
-                if missing is not None:
-                    await queue.put(("gap", missing))
-                if cursor.admit(event.seq):
-                    try:
-                        await asyncio.wait_for(queue.put(("event", event)), lag_grace)
-                    except TimeoutError:
-                        lagging.set()
-                        await queue.put(_STOP)
-                        return
+                if isinstance(event, Gap):
+                    await queue.put(("gap", (event.first, event.last)))
+                    continue
+                try:
+                    await asyncio.wait_for(queue.put(("event", event)), lag_grace)
+                except TimeoutError:
+                    lagging.set()
+                    await queue.put(_STOP)
+                    return
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -189,15 +118,16 @@ async def _sse_stream(
                 continue
             if item is _STOP:
                 if lagging.is_set():
-                    body = dumps({"type": "lagging", "seq": sent}).decode()
+                    body = dumps(frames.lagging(sent)).decode()
                     yield f"event: lagging\ndata: {body}\n\n"
                 return
             kind, value = item
             if kind == "gap":
-                yield f"event: gap\ndata: {dumps(gap_frame(*value)).decode()}\n\n"
+                yield f"event: gap\ndata: {dumps(frames.gap(*value)).decode()}\n\n"
             else:
-                sent = value.seq
-                yield f"id: {value.seq}\ndata: {event_frame(value)}\n\n"
+                event: SessionEventMsg = value
+                sent = event.seq
+                yield f"id: {event.seq}\ndata: {frames.event_frame(event)[0]}\n\n"
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -210,15 +140,12 @@ def _sse_response(
     feed: EventFeed,
     since: int,
     gap: tuple[int, int] | None,
-    *,
-    contiguous: bool,
 ) -> StreamingResponse:
     settings = gateway_state(request.app).service.settings
     stream = _sse_stream(
         feed,
         since,
         gap,
-        contiguous=contiguous,
         keepalive=settings.sse_keepalive.total_seconds(),
         lag_grace=settings.ws_lag_grace.total_seconds(),
         queue_size=settings.ws_send_queue,
@@ -271,7 +198,7 @@ async def session_event_stream(
     position = _position(last_event_id, since)
     service, _, principal = await _stream_caller(request)
     _, feed = await service.follow(principal, session_id, position)
-    return _sse_response(request, feed, position, None, contiguous=True)
+    return _sse_response(request, feed, position, None)
 
 
 @router.get("/events/stream", response_class=StreamingResponse, responses=_SSE_RESPONSES)
@@ -285,4 +212,4 @@ async def user_event_stream(
     position = _position(last_event_id, since)
     _, streaming, principal = await _stream_caller(request)
     feed, gap = await streaming.streams.follow_user(principal, position)
-    return _sse_response(request, feed, position, gap, contiguous=False)
+    return _sse_response(request, feed, position, gap)
