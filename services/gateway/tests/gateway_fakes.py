@@ -1,28 +1,31 @@
 """Stand-ins for the keys and session services, speaking the real protocols over the real NATS.
 
-The session stand-in consumes ``SESSION_CMD``, keeps state in the real ``session-state`` bucket,
-publishes to the real ``SESSION_EVT`` ledger and answers on ``Shoal-Reply-To`` exactly as
-docs/CONTRACTS.md says, with just enough rules (queue, dispatch, complete) for the gateway.
+The session stand-in consumes ``SESSION_CMD``, applies the session service's own rules, keeps
+state in the real ``session-state`` bucket, publishes to the real ``SESSION_EVT`` ledger and
+answers on ``Shoal-Reply-To`` exactly as docs/CONTRACTS.md says.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
+from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from shoal.common.contracts import (
-    QueuedPrompt,
     SessionSnapshot,
     decode_snapshot,
     encode_snapshot,
     public_session,
 )
-from shoal.common.errors import Conflict, NotFound, ShoalError, Unauthorized
+from shoal.common.errors import NotFound, ShoalError, Unauthorized
 from shoal.common.messaging import (
     MSG_ID_HEADER,
     REPLY_TO_HEADER,
@@ -37,6 +40,8 @@ from shoal.common.messaging import (
 )
 from shoal.common.settings import CommonSettings
 from shoal.gateway.ws import SocketHub
+from shoal.session.listing import parse_sessions_query, sessions_page
+from shoal.session.service import apply
 
 KEYS: dict[str, dict[str, Any]] = {
     "key-alice": {"key_id": "k-alice", "owner": "alice", "scopes": ["sessions"], "name": "alice"},
@@ -77,8 +82,18 @@ class FakeKeys:
         await self.nc.flush()
 
 
+Script = Callable[[SessionSnapshot | None, Envelope], ShoalError | None]
+
+
 class FakeSessionService:
-    """A minimal single-writer session service (one process, one consumer, no partitions)."""
+    """The real session rules (``shoal.session.service.apply``) behind one consumer: no
+    partitions, leases or ledger fence, so gateway tests run against what the session service
+    decides without starting it.
+
+    ``scripts`` stands in for rules a test needs before the session service has them: a
+    command type mapped to a function that may change the snapshot it is given (the fake saves
+    it) and returns the error to answer with, or None for an applied reply.
+    """
 
     def __init__(self, nc: NATS, settings: CommonSettings) -> None:
         self.nc = nc
@@ -87,9 +102,12 @@ class FakeSessionService:
         self.subjects = Subjects(settings.subject_prefix)
         self.messages: dict[str, list[dict[str, Any]]] = {}
         self.commands: list[Envelope] = []
+        self.scripts: dict[str, Script] = {}
+        self._took = asyncio.Condition()
+        self.admin_calls: list[tuple[str, dict[str, Any]]] = []
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
-        self._rpc: Subscription | None = None
+        self._rpcs: list[Subscription] = []
         self._psub: Any = None
 
     async def start(self) -> None:
@@ -102,17 +120,24 @@ class FakeSessionService:
         )
         self._psub = psub
         self._task = asyncio.create_task(self._run(psub))
-        self._rpc = await serve(
-            self.nc, self.subjects.rpc("session", "messages"), "session", self._list_messages
-        )
+        handlers: dict[str, Any] = {
+            "messages": self._list_messages,
+            "list": self._list_sessions,
+            "admin.partitions": self._admin_partitions,
+            "admin.session": self._admin_session,
+        }
+        for method, handler in handlers.items():
+            self._rpcs.append(
+                await serve(self.nc, self.subjects.rpc("session", method), "session", handler)
+            )
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._rpc is not None:
-            await self._rpc.unsubscribe()
+        for sub in self._rpcs:
+            await sub.unsubscribe()
         if self._psub is not None:
             await self._psub.unsubscribe()
 
@@ -129,9 +154,17 @@ class FakeSessionService:
         snap = await self.snapshot(session_id)
         assert snap is not None
         snap.event_seq += 1
-        await self._publish_event(snap, event_type, data, f"{session_id}:emit:{snap.event_seq}")
+        await self._publish(
+            self._event(snap, event_type, data, f"{session_id}:emit:{snap.event_seq}")
+        )
         await self._save(snap)
         return snap.event_seq
+
+    async def took(self, kind: str) -> Envelope:
+        """The first command of ``kind`` taken (waits up to 5 s: some are sent without a reply)."""
+        async with asyncio.timeout(5), self._took:
+            await self._took.wait_for(lambda: any(c.type == kind for c in self.commands))
+            return next(c for c in self.commands if c.type == kind)
 
     async def _run(self, psub: Any) -> None:
         while True:
@@ -145,101 +178,40 @@ class FakeSessionService:
 
     async def _handle(self, msg: Any) -> None:
         env = decode(msg.data)
-        self.commands.append(env)
+        async with self._took:
+            self.commands.append(env)
+            self._took.notify_all()
         reply_to = (msg.headers or {}).get(REPLY_TO_HEADER)
-        try:
-            snap = await self._apply(env, msg.metadata.sequence.stream)
-            reply: dict[str, Any] = {
-                "ok": True,
-                "data": {"session": public_session(snap), "seq": snap.event_seq},
-            }
-        except ShoalError as exc:
-            reply = {"ok": False, "error": exc.to_dict()}
+        snap = await self.snapshot(env.subject)
+        script = self.scripts.get(env.type)
+        if script is not None:
+            reply = await self._scripted(script, snap, env)
+        else:
+            result = apply(snap, env, msg.metadata.sequence.stream)
+            for event in result.events:
+                await self._publish(event)
+            if result.changed and result.new_state is not None:
+                await self._save(result.new_state)
+            reply = result.reply
         if reply_to:
             await self.nc.publish(reply_to, dumps(reply))
 
-    async def _apply(self, env: Envelope, stream_seq: int) -> SessionSnapshot:
-        sid = env.subject
-        snap = await self.snapshot(sid)
-        out: list[tuple[str, dict[str, Any]]] = []
-        if env.type == "session.create":
-            if snap is not None:
-                return snap
-            snap = SessionSnapshot(
-                id=sid,
-                owner=env.owner or "",
-                created_at=env.time,
-                updated_at=env.time,
-                metadata=env.data.get("metadata") or {},
-                runner_token_hash=env.data["runner_token_hash"],
-            )
-            out.append(("session.created", {"metadata": snap.metadata}))
-        elif snap is None:
-            raise NotFound("session not found", detail={"session_id": sid})
-        elif env.type == "prompt.submit":
-            if snap.status == "terminated":
-                raise Conflict("session terminated")
-            pid = env.data["prompt_id"]
-            if pid in snap.prompt_ids:
-                return snap
-            snap.prompt_ids.append(pid)
-            out.append(("prompt.queued", {"prompt_id": pid, "content": env.data["content"]}))
-            snap.queue.append(
-                QueuedPrompt(prompt_id=pid, content=env.data["content"], queued_at=env.time)
-            )
-            self._dispatch(snap, out)
-        elif env.type == "runner.connect":
-            snap.runner_connected = True
-            out.append(("runner.connected", {"connection_id": env.data["connection_id"]}))
-            if snap.current_prompt is not None:
-                cur = snap.current_prompt
-                out.append(
-                    ("prompt.dispatched", {"prompt_id": cur.prompt_id, "content": cur.content})
-                )
-            self._dispatch(snap, out)
-        elif env.type == "runner.disconnect":
-            snap.runner_connected = False
-            out.append(("runner.disconnected", {"connection_id": env.data["connection_id"]}))
-        elif env.type == "message.complete":
-            data = {
-                "message_id": env.data["message_id"],
-                "prompt_id": env.data["prompt_id"],
-                "role": "assistant",
-                "content": env.data["content"],
-            }
-            out.append(("message.completed", data))
-            snap.current_prompt = None
-            snap.status = "idle"
-            self._dispatch(snap, out)
+    async def _scripted(
+        self, script: Script, snap: SessionSnapshot | None, env: Envelope
+    ) -> dict[str, Any]:
+        error = script(snap, env)
+        if error is not None:
+            return {"ok": False, "error": error.to_dict()}
+        assert snap is not None
         snap.updated_at = env.time
-        snap.applied_seq = stream_seq
-        for n, (event_type, data) in enumerate(out):
-            snap.event_seq += 1
-            await self._publish_event(snap, event_type, data, f"{sid}:{stream_seq}:{n}")
-            if event_type == "message.completed":
-                self.messages.setdefault(sid, []).append(
-                    {
-                        **data,
-                        "id": data["message_id"],
-                        "created_at": env.time,
-                        "seq": snap.event_seq,
-                    }
-                )
         await self._save(snap)
-        return snap
+        return {"ok": True, "data": {"session": public_session(snap), "seq": snap.event_seq}}
 
     @staticmethod
-    def _dispatch(snap: SessionSnapshot, out: list[tuple[str, dict[str, Any]]]) -> None:
-        if snap.runner_connected and snap.current_prompt is None and snap.queue:
-            snap.current_prompt = snap.queue.pop(0)
-            snap.status = "running"
-            cur = snap.current_prompt
-            out.append(("prompt.dispatched", {"prompt_id": cur.prompt_id, "content": cur.content}))
-
-    async def _publish_event(
-        self, snap: SessionSnapshot, event_type: str, data: dict[str, Any], msg_id: str
-    ) -> None:
-        env = Envelope(
+    def _event(
+        snap: SessionSnapshot, event_type: str, data: dict[str, Any], msg_id: str
+    ) -> Envelope:
+        return Envelope(
             id=msg_id,
             type=event_type,
             source="session",
@@ -249,10 +221,21 @@ class FakeSessionService:
             seq=snap.event_seq,
             data=data,
         )
+
+    async def _publish(self, event: Envelope) -> None:
+        if event.type == "message.completed":
+            self.messages.setdefault(event.subject, []).append(
+                {
+                    **event.data,
+                    "id": event.data["message_id"],
+                    "created_at": event.time,
+                    "seq": event.seq,
+                }
+            )
         await self.js.publish(
-            self.subjects.session_event(snap.id, event_type),
-            encode(env),
-            headers={MSG_ID_HEADER: msg_id},
+            self.subjects.session_event(event.subject, event.type),
+            encode(event),
+            headers={MSG_ID_HEADER: event.id},
         )
 
     async def _save(self, snap: SessionSnapshot) -> None:
@@ -264,6 +247,80 @@ class FakeSessionService:
         limit = int(body.get("limit") or 50)
         items = [m for m in self.messages.get(body["session_id"], []) if m["seq"] > after][:limit]
         return {"messages": items, "next": items[-1]["seq"] if len(items) == limit else None}
+
+    async def _list_sessions(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The index from the state bucket, paged by the session service's own listing rules."""
+        assert self._kv is not None
+        query = parse_sessions_query(body)
+        try:
+            keys = await self._kv.keys()
+        except NoKeysError:
+            keys = []
+        rows = []
+        for key in keys:
+            snap = await self.snapshot(key)
+            if snap is None or (query.owner is not None and snap.owner != query.owner):
+                continue
+            if query.status is not None and snap.status != query.status:
+                continue
+            row = _IndexRow(snap.id, datetime.fromisoformat(snap.created_at), snap)
+            if query.before is None or (row.created_at, row.id) < query.before:
+                rows.append(row)
+        rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        page, next_cursor = sessions_page(rows[: query.limit + 1], query.limit)
+        return {
+            "sessions": [
+                {
+                    "id": r.snapshot.id,
+                    "owner": r.snapshot.owner,
+                    "status": r.snapshot.status,
+                    "tags": r.snapshot.tags,
+                    "created_at": r.snapshot.created_at,
+                    "updated_at": r.snapshot.updated_at,
+                }
+                for r in page
+            ],
+            "next": next_cursor,
+        }
+
+    async def _admin_partitions(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        self.admin_calls.append(("admin.partitions", body))
+        return [
+            {
+                "partition": p,
+                "owner": "fake",
+                "epoch": 1,
+                "lease_revision": 1,
+                "lag": 0,
+                "in_flight": 0,
+            }
+            for p in range(self.settings.session_partitions)
+        ]
+
+    async def _admin_session(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.admin_calls.append(("admin.session", body))
+        snap = await self.snapshot(str(body.get("session_id")))
+        if snap is None:
+            raise NotFound("session not found", detail={"session_id": body.get("session_id")})
+        return {
+            "session_id": snap.id,
+            "partition": 0,
+            "owner": "fake",
+            "epoch": 1,
+            "revision": 1,
+            "applied_seq": snap.applied_seq,
+            "event_seq": snap.event_seq,
+            "ledger_seq": snap.ledger_seq,
+            "status": snap.status,
+            "session_owner": snap.owner,
+        }
+
+
+@dataclass(frozen=True)
+class _IndexRow:
+    id: str
+    created_at: datetime
+    snapshot: SessionSnapshot
 
 
 async def flood_until_cut_off(

@@ -32,23 +32,30 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from shoal.common.contracts import SessionSnapshot, decode_snapshot
-from shoal.common.errors import ShoalError, Timeout, Unavailable, error_from_dict
+from shoal.common.errors import BadRequest, ShoalError, Timeout, Unavailable, error_from_dict
 from shoal.common.messaging import (
     MSG_ID_HEADER,
     REPLY_TO_HEADER,
     Envelope,
     Subjects,
+    decode,
     encode,
     loads,
     request,
 )
 from shoal.common.observability import inject_trace
 from shoal.gateway.config import GatewaySettings
-from shoal.gateway.fanout import FrameEncoder, LedgerReader, LiveFeed, LiveHub
+from shoal.gateway.fanout import SEQUENCE_HEADER, FrameEncoder, LedgerReader, LiveFeed, LiveHub
 from shoal.gateway.ledger import start_sequence
-from shoal.gateway.service import CommandOutcome
+from shoal.gateway.service import CommandOutcome, SessionEventMsg
 
 log = logging.getLogger(__name__)
+
+
+def _stream_seq(msg: Msg) -> int | None:
+    """The stream sequence of a direct-get answer (its ``Nats-Sequence`` header)."""
+    value = (msg.headers or {}).get(SEQUENCE_HEADER)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 class _ReplyMux:
@@ -164,6 +171,45 @@ class Bus:
             timeout=self._settings.rpc_timeout.total_seconds(),
         )
         return dict(data or {})
+
+    async def session_rpc(self, method: str, body: dict[str, Any]) -> Any:
+        """``rpc("session", method)``: the session index (``list``) and introspection."""
+        return await request(
+            self._nc,
+            self._subjects.rpc("session", method),
+            body,
+            timeout=self._settings.rpc_timeout.total_seconds(),
+        )
+
+    async def read_events(
+        self, session_id: str, after: int, limit: int
+    ) -> tuple[list[SessionEventMsg], bool]:
+        """Up to ``limit`` ledger events of the session with seq > ``after``, in seq order, and
+        whether more follow. Positioned by :func:`start_sequence`, read by batched direct gets."""
+        ledger = self._subjects.session_events(session_id)
+        stream = self._subjects.session_evt_stream
+        position = await start_sequence(self._js, stream, ledger, after) or 1
+        found: list[SessionEventMsg] = []
+        last = after
+        while True:
+            msgs, at_end = await self._session_ledger.read(ledger, position)
+            for msg in msgs:
+                try:
+                    envelope = decode(msg.data)
+                except BadRequest:
+                    log.warning("malformed event in the ledger of %s; skipped", session_id)
+                    continue
+                seq = envelope.seq or 0
+                if seq <= last:
+                    continue  # a copy re-published outside the duplicate window
+                if len(found) == limit:
+                    return found, True
+                found.append(SessionEventMsg(seq, envelope, msg.data))
+                last = seq
+            stream_seq = _stream_seq(msgs[-1]) if msgs else None
+            if at_end or stream_seq is None:
+                return found, False
+            position = stream_seq + 1
 
     async def on_key_revoked(self, callback: Callable[[str], Awaitable[None] | None]) -> None:
         """Call ``callback(key_id)`` for every ``keys.revoked`` broadcast."""

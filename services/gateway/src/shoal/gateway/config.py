@@ -42,6 +42,21 @@ class GatewaySettings(CommonSettings):
     max_idempotency_key_chars: int = Field(default=200, ge=1)
     messages_page_max: int = Field(default=200, ge=1)
     messages_page_default: int = Field(default=50, ge=1)
+    # GET /v1/sessions and GET /v1/sessions/{id}/events page sizes.
+    sessions_page_max: int = Field(default=100, ge=1)
+    sessions_page_default: int = Field(default=20, ge=1)
+    events_page_max: int = Field(default=500, ge=1)
+    events_page_default: int = Field(default=100, ge=1)
+
+    # -- session defaults (POST /v1/sessions without them) --
+    # Idle this long (nothing running or queued) the session hibernates; bounds 1 s..30 days.
+    session_idle_timeout: timedelta = Field(
+        default=timedelta(seconds=900), ge=timedelta(seconds=1), le=timedelta(days=30)
+    )
+    # A running prompt with no runner frame this long fails; bounds 1 s..1 day.
+    session_prompt_timeout: timedelta = Field(
+        default=timedelta(seconds=600), ge=timedelta(seconds=1), le=timedelta(days=1)
+    )
 
     # -- CORS (browsers calling the HTTP API from another origin) --
     # Off while ``cors_allow_origins`` is empty (the default). ``SHOAL_CORS_ALLOW_ORIGINS`` is a

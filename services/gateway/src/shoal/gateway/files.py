@@ -5,7 +5,8 @@ gateway's :class:`~shoal.common.storage.ObjectStorage`; it belongs to the sessio
 every method first checks the caller may see the session (another owner's answers 404, like a
 missing one) and only then looks at the path or reads a byte of the body. Paths follow the
 store's key rules (:func:`~shoal.common.storage.objects.validate_key`): 400 otherwise, and a
-path holding control characters is never echoed.
+path holding control characters is never echoed. The session's runner reaches the same files
+with its runner token (:class:`RunnerAccess`), for its own session only.
 
 Example::
 
@@ -43,6 +44,16 @@ MAX_CONTENT_TYPE_CHARS = 255
 # than stored and served back as a header nobody can parse.
 _TCHARS = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE_RE = re.compile(rf"^{_TCHARS}/{_TCHARS}(\s*;\s*{_TCHARS}=({_TCHARS}|\"[^\"\\]*\"))*$")
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerAccess:
+    """A caller holding a runner token: it may use the files of the one session it belongs to."""
+
+    token: str
+
+
+Caller = Principal | RunnerAccess
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +116,12 @@ class SessionFiles:
         self.objects = objects
         self.max_bytes = max_bytes
 
-    async def _session(self, principal: Principal, session_id: str, *, write: bool) -> str:
-        self._service.authorize(principal, tenancy.SESSIONS, write=write)
-        return (await self._service.visible_session(principal, session_id)).status
+    async def _session(self, caller: Caller, session_id: str, *, write: bool) -> str:
+        """The session's status once ``caller`` may use its files (401/403/404 otherwise)."""
+        if isinstance(caller, RunnerAccess):
+            return (await self._service.authenticate_runner(session_id, caller.token)).status
+        self._service.authorize(caller, tenancy.SESSIONS, write=write)
+        return (await self._service.visible_session(caller, session_id)).status
 
     def _key(self, session_id: str, path: str) -> str:
         # Control characters are legal in S3 keys and file names, but break S3's XML listings
@@ -125,7 +139,7 @@ class SessionFiles:
 
     async def put(
         self,
-        principal: Principal,
+        caller: Caller,
         session_id: str,
         path: str,
         body: AsyncIterable[bytes],
@@ -137,7 +151,7 @@ class SessionFiles:
         ``max_bytes`` + one chunk of it. A terminated session's files can still be read and
         deleted but not written (409).
         """
-        status = await self._session(principal, session_id, write=True)
+        status = await self._session(caller, session_id, write=True)
         key = self._key(session_id, path)
         media_type = check_content_type(content_type)
         if status == Status.TERMINATED:
@@ -162,26 +176,26 @@ class SessionFiles:
         etag = hashlib.md5(content, usedforsecurity=False).hexdigest()
         return FileInfo(path=path, size=len(content), etag=etag, content_type=media_type)
 
-    async def get(self, principal: Principal, session_id: str, path: str) -> StoredObject:
+    async def get(self, caller: Caller, session_id: str, path: str) -> StoredObject:
         """The file's bytes and metadata; :class:`NotFound` if there is none."""
-        await self._session(principal, session_id, write=False)
+        await self._session(caller, session_id, write=False)
         stored = await self.objects.get(self._key(session_id, path))
         if stored is None:
             raise NotFound("file not found", detail={"session_id": session_id})
         return stored
 
-    async def delete(self, principal: Principal, session_id: str, path: str) -> None:
+    async def delete(self, caller: Caller, session_id: str, path: str) -> None:
         """Delete the file; :class:`NotFound` if there is none."""
-        await self._session(principal, session_id, write=True)
+        await self._session(caller, session_id, write=True)
         if not await self.objects.delete(self._key(session_id, path)):
             raise NotFound("file not found", detail={"session_id": session_id})
 
     async def list(
-        self, principal: Principal, session_id: str, prefix: str = "", limit: int = MAX_LIST_LIMIT
+        self, caller: Caller, session_id: str, prefix: str = "", limit: int = MAX_LIST_LIMIT
     ) -> tuple[list[FileInfo], bool]:
         """Up to ``limit`` files whose path starts with ``prefix``, in path order (UTF-8 bytes),
         and whether more were left out."""
-        await self._session(principal, session_id, write=False)
+        await self._session(caller, session_id, write=False)
         limit = max(1, min(limit, MAX_LIST_LIMIT))
         if any(unicodedata.category(c) == "Cc" for c in prefix):
             raise BadRequest("file prefix contains control characters")

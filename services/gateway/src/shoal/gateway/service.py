@@ -13,16 +13,35 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Protocol
+
+import msgspec
 
 from shoal.common.clock import Clock, SystemClock, iso
-from shoal.common.contracts import Command, SessionSnapshot, Status, public_session
+from shoal.common.contracts import (
+    Command,
+    PromptAbort,
+    QuestionAnswer,
+    QuestionAsk,
+    RunnerConnect,
+    RunnerDisconnect,
+    RunnerError,
+    SessionCreate,
+    SessionSnapshot,
+    SessionTerminate,
+    SessionUpdate,
+    Status,
+    Tag,
+    public_session,
+)
 from shoal.common.errors import (
     BadRequest,
     Forbidden,
@@ -39,6 +58,52 @@ from shoal.gateway.tenancy import Tenancy
 RUNNER_TOKEN_PREFIX = "srt_"  # noqa: S105 - a recognisable prefix, not a secret
 ADMIN_SCOPE = "admin"
 SOURCE = "gateway"
+
+# Bounds of what a client sets on a session (seconds, counts); docs/CONTRACTS.md lists them.
+IDLE_TIMEOUT_MAX = 30 * 24 * 3600
+PROMPT_TIMEOUT_MAX = 24 * 3600
+MAX_TAGS = 32
+# What a runner's question may carry: it lives in the session's hot state until answered.
+MAX_QUESTION_BYTES = 16 * 1024
+MAX_QUESTION_OPTIONS = 32
+MAX_ANSWER_BYTES = 64 * 1024
+QUESTION_EXPIRES_MAX = 7 * 24 * 3600
+MAX_ERROR_CHARS = 4096  # a runner's error message, cut beyond
+# A list cursor is opaque to the gateway; the session service decodes and checks it.
+MAX_CURSOR_CHARS = 512
+
+
+class SessionPage(msgspec.Struct, kw_only=True):
+    """A page of ``GET /v1/sessions``: newest first; ``next`` continues after the last one."""
+
+    sessions: list[dict[str, Any]]
+    next: str | None
+
+
+class EventsPage(msgspec.Struct, kw_only=True):
+    """A page of a session's ledger: envelopes in seq order; ``next`` is the ``after`` to pass
+    back (None: no more events yet)."""
+
+    events: list[dict[str, Any]]
+    next: int | None
+
+
+class CommandReceipt(msgspec.Struct, kw_only=True):
+    """An accepted command: ``seq`` is the session's last event seq once it was applied."""
+
+    session_id: str
+    seq: int | None = None
+    question_id: str | None = None
+
+
+class QuestionFrame(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """A runner's ``question`` frame (DESIGN §5): the gateway stamps what it leaves out."""
+
+    type: str = "question"
+    question_id: str | None = None
+    content: str
+    options: list[str] | None = None
+    expires_in: Annotated[int, msgspec.Meta(ge=1, le=QUESTION_EXPIRES_MAX)] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +167,12 @@ class SessionBus(Protocol):
     ) -> EventFeed: ...
 
     async def keys_rpc(self, method: str, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def session_rpc(self, method: str, body: dict[str, Any]) -> Any: ...
+
+    async def read_events(
+        self, session_id: str, after: int, limit: int
+    ) -> tuple[list[SessionEventMsg], bool]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,26 +345,38 @@ class GatewayService:
 
     # -- sessions --
     async def create_session(
-        self, principal: Principal, metadata: dict[str, Any] | None
+        self,
+        principal: Principal,
+        metadata: dict[str, Any] | None,
+        *,
+        tags: list[str] | None = None,
+        idle_timeout: int | None = None,
+        prompt_timeout: int | None = None,
     ) -> dict[str, Any]:
-        """Create a session; the runner token is returned here once and stored only as a hash."""
+        """Create a session; the runner token is returned here once and stored only as a hash.
+
+        Timeouts are seconds (``idle_timeout`` 1..30 days, ``prompt_timeout`` 1 s..1 day); left
+        out, the gateway's ``session_idle_timeout`` / ``session_prompt_timeout`` apply.
+        """
         self.authorize(principal, tenancy.SESSIONS, write=True)
-        metadata = metadata or {}
-        tenancy.check_session_metadata(metadata)
-        size = len(dumps(metadata))
-        if size > self._settings.max_metadata_bytes:
-            raise PayloadTooLarge(
-                "metadata too large",
-                detail={"max_bytes": self._settings.max_metadata_bytes, "bytes": size},
-            )
+        metadata = self._checked_metadata(metadata or {})
+        payload = SessionCreate(
+            metadata=metadata,
+            tags=_checked_tags(tags or []),
+            idle_timeout=_checked_seconds(
+                "idle_timeout", idle_timeout, self._settings.session_idle_timeout, IDLE_TIMEOUT_MAX
+            ),
+            prompt_timeout=_checked_seconds(
+                "prompt_timeout",
+                prompt_timeout,
+                self._settings.session_prompt_timeout,
+                PROMPT_TIMEOUT_MAX,
+            ),
+        )
         session_id = new_id("ses")
         runner_token = RUNNER_TOKEN_PREFIX + secrets.token_urlsafe(32)
-        envelope = self._command(
-            Command.SESSION_CREATE,
-            session_id,
-            principal.owner,
-            {"metadata": metadata, "runner_token_hash": sha256_hex(runner_token)},
-        )
+        payload.runner_token_hash = sha256_hex(runner_token)
+        envelope = self._command(Command.SESSION_CREATE, session_id, principal.owner, payload)
         try:
             outcome = await self._bus.send_command(envelope, wait=True)
         except Timeout as exc:
@@ -310,9 +393,135 @@ class GatewayService:
                 "created_at": now,
                 "updated_at": now,
                 "metadata": metadata,
+                "tags": payload.tags,
+                "idle_timeout": payload.idle_timeout,
+                "prompt_timeout": payload.prompt_timeout,
             }
         session["runner_token"] = runner_token
         return session
+
+    def _checked_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
+        tenancy.check_session_metadata(metadata)
+        size = len(dumps(metadata))
+        if size > self._settings.max_metadata_bytes:
+            raise PayloadTooLarge(
+                "metadata too large",
+                detail={"max_bytes": self._settings.max_metadata_bytes, "bytes": size},
+            )
+        return metadata
+
+    async def list_sessions(
+        self,
+        principal: Principal,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        status: str | None = None,
+        owner: str | None = None,
+    ) -> SessionPage:
+        """The caller's sessions, newest first (an admin key: everyone's, or ``owner``'s).
+
+        The page comes from the session index (PostgreSQL, which follows the ledger within
+        milliseconds); each session is then read from its live state, as ``GET`` answers it.
+        """
+        self.authorize(principal, tenancy.SESSIONS, write=False)
+        page = limit if limit is not None else self._settings.sessions_page_default
+        if not 1 <= page <= self._settings.sessions_page_max:
+            raise BadRequest(f"limit must be between 1 and {self._settings.sessions_page_max}")
+        if status is not None and status not in set(Status):
+            raise BadRequest(
+                "status must be one of " + ", ".join(Status), detail={"status": status}
+            )
+        if cursor is not None and not 0 < len(cursor) <= MAX_CURSOR_CHARS:
+            raise BadRequest("cursor is not one this API handed out")
+        if principal.is_admin and owner is None:
+            scope: str | None = None  # every owner's
+        else:
+            scope = tenancy.acting_owner(principal, owner)
+        data = await self._bus.session_rpc(
+            "list", {"owner": scope, "status": status, "cursor": cursor, "limit": page}
+        )
+        rows = list(data.get("sessions") or []) if isinstance(data, dict) else []
+        snapshots = await asyncio.gather(*(self._bus.read_session(str(r["id"])) for r in rows))
+        sessions = [
+            public_session(snap) if snap is not None else dict(row)
+            for row, snap in zip(rows, snapshots, strict=True)
+        ]
+        next_cursor = data.get("next") if isinstance(data, dict) else None
+        return SessionPage(
+            sessions=sessions, next=next_cursor if isinstance(next_cursor, str) else None
+        )
+
+    async def terminate_session(
+        self, principal: Principal, session_id: str, reason: str = ""
+    ) -> dict[str, Any]:
+        """End the session (idempotent: terminating a terminated session answers it again)."""
+        self.authorize(principal, tenancy.SESSIONS, write=True)
+        owner = await self.visible_owner(principal, session_id)
+        payload = SessionTerminate(reason=reason or "terminated by the API")
+        envelope = self._command(Command.SESSION_TERMINATE, session_id, owner, payload)
+        outcome = await self._bus.send_command(envelope, wait=True)
+        return await self._session_after(outcome, session_id)
+
+    async def update_session(
+        self, principal: Principal, session_id: str, update: SessionUpdate
+    ) -> dict[str, Any]:
+        """Change the session's tags and/or metadata (a field left out stays as it is)."""
+        self.authorize(principal, tenancy.SESSIONS, write=True)
+        if update.tags is None and update.metadata is None:
+            raise BadRequest("nothing to update: send tags and/or metadata")
+        checked = SessionUpdate(
+            tags=_checked_tags(update.tags) if update.tags is not None else None,
+            metadata=(
+                self._checked_metadata(update.metadata) if update.metadata is not None else None
+            ),
+        )
+        owner = await self.visible_owner(principal, session_id)
+        envelope = self._command(Command.SESSION_UPDATE, session_id, owner, checked)
+        outcome = await self._bus.send_command(envelope, wait=True)
+        return await self._session_after(outcome, session_id)
+
+    async def abort(
+        self, principal: Principal, session_id: str, prompt_id: str | None = None
+    ) -> CommandReceipt:
+        """Stop the running prompt (only ``prompt_id`` if given); with none running, nothing."""
+        self.authorize(principal, tenancy.SESSIONS, write=True)
+        if prompt_id is not None and not is_token(prompt_id):
+            raise BadRequest("prompt_id must be an id")
+        owner = await self.visible_owner(principal, session_id)
+        payload = PromptAbort(prompt_id=prompt_id or "")
+        envelope = self._command(Command.PROMPT_ABORT, session_id, owner, payload)
+        outcome = await self._bus.send_command(envelope, wait=True)
+        return CommandReceipt(session_id=session_id, seq=_reply_seq(outcome))
+
+    async def answer_question(
+        self, principal: Principal, session_id: str, question_id: str, answer: str
+    ) -> CommandReceipt:
+        """Answer a pending question; the session answers 404 (unknown) or 409 (answered)."""
+        self.authorize(principal, tenancy.SESSIONS, write=True)
+        if not is_token(question_id):
+            raise NotFound("question not found", detail={"question_id": question_id})
+        if not isinstance(answer, str):
+            raise BadRequest("answer must be a string")
+        size = len(answer.encode())
+        if size > MAX_ANSWER_BYTES:
+            raise PayloadTooLarge(
+                "answer too large", detail={"max_bytes": MAX_ANSWER_BYTES, "bytes": size}
+            )
+        owner = await self.visible_owner(principal, session_id)
+        payload = QuestionAnswer(question_id=question_id, answer=answer)
+        envelope = self._command(Command.QUESTION_ANSWER, session_id, owner, payload)
+        outcome = await self._bus.send_command(envelope, wait=True)
+        return CommandReceipt(
+            session_id=session_id, seq=_reply_seq(outcome), question_id=question_id
+        )
+
+    async def _session_after(self, outcome: CommandOutcome, session_id: str) -> dict[str, Any]:
+        """The session as the applied reply showed it (read back if the reply had none)."""
+        session = (outcome.data or {}).get("session")
+        if isinstance(session, dict) and session:
+            return dict(session)
+        return public_session(await self._read(session_id))
 
     async def get_session(self, principal: Principal, session_id: str) -> dict[str, Any]:
         self.authorize(principal, tenancy.SESSIONS, write=False)
@@ -404,6 +613,39 @@ class GatewayService:
         data = await self._bus.list_messages(session_id, after, page)
         return {"messages": list(data.get("messages") or []), "next": data.get("next")}
 
+    async def list_events(
+        self, principal: Principal, session_id: str, after: int | None, limit: int | None
+    ) -> EventsPage:
+        """The session's ledger events with seq > ``after``, in seq order, read from SESSION_EVT
+        (the source of truth: no projection lag, but only what the ledger's retention kept)."""
+        self.authorize(principal, tenancy.SESSIONS, write=False)
+        if after is not None and after < 0:
+            raise BadRequest("after must be >= 0")
+        page = limit if limit is not None else self._settings.events_page_default
+        if not 1 <= page <= self._settings.events_page_max:
+            raise BadRequest(f"limit must be between 1 and {self._settings.events_page_max}")
+        await self.visible_session(principal, session_id)
+        events, more = await self._bus.read_events(session_id, after or 0, page)
+        return EventsPage(
+            events=[msgspec.json.decode(e.raw) for e in events],
+            next=events[-1].seq if more and events else None,
+        )
+
+    # -- admin --
+    async def admin_partitions(self, principal: Principal) -> list[dict[str, Any]]:
+        """Owner, epoch and lag per partition (``shoal admin partitions``): admin keys only."""
+        self.authorize(principal, tenancy.ADMIN, write=False)
+        rows = await self._bus.session_rpc("admin.partitions", {})
+        return [dict(r) for r in rows] if isinstance(rows, list) else []
+
+    async def admin_session(self, principal: Principal, session_id: str) -> dict[str, Any]:
+        """Where a session lives and how far it is applied (``shoal admin session``)."""
+        self.authorize(principal, tenancy.ADMIN, write=False)
+        if not is_token(session_id):
+            raise NotFound("session not found", detail={"session_id": session_id})
+        found = await self._bus.session_rpc("admin.session", {"session_id": session_id})
+        return dict(found) if isinstance(found, dict) else {}
+
     async def follow(
         self, principal: Principal, session_id: str, since: int = 0
     ) -> tuple[SessionSnapshot, EventFeed]:
@@ -420,19 +662,77 @@ class GatewayService:
         )
 
     async def runner_connect(self, snapshot: SessionSnapshot, connection_id: str) -> None:
-        envelope = self._command(
-            Command.RUNNER_CONNECT, snapshot.id, snapshot.owner, {"connection_id": connection_id}
-        )
+        payload = RunnerConnect(connection_id=connection_id)
+        envelope = self._command(Command.RUNNER_CONNECT, snapshot.id, snapshot.owner, payload)
         try:
             await self._bus.send_command(envelope, wait=True)
         except Timeout:
             pass  # durable: the session applies it later, and dispatches then
 
-    async def runner_disconnect(self, snapshot: SessionSnapshot, connection_id: str) -> None:
-        envelope = self._command(
-            Command.RUNNER_DISCONNECT, snapshot.id, snapshot.owner, {"connection_id": connection_id}
-        )
+    async def runner_disconnect(
+        self, snapshot: SessionSnapshot, connection_id: str, reason: str = "closed"
+    ) -> None:
+        """The runner socket ``connection_id`` is gone (``reason``: closed, replaced, ...)."""
+        payload = RunnerDisconnect(connection_id=connection_id, reason=reason)
+        envelope = self._command(Command.RUNNER_DISCONNECT, snapshot.id, snapshot.owner, payload)
         await self._bus.send_command(envelope, wait=False)
+
+    async def runner_question(
+        self,
+        snapshot: SessionSnapshot,
+        connection_id: str,
+        frame: QuestionFrame | Mapping[str, Any],
+    ) -> QuestionAsk:
+        """A runner asks the user: the question as sent to the session, its id stamped here if
+        the runner chose none and ``expires_at`` computed from ``expires_in``."""
+        if not isinstance(frame, QuestionFrame):
+            try:
+                frame = msgspec.convert(frame, QuestionFrame)
+            except msgspec.ValidationError as exc:
+                raise BadRequest(f"invalid question frame: {exc}") from None
+        if frame.question_id is not None and not is_token(frame.question_id):
+            raise BadRequest("question_id must be an id")
+        if not frame.content:
+            raise BadRequest("content must be a non-empty string")
+        size = len(frame.content.encode()) + sum(len(o.encode()) for o in frame.options or ())
+        if size > MAX_QUESTION_BYTES:
+            raise PayloadTooLarge(
+                "question too large", detail={"max_bytes": MAX_QUESTION_BYTES, "bytes": size}
+            )
+        if frame.options is not None and len(frame.options) > MAX_QUESTION_OPTIONS:
+            raise BadRequest(f"at most {MAX_QUESTION_OPTIONS} options")
+        now = self._clock.now()
+        question = QuestionAsk(
+            question_id=frame.question_id or new_id("q"),
+            content=frame.content,
+            options=frame.options,
+            expires_at=iso(now + frame.expires_in) if frame.expires_in is not None else None,
+        )
+        envelope = self._command(
+            Command.QUESTION_ASK,
+            snapshot.id,
+            snapshot.owner,
+            question,
+            # One question id, one command: a runner re-sending its frame asks once.
+            command_id=derived_id("cmd", snapshot.id, "question", question.question_id),
+        )
+        await self._bus.send_command(envelope, wait=True)
+        return question
+
+    async def runner_error(
+        self, snapshot: SessionSnapshot, connection_id: str, prompt_id: str, message: str
+    ) -> RunnerError:
+        """A runner's ``error`` frame: ``prompt_id`` failed ("" : the session itself did)."""
+        if prompt_id and not is_token(prompt_id):
+            raise BadRequest("prompt_id must be an id")
+        if not isinstance(message, str) or not message:
+            raise BadRequest("message must be a non-empty string")
+        error = RunnerError(
+            connection_id=connection_id, prompt_id=prompt_id, message=message[:MAX_ERROR_CHARS]
+        )
+        envelope = self._command(Command.RUNNER_ERROR, snapshot.id, snapshot.owner, error)
+        await self._bus.send_command(envelope, wait=True)
+        return error
 
     async def complete_message(
         self, snapshot: SessionSnapshot, prompt_id: Any, content: Any, message_id: Any = None
@@ -476,10 +776,11 @@ class GatewayService:
         command: Command,
         session_id: str,
         owner: str,
-        data: dict[str, Any],
+        data: dict[str, Any] | msgspec.Struct,
         *,
         command_id: str | None = None,
     ) -> Envelope:
+        """The envelope of a command; a payload struct of the contract goes in as plain data."""
         return Envelope(
             id=command_id or new_id("cmd"),
             type=command,
@@ -487,5 +788,33 @@ class GatewayService:
             time=iso(self._clock.now()),
             subject=session_id,
             owner=owner,
-            data=data,
+            data=data if isinstance(data, dict) else msgspec.to_builtins(data),
         )
+
+
+def _checked_tags(tags: list[str]) -> list[str]:
+    """Tags as the contract's ``Tag`` allows them, deduplicated in order; at most MAX_TAGS."""
+    try:
+        checked = msgspec.convert(tags, list[Tag])
+    except msgspec.ValidationError as exc:
+        raise BadRequest(
+            "tags must be a list of 1..64 characters of A-Z a-z 0-9 _ . : -",
+            detail={"error": str(exc)},
+        ) from None
+    unique = list(dict.fromkeys(checked))
+    if len(unique) > MAX_TAGS:
+        raise BadRequest(f"at most {MAX_TAGS} tags", detail={"tags": len(unique)})
+    return unique
+
+
+def _checked_seconds(name: str, value: int | None, default: timedelta, maximum: int) -> int:
+    if value is None:
+        return int(default.total_seconds())
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise BadRequest(f"{name} must be whole seconds from 1 to {maximum}", detail={name: value})
+    return value
+
+
+def _reply_seq(outcome: CommandOutcome) -> int | None:
+    seq = (outcome.data or {}).get("seq")
+    return seq if isinstance(seq, int) else None

@@ -31,7 +31,13 @@ from shoal.common.service import PolledCheck, Readiness, create_service_app
 from shoal.common.storage import Database
 from shoal.session.config import SessionSettings
 from shoal.session.coordinator import Coordinator
-from shoal.session.handlers import AdminRpc, CommandHandler, MessagesRpc, ProjectionHandler
+from shoal.session.handlers import (
+    AdminRpc,
+    CommandHandler,
+    MessagesRpc,
+    ProjectionHandler,
+    SessionsRpc,
+)
 from shoal.session.store import (
     EventLedger,
     HistoryStore,
@@ -92,6 +98,7 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
                     nc, subjects.rpc("session", "admin.partitions"), "session", admin.partitions
                 ),
                 await serve(nc, subjects.rpc("session", "admin.session"), "session", admin.session),
+                await serve(nc, subjects.rpc("session", "list"), "session", SessionsRpc(history)),
             ]
             handler = CommandHandler(states, EventLedger(js, subjects), Replier(nc))
             clock = SystemClock()

@@ -51,11 +51,13 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
+from shoal.common.clock import iso
 from shoal.common.contracts import SessionSnapshot
 from shoal.common.errors import BadRequest, Fenced, NotFound, ShoalError
 from shoal.common.messaging import REPLY_TO_HEADER, Envelope, decode, partition
 from shoal.common.observability import inject_trace, start_span
 from shoal.session import metrics
+from shoal.session.listing import parse_sessions_query, sessions_page
 from shoal.session.service import (
     Result,
     apply,
@@ -336,6 +338,38 @@ class MessagesRpc:
                     "content": r.content,
                     "created_at": r.created_at,
                     "seq": r.seq,
+                }
+                for r in page
+            ],
+            "next": next_cursor,
+        }
+
+
+class SessionsRpc:
+    """``rpc("session", "list")``: a page of the session index from PostgreSQL, newest first.
+
+    Like the history, the index follows the ledger asynchronously: a session created a few
+    milliseconds ago may be missing from the first page, and its status may lag its state.
+    """
+
+    def __init__(self, history: HistoryStore) -> None:
+        self._history = history
+
+    async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+        query = parse_sessions_query(body)
+        rows = await self._history.list_sessions(
+            query.owner, query.status, query.before, query.limit + 1
+        )
+        page, next_cursor = sessions_page(rows, query.limit)
+        return {
+            "sessions": [
+                {
+                    "id": r.id,
+                    "owner": r.owner,
+                    "status": r.status,
+                    "tags": r.tags,
+                    "created_at": iso(r.created_at.timestamp()),
+                    "updated_at": iso(r.updated_at.timestamp()),
                 }
                 for r in page
             ],

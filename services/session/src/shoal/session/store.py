@@ -41,8 +41,9 @@ from sqlalchemy import (
     case,
     func,
     select,
+    tuple_,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from shoal.common.clock import iso
 from shoal.common.contracts import Event, SessionSnapshot, Status, decode_snapshot, encode_snapshot
@@ -430,7 +431,14 @@ sessions = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     # Seq of the event that set ``status``: an older event arriving late never overwrites it.
     Column("last_seq", BigInteger, nullable=False),
-    Index("ix_sessions_owner_created", "owner", "created_at"),
+    Column("tags", ARRAY(Text), nullable=False, server_default="{}"),
+    # Seq of the event that set ``tags`` (session.created or session.updated), same rule.
+    Column("tags_seq", BigInteger, nullable=False, server_default="0"),
+    # Pages run newest first on (created_at, id); these serve one owner, one owner's status,
+    # and (admin keys) everyone.
+    Index("ix_sessions_owner_created_id", "owner", "created_at", "id"),
+    Index("ix_sessions_owner_status_created_id", "owner", "status", "created_at", "id"),
+    Index("ix_sessions_created_id", "created_at", "id"),
 )
 
 
@@ -442,6 +450,18 @@ class MessageRow:
     role: str
     content: str
     created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """One session of the index (the projection's view: it follows the ledger)."""
+
+    id: str
+    owner: str
+    status: str
+    tags: list[str]
+    created_at: datetime
+    updated_at: datetime
 
 
 def _ts(value: str) -> datetime:
@@ -500,6 +520,37 @@ class HistoryStore:
             for r in rows
         ]
 
+    async def list_sessions(
+        self,
+        owner: str | None,
+        status: str | None,
+        before: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[SessionRow]:
+        """Up to ``limit`` sessions, newest first by ``(created_at, id)``, strictly before
+        ``before``; ``owner`` None = every owner's."""
+        query = select(sessions)
+        if owner is not None:
+            query = query.where(sessions.c.owner == owner)
+        if status is not None:
+            query = query.where(sessions.c.status == status)
+        if before is not None:
+            query = query.where(tuple_(sessions.c.created_at, sessions.c.id) < tuple_(*before))
+        query = query.order_by(sessions.c.created_at.desc(), sessions.c.id.desc()).limit(limit)
+        async with self._db.session() as s:
+            rows = (await s.execute(query)).mappings().all()
+        return [
+            SessionRow(
+                id=r["id"],
+                owner=r["owner"],
+                status=r["status"],
+                tags=list(r["tags"] or []),
+                created_at=r["created_at"],
+                updated_at=r["updated_at"],
+            )
+            for r in rows
+        ]
+
 
 def _message_row(event: Envelope) -> dict[str, Any] | None:
     if event.type == Event.PROMPT_QUEUED:
@@ -520,13 +571,23 @@ def _message_row(event: Envelope) -> dict[str, Any] | None:
 
 
 def _session_row(event: Envelope) -> dict[str, Any] | None:
+    """The index row an event implies. ``last_seq`` / ``tags_seq`` are the seqs of the events
+    that set ``status`` / ``tags`` (0: this event sets neither), so rows merge in any order."""
+    seq = int(event.seq or 0)
+    status, status_seq = str(Status.IDLE), 0
     if event.type == Event.SESSION_CREATED:
-        status = str(Status.IDLE)
+        status_seq = seq
     elif event.type == Event.SESSION_STATUS:
-        status = str(event.data.get("status") or Status.IDLE)
+        status, status_seq = str(event.data.get("status") or Status.IDLE), seq
     elif event.type == Event.SESSION_TERMINATED:
-        status = str(Status.TERMINATED)
-    else:
+        status, status_seq = str(Status.TERMINATED), seq
+    elif event.type != Event.SESSION_UPDATED:
+        return None
+    tags = event.data.get("tags")
+    has_tags = event.type in (Event.SESSION_CREATED, Event.SESSION_UPDATED) and isinstance(
+        tags, list
+    )
+    if not status_seq and not has_tags:
         return None
     at = _ts(event.time)
     return {
@@ -535,7 +596,9 @@ def _session_row(event: Envelope) -> dict[str, Any] | None:
         "status": status,
         "created_at": at,
         "updated_at": at,
-        "last_seq": int(event.seq or 0),
+        "last_seq": status_seq,
+        "tags": [str(t) for t in tags] if has_tags and isinstance(tags, list) else [],
+        "tags_seq": seq if has_tags else 0,
     }
 
 
@@ -543,11 +606,15 @@ def _merge_session_rows(old: dict[str, Any] | None, new: dict[str, Any]) -> dict
     """Two index rows of one session as the upsert would leave them, in either order."""
     if old is None:
         return new
-    newer = new if new["last_seq"] > old["last_seq"] else old
+    by_status = new if new["last_seq"] > old["last_seq"] else old
+    by_tags = new if new["tags_seq"] > old["tags_seq"] else old
     return {
-        **newer,
+        **by_status,
+        "tags": by_tags["tags"],
+        "tags_seq": by_tags["tags_seq"],
         "created_at": min(old["created_at"], new["created_at"]),
-        "owner": newer["owner"] or old["owner"],
+        "updated_at": max(old["updated_at"], new["updated_at"]),
+        "owner": by_status["owner"] or old["owner"],
     }
 
 
@@ -558,15 +625,18 @@ def _upsert_sessions() -> Any:
     stmt = insert(sessions)
     new = stmt.excluded
     newer = sessions.c.last_seq < new.last_seq
+    newer_tags = sessions.c.tags_seq < new.tags_seq
     return stmt.on_conflict_do_update(
         index_elements=[sessions.c.id],
         set_={
             # created_at converges on the earliest event seen (session.created), whatever order
-            # the events arrive in; status and updated_at follow the newest event only.
+            # the events arrive in; status and tags each follow the newest event that set them.
             "created_at": func.least(sessions.c.created_at, new.created_at),
             "status": case((newer, new.status), else_=sessions.c.status),
-            "updated_at": case((newer, new.updated_at), else_=sessions.c.updated_at),
+            "updated_at": func.greatest(sessions.c.updated_at, new.updated_at),
             "last_seq": func.greatest(sessions.c.last_seq, new.last_seq),
+            "tags": case((newer_tags, new.tags), else_=sessions.c.tags),
+            "tags_seq": func.greatest(sessions.c.tags_seq, new.tags_seq),
         },
     )
 

@@ -3,7 +3,8 @@
 The upload body is the file itself (any media type; its ``Content-Type`` is kept), read to at
 most ``SHOAL_MAX_FILE_BYTES``. Downloads answer the bytes with the stored ``Content-Type``, a
 quoted ``ETag`` and ``nosniff``/``sandbox`` headers, so a browser never runs an uploaded page
-in the API's origin.
+in the API's origin. Besides API keys, every route takes the session's runner token
+(``Authorization: Bearer srt_…``): a runner reads and writes its own session's files.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.types import ASGIApp, Scope
 
 from shoal.common.errors import Unavailable
-from shoal.gateway.api.deps import Caller
+from shoal.gateway.api.deps import get_principal, get_service
 from shoal.gateway.api.problems import problem_responses
-from shoal.gateway.files import MAX_LIST_LIMIT, SessionFiles
+from shoal.gateway.files import MAX_LIST_LIMIT, RunnerAccess, SessionFiles
+from shoal.gateway.files import Caller as FilesCaller
+from shoal.gateway.service import RUNNER_TOKEN_PREFIX, Principal, bearer_token
 
 
 class _FilePathConvertor(Convertor[str]):
@@ -75,6 +78,19 @@ def upload_limit(max_file_bytes: int) -> Callable[[Scope], int | None]:
         return None
 
     return limit_for
+
+
+async def files_caller(request: Request) -> FilesCaller:
+    """An API key's principal, or the runner token of the session in the path (checked by
+    :class:`SessionFiles` against that session only)."""
+    token = bearer_token(request.headers.get("authorization"))
+    if token is not None and token.startswith(RUNNER_TOKEN_PREFIX):
+        return RunnerAccess(token=token)
+    principal: Principal = await get_principal(request, await get_service(request))
+    return principal
+
+
+Caller = Annotated[FilesCaller, Depends(files_caller)]
 
 
 class FileUploaded(BaseModel):

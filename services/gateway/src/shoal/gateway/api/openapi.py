@@ -32,6 +32,7 @@ TAGS: list[dict[str, Any]] = [
         "see services/gateway/README.md.",
     },
     {"name": "proxy", "description": "HTTP to the agent's own server, through its runner"},
+    {"name": "admin", "description": "Partitions and session placement (admin keys only)"},
 ]
 
 DESCRIPTION = """\

@@ -4,22 +4,46 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, WebSocket
+import msgspec
+from fastapi import APIRouter, Path, Query, WebSocket
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoal.common.contracts import Status
-from shoal.gateway.api import keys, secrets
+from shoal.common.contracts import SessionUpdate, Status
+from shoal.gateway.api import admin, keys, secrets
 from shoal.gateway.api.deps import Caller, Service, gateway_state
 from shoal.gateway.api.problems import problem_responses
+from shoal.gateway.service import (
+    IDLE_TIMEOUT_MAX,
+    MAX_ANSWER_BYTES,
+    MAX_CURSOR_CHARS,
+    MAX_TAGS,
+    PROMPT_TIMEOUT_MAX,
+)
 from shoal.gateway.ws import serve_client, serve_runner
 
 router = APIRouter(prefix="/v1")
 router.include_router(keys.router)  # API keys and secrets live in their own modules
 router.include_router(secrets.router)
+router.include_router(admin.router)
+
+TAG_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # the contract's Tag
+Tags = Annotated[
+    list[Annotated[str, Field(pattern=TAG_PATTERN)]],
+    Field(
+        max_length=MAX_TAGS, description=f"At most {MAX_TAGS}; each 1..64 of A-Z a-z 0-9 _ . : -"
+    ),
+]
 
 # Seqs are int64 in the ledger and in PostgreSQL: a larger ``after`` is a 400 here, not a
 # failed query in the session service (found by tests/test_openapi_fuzz.py).
 MAX_SEQ = 2**63 - 1
+
+
+def _plain(value: msgspec.Struct) -> dict[str, Any]:
+    """A service's answer struct as the JSON the response model validates."""
+    data: dict[str, Any] = msgspec.to_builtins(value)
+    return data
+
 
 _SESSION_EXAMPLE: dict[str, Any] = {
     "id": "ses_01J9Z3K8Q2W5",
@@ -32,6 +56,11 @@ _SESSION_EXAMPLE: dict[str, Any] = {
     "current_prompt_id": None,
     "queued_prompts": 0,
     "last_seq": 1,
+    "tags": ["team-api"],
+    "idle_timeout": 900,
+    "prompt_timeout": 600,
+    "pending_questions": [],
+    "error": None,
 }
 
 
@@ -45,9 +74,50 @@ class CreateSession(BaseModel):
 
     metadata: dict[str, Any] = Field(
         default_factory=dict,
-        description="Free-form, fixed at creation (at most SHOAL_MAX_METADATA_BYTES as JSON); "
-        "allowed_secrets names the secrets the session's runner may read.",
+        description="Free-form (at most SHOAL_MAX_METADATA_BYTES as JSON); allowed_secrets names "
+        "the secrets the session's runner may read.",
     )
+    tags: Tags = Field(default_factory=list)
+    idle_timeout: int | None = Field(
+        default=None,
+        ge=1,
+        le=IDLE_TIMEOUT_MAX,
+        description="Seconds with nothing running or queued before the session hibernates "
+        "(default SHOAL_SESSION_IDLE_TIMEOUT, 900)",
+    )
+    prompt_timeout: int | None = Field(
+        default=None,
+        ge=1,
+        le=PROMPT_TIMEOUT_MAX,
+        description="Seconds a running prompt may go without a runner frame before it fails "
+        "(default SHOAL_SESSION_PROMPT_TIMEOUT, 600)",
+    )
+
+
+class UpdateSession(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"tags": ["team-api", "nightly"]}]},
+    )
+
+    tags: Tags | None = Field(default=None, description="Replaces the session's tags")
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Replaces the session's metadata (same rules as at creation)"
+    )
+
+
+class AbortPrompt(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
+
+    prompt_id: str | None = Field(
+        default=None, min_length=1, description="Abort only if this prompt is the running one"
+    )
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"answer": "yes"}]})
+
+    answer: str = Field(description=f"At most {MAX_ANSWER_BYTES} bytes of UTF-8")
 
 
 class SubmitPrompt(BaseModel):
@@ -66,6 +136,15 @@ class SubmitPrompt(BaseModel):
     )
 
 
+class PendingQuestion(BaseModel):
+    question_id: str
+    prompt_id: str | None = None
+    content: str
+    options: list[str] | None = None
+    expires_at: str | None = Field(default=None, description="RFC 3339, UTC; null: never")
+    asked_at: str = Field(description="RFC 3339, UTC")
+
+
 class Session(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [_SESSION_EXAMPLE]})
 
@@ -79,6 +158,11 @@ class Session(BaseModel):
     current_prompt_id: str | None = None
     queued_prompts: int = Field(default=0, ge=0)
     last_seq: int = Field(default=0, ge=0, description="Seq of the session's latest event")
+    tags: list[str] = Field(default_factory=list)
+    idle_timeout: int = Field(default=0, ge=0, description="Seconds")
+    prompt_timeout: int = Field(default=0, ge=0, description="Seconds")
+    pending_questions: list[PendingQuestion] = Field(default_factory=list)
+    error: str | None = Field(default=None, description="Why the status is 'error'")
 
 
 class CreatedSession(Session):
@@ -143,6 +227,93 @@ class MessagesPage(BaseModel):
     next: int | None = Field(description="Pass back as ?after= for the next page; null: no more")
 
 
+class SessionsPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"sessions": [_SESSION_EXAMPLE], "next": "WyIyMDI1…"}]}
+    )
+
+    sessions: list[Session]
+    next: str | None = Field(description="Pass back as ?cursor= for the next page; null: no more")
+
+
+class CommandAccepted(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"session_id": "ses_01J9Z3", "seq": 9}]}
+    )
+
+    session_id: str
+    seq: int | None = Field(
+        default=None, description="The session's latest event seq once the command was applied"
+    )
+
+
+class AnswerAccepted(CommandAccepted):
+    question_id: str
+
+
+class SessionEvent(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: str
+    seq: int = Field(description="Contiguous per session from 1")
+    time: str = Field(description="RFC 3339, UTC")
+    subject: str = Field(description="The session id")
+    data: dict[str, Any]
+
+
+class EventsPage(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "events": [
+                        {
+                            "id": "ses_01J9Z3:12:0",
+                            "type": "prompt.queued",
+                            "source": "session",
+                            "time": "2025-01-01T12:00:01.000Z",
+                            "subject": "ses_01J9Z3",
+                            "owner": "alice",
+                            "seq": 2,
+                            "data": {"prompt_id": "prm_01J9Z4", "content": "hi"},
+                        }
+                    ],
+                    "next": None,
+                }
+            ]
+        }
+    )
+
+    events: list[SessionEvent]
+    next: int | None = Field(description="Pass back as ?after= for the next page; null: no more")
+
+
+@router.get(
+    "/sessions",
+    response_model=SessionsPage,
+    tags=["sessions"],
+    responses=problem_responses(400, 401, 403, 503),
+)
+async def list_sessions(
+    caller: Caller,
+    service: Service,
+    limit: Annotated[int | None, Query(ge=1, description="Page size (default 20, max 100)")] = None,
+    cursor: Annotated[
+        str | None, Query(min_length=1, max_length=MAX_CURSOR_CHARS, description="A page's next")
+    ] = None,
+    status: Annotated[Status | None, Query(description="Only sessions in this status")] = None,
+    owner: Annotated[
+        str | None, Query(min_length=1, max_length=128, description="Another owner: admin keys")
+    ] = None,
+) -> dict[str, Any]:
+    """The caller's sessions, newest first (an admin key: everyone's, or ``owner``'s)."""
+    page = await service.list_sessions(
+        caller, limit=limit, cursor=cursor, status=status, owner=owner
+    )
+    return _plain(page)
+
+
 @router.post(
     "/sessions",
     status_code=201,
@@ -154,7 +325,14 @@ async def create_session(
     caller: Caller, service: Service, body: CreateSession | None = None
 ) -> dict[str, Any]:
     """Create a session; the answer holds its ``runner_token`` (shown once)."""
-    return await service.create_session(caller, body.metadata if body else None)
+    body = body or CreateSession()
+    return await service.create_session(
+        caller,
+        body.metadata,
+        tags=body.tags,
+        idle_timeout=body.idle_timeout,
+        prompt_timeout=body.prompt_timeout,
+    )
 
 
 @router.get(
@@ -166,6 +344,90 @@ async def create_session(
 async def get_session(session_id: str, caller: Caller, service: Service) -> dict[str, Any]:
     """The session (without its runner token)."""
     return await service.get_session(caller, session_id)
+
+
+@router.patch(
+    "/sessions/{session_id}",
+    response_model=Session,
+    tags=["sessions"],
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 503, 504),
+)
+async def update_session(
+    session_id: str, body: UpdateSession, caller: Caller, service: Service
+) -> dict[str, Any]:
+    """Replace the session's ``tags`` and/or ``metadata``; 409 once it is terminated."""
+    update = SessionUpdate(tags=body.tags, metadata=body.metadata)
+    return await service.update_session(caller, session_id, update)
+
+
+@router.delete(
+    "/sessions/{session_id}",
+    response_model=Session,
+    tags=["sessions"],
+    responses=problem_responses(401, 403, 404, 503, 504),
+)
+async def terminate_session(session_id: str, caller: Caller, service: Service) -> dict[str, Any]:
+    """Terminate the session (idempotent): the running prompt is aborted, queued ones dropped,
+    later prompts refused with 409. Its history and files stay readable."""
+    return await service.terminate_session(caller, session_id)
+
+
+@router.post(
+    "/sessions/{session_id}/abort",
+    status_code=202,
+    response_model=CommandAccepted,
+    tags=["sessions"],
+    responses=problem_responses(400, 401, 403, 404, 409, 503, 504),
+)
+async def abort_prompt(
+    session_id: str, caller: Caller, service: Service, body: AbortPrompt | None = None
+) -> dict[str, Any]:
+    """Abort the running prompt (the next queued one starts); with none running, 202 and no
+    event. 409 once the session is terminated."""
+    receipt = await service.abort(caller, session_id, body.prompt_id if body else None)
+    return _plain(receipt)
+
+
+@router.post(
+    "/sessions/{session_id}/questions/{question_id}/answer",
+    status_code=202,
+    response_model=AnswerAccepted,
+    tags=["sessions"],
+    responses=problem_responses(400, 401, 403, 404, 409, 413, 503, 504),
+)
+async def answer_question(
+    session_id: str,
+    question_id: Annotated[str, Path(description="From the question.asked event")],
+    body: Answer,
+    caller: Caller,
+    service: Service,
+) -> dict[str, Any]:
+    """Answer the runner's question; 404 for an unknown question, 409 once it was answered
+    (or expired)."""
+    receipt = await service.answer_question(caller, session_id, question_id, body.answer)
+    return _plain(receipt)
+
+
+@router.get(
+    "/sessions/{session_id}/events",
+    response_model=EventsPage,
+    tags=["sessions"],
+    responses=problem_responses(400, 401, 403, 404, 503),
+)
+async def list_events(
+    session_id: str,
+    caller: Caller,
+    service: Service,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_SEQ, description="An event seq (a page's next)")
+    ] = None,
+    limit: Annotated[
+        int | None, Query(ge=1, description="Page size (default 100, max 500)")
+    ] = None,
+) -> dict[str, Any]:
+    """The session's events after seq ``after`` from its ledger, in seq order."""
+    page = await service.list_events(caller, session_id, after, limit)
+    return _plain(page)
 
 
 @router.post(
