@@ -210,6 +210,35 @@ async def test_sse_session_stream_resumes_with_last_event_id(
         assert user.status_code == 400
 
 
+async def test_sse_session_stream_reports_what_retention_took(
+    keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, gateway: RunningGateway
+) -> None:
+    created = await alice.create_session()  # 1
+    for _ in range(24):
+        await sessions.emit(created.id, "session.status", {"status": "idle"})  # 2..25
+    js = sessions.js
+    first = int((await js.stream_info(sessions.subjects.session_evt_stream)).state.first_seq)
+    await js.purge_stream(
+        sessions.subjects.session_evt_stream,
+        subject=sessions.subjects.session_events(created.id),
+        seq=first + 20,  # seqs 1..20 gone
+    )
+    url = f"{gateway.base_url}/v1/sessions/{created.id}/events/stream"
+    lines: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("GET", url, headers={**ALICE, "Last-Event-ID": "5"}) as response,
+    ):
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith(("event: ", "data: ", "id: ")):
+                lines.append(line)
+            if line == "id: 22":
+                break
+    assert lines[:2] == ["event: gap", 'data: {"type":"gap","from":6,"to":20}']
+    assert [line for line in lines if line.startswith("id: ")] == ["id: 21", "id: 22"]
+
+
 async def test_tickets_are_single_use(
     keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, gateway: RunningGateway
 ) -> None:

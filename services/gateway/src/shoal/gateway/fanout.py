@@ -62,8 +62,9 @@ NUM_PENDING_HEADER = "Nats-Num-Pending"
 
 _decoder = msgspec.json.Decoder(Envelope)
 
-FrameEncoder = Callable[[int, bytes], tuple[str, bytes]]
-"""(position, the event's JSON) -> its frame as text and as bytes on the wire."""
+FrameEncoder = Callable[[int, bytes, bool], tuple[str, bytes | None]]
+"""(position, the event's JSON, shared) -> its frame as text, and as bytes on the wire when
+``shared`` (a live event, the same bytes for every socket; a ledger read is one socket's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +73,24 @@ class LiveEvent(SessionEventMsg):
 
     ``seq`` is the socket's position: the session seq, or the DELIVER stream sequence on a
     user stream. ``prev`` is the stream sequence of the previous message on the same subject
-    (0: unknown). ``frame`` and ``wire``: what the hub's encoder made of it.
+    (0: unknown). ``frame`` and ``wire``: what the hub's encoder made of it (``wire`` only on
+    live events: ledger reads are each socket's own, and many sockets write text).
     """
 
     stream_seq: int
     prev: int
     frame: str
-    wire: bytes
+    wire: bytes | None = None
 
 
 def _decode(
-    data: bytes, stream_seq: int, prev: int, by_stream_seq: bool, encode: FrameEncoder
+    data: bytes,
+    stream_seq: int,
+    prev: int,
+    by_stream_seq: bool,
+    encode: FrameEncoder,
+    *,
+    live: bool = False,
 ) -> LiveEvent | None:
     try:
         envelope = _decoder.decode(data)
@@ -91,7 +99,7 @@ def _decode(
     seq = stream_seq if by_stream_seq else envelope.seq
     if seq is None:
         return None
-    frame, wire = encode(seq, data)
+    frame, wire = encode(seq, data, live)
     return LiveEvent(
         seq=seq,
         envelope=envelope,
@@ -293,6 +301,7 @@ class LiveHub:
                 _header_int(msg, LAST_SEQUENCE_HEADER) or 0,
                 by_stream_seq,
                 self.encode,
+                live=True,
             )
             if event is None:
                 # Malformed: it has no place in the order; the feeds skip it in the ledger too.

@@ -54,9 +54,10 @@ class GatewayApp(FastAPI):
             for route in self.direct_sockets:
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:
-                    scope.update(child_scope)
-                    scope["app"] = self  # what Starlette would set
-                    websocket = DirectWebSocket(scope, receive, send)
-                    await route.endpoint(websocket, **scope["path_params"])
+                    # What Starlette would set, and no more: this frame stays parked per socket.
+                    scope["app"] = self
+                    params = scope["path_params"] = child_scope["path_params"]
+                    del child_scope
+                    await route.endpoint(DirectWebSocket(scope, receive, send), **params)
                     return
         await super().__call__(scope, receive, send)

@@ -13,9 +13,13 @@ the DELIVER stream sequence (increasing, not contiguous: the stream is shared). 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
 from starlette.websockets import WebSocket
 
 from shoal.common.errors import BadRequest, ShoalError, Unavailable
+from shoal.gateway.realtime import Realtime
 from shoal.gateway.service import EventFeed, Gap, GatewayService, Principal
 from shoal.gateway.streams import parse_position
 from shoal.gateway.ws import frames
@@ -25,9 +29,10 @@ from shoal.gateway.ws.upgrade import streaming_state, upgrade_principal
 
 
 class ClientSocket(ResumableSocket):
-    """A client following one session: replay after ``since``, then live; prompts and pings."""
+    """A client following one session: replay after ``since``, then live; deltas relayed;
+    prompts and pings answered."""
 
-    __slots__ = ("session_id",)
+    __slots__ = ("_realtime", "_unwatch", "session_id")
 
     def __init__(
         self,
@@ -37,9 +42,21 @@ class ClientSocket(ResumableSocket):
         principal: Principal,
         session_id: str,
         since: int,
+        realtime: Realtime | None,
     ) -> None:
         super().__init__(websocket, service, hub, principal, since)
         self.session_id = session_id
+        self._realtime = realtime
+        self._unwatch: Callable[[], Awaitable[None]] | None = None
+
+    async def on_accepted(self) -> None:
+        if self._realtime is not None:
+            self._unwatch = await self._realtime.watch_deltas(self.session_id, self.offer_text)
+
+    async def stopped(self) -> None:
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
+            await unwatch()
 
     async def on_frame(self, frame: Frame) -> None:
         if frame["type"] != "prompt":
@@ -62,58 +79,67 @@ class ClientSocket(ResumableSocket):
 class UserSocket(ResumableSocket):
     """The EventBus view of one owner: every event of their sessions, resumable by position."""
 
-    __slots__ = ()
+    __slots__ = ("_dropped",)
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        service: GatewayService,
+        hub: SocketHub,
+        principal: Principal,
+        since: int,
+        dropped: Gap | None,
+    ) -> None:
+        super().__init__(websocket, service, hub, principal, since)
+        self._dropped = dropped  # positions after since that retention dropped
+
+    async def pump(self, feed: EventFeed) -> None:
+        dropped, self._dropped = self._dropped, None
+        if dropped is None or await self.send_frame(frames.gap(dropped.first, dropped.last)):
+            await super().pump(feed)
 
     async def on_frame(self, frame: Frame) -> None:
         await self.reply_error(frame, "bad_request", f"unknown frame type {frame['type']!r}")
 
 
-async def serve_client(
+def serve_client(
     websocket: WebSocket, service: GatewayService, hub: SocketHub, session_id: str
-) -> None:
-    """Authenticate, check the session, replay + follow, relay the session's deltas."""
+) -> Coroutine[Any, Any, None]:
+    """The client socket's life (await it): authenticate, check the session, replay + follow."""
+    return handshake(websocket, hub, _admit_client(websocket, service, hub, session_id))
+
+
+async def _admit_client(
+    websocket: WebSocket, service: GatewayService, hub: SocketHub, session_id: str
+) -> tuple[ClientSocket, EventFeed]:
+    since_param = websocket.query_params.get("since", "0")
+    if not since_param.isdigit():
+        raise BadRequest("since must be a non-negative integer")
+    since = int(since_param)
     streaming = streaming_state(websocket.app)
-
-    async def admit() -> tuple[tuple[Principal, int], EventFeed]:
-        since_param = websocket.query_params.get("since", "0")
-        if not since_param.isdigit():
-            raise BadRequest("since must be a non-negative integer")
-        since = int(since_param)
-        tickets = streaming.tickets if streaming is not None else None
-        principal = await upgrade_principal(websocket, service, tickets)
-        _, feed = await service.follow(principal, session_id, since)
-        return (principal, since), feed
-
-    async def serve(admitted: tuple[Principal, int], feed: EventFeed) -> None:
-        principal, since = admitted
-        socket = ClientSocket(websocket, service, hub, principal, session_id, since)
-        unwatch = None
-        try:
-            if streaming is not None:
-                unwatch = await streaming.realtime.watch_deltas(session_id, socket.offer_text)
-            await socket.serve(socket.pump(feed))
-        finally:
-            if unwatch is not None:
-                await unwatch()
-
-    await handshake(websocket, hub, admit, serve)
+    tickets = streaming.tickets if streaming is not None else None
+    principal = await upgrade_principal(websocket, service, tickets)
+    _, feed = await service.follow(principal, session_id, since)
+    realtime = streaming.realtime if streaming is not None else None
+    socket = ClientSocket(websocket, service, hub, principal, session_id, since, realtime)
+    return socket, feed
 
 
-async def serve_user(websocket: WebSocket, service: GatewayService, hub: SocketHub) -> None:
-    """Authenticate, then every event of the owner's sessions after ``since``."""
+def serve_user(
+    websocket: WebSocket, service: GatewayService, hub: SocketHub
+) -> Coroutine[Any, Any, None]:
+    """The user stream's life (await it): every event of the owner's sessions after ``since``."""
+    return handshake(websocket, hub, _admit_user(websocket, service, hub))
 
-    async def admit() -> tuple[tuple[Principal, int, Gap | None], EventFeed]:
-        since = parse_position(websocket.query_params.get("since"))
-        streaming = streaming_state(websocket.app)
-        if streaming is None:
-            raise Unavailable("gateway is starting")
-        principal = await upgrade_principal(websocket, service, streaming.tickets)
-        feed, dropped = await streaming.streams.follow_user(principal, since)
-        return (principal, since, Gap(*dropped) if dropped is not None else None), feed
 
-    async def serve(admitted: tuple[Principal, int, Gap | None], feed: EventFeed) -> None:
-        principal, since, dropped = admitted
-        socket = UserSocket(websocket, service, hub, principal, since)
-        await socket.serve(socket.pump(feed, dropped))
-
-    await handshake(websocket, hub, admit, serve)
+async def _admit_user(
+    websocket: WebSocket, service: GatewayService, hub: SocketHub
+) -> tuple[UserSocket, EventFeed]:
+    since = parse_position(websocket.query_params.get("since"))
+    streaming = streaming_state(websocket.app)
+    if streaming is None:
+        raise Unavailable("gateway is starting")
+    principal = await upgrade_principal(websocket, service, streaming.tickets)
+    feed, dropped = await streaming.streams.follow_user(principal, since)
+    gap = Gap(*dropped) if dropped is not None else None
+    return UserSocket(websocket, service, hub, principal, since, gap), feed

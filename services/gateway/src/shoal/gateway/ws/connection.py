@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from nats.errors import Error as NatsError
 from starlette.types import Receive, Scope, Send
@@ -41,9 +41,10 @@ from shoal.gateway.ws.frames import (
     close_reason,
 )
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-Admitted = TypeVar("Admitted")
+log = logging.getLogger(__name__)
 
 
 class DirectWebSocket(WebSocket):
@@ -72,26 +73,38 @@ async def close_now(websocket: WebSocket, code: int, reason: str) -> None:
 async def handshake(
     websocket: WebSocket,
     hub: SocketHub,
-    admit: Callable[[], Awaitable[tuple[Admitted, EventFeed]]],
-    serve: Callable[[Admitted, EventFeed], Awaitable[None]],
+    admit: Coroutine[Any, Any, tuple[ManagedSocket, EventFeed]],
 ) -> None:
-    """Every socket's life: refused while the gateway closes; ``admit`` (authenticate, check,
-    open the feed; a :class:`ShoalError` becomes a close code); accept; ``serve``; and the feed
-    closed however it ends."""
+    """Every socket's life, whatever its kind: refused at once while the gateway closes;
+    ``admit`` (authenticate, check, open the feed, build the socket; a :class:`ShoalError`
+    becomes the refusal's close code); accept; the socket's own start (a ShoalError closes it
+    with its code); serve until it ends; and the feed closed however it ends.
+
+    ``admit`` is a coroutine and a kind's start and end are methods, not callbacks: an idle
+    socket parks one frame for this (memory per idle socket) and no closure.
+    """
     if hub.closing:
+        admit.close()
         await refuse(websocket, CLOSE_RESTART, frames.RESTART_RECONNECT)
         return
     try:
-        admitted, feed = await admit()
+        socket, feed = await admit
     except ShoalError as exc:
         await refuse(websocket, frames.close_code_for(exc), exc.message)
         return
+    del admit  # done: an idle socket keeps no reference to it
     try:
         try:
             await websocket.accept()
         except (RuntimeError, OSError, WebSocketDisconnect):
             return
-        await serve(admitted, feed)
+        try:
+            await socket.start()
+            await socket.serve(socket.pump(feed))
+        except ShoalError as exc:  # from start(): serve() ends the socket itself
+            await close_now(websocket, frames.close_code_for(exc), exc.message)
+        finally:
+            await socket.stopped()
     finally:
         await feed.close()
 
@@ -205,14 +218,27 @@ class ManagedSocket:
         self._serving: asyncio.Task[Any] | None = None  # serve()'s task, which runs the receiver
         self._close_with: tuple[int, str] | None = None
         self.sent_seq = 0  # last event position written to the socket
-        # The connection's protocol when frames may bypass the ASGI send, else None.
-        self._direct = (
-            frames.direct_protocol(websocket.server_send)
-            if isinstance(websocket, DirectWebSocket)
-            else None
-        )
+        # The connection's protocol when frames may bypass the ASGI send, else None (start()).
+        self._direct: WebSocketsSansIOProtocol | None = None
+
+    async def start(self) -> None:
+        """Once accepted, before serving: may frames bypass the ASGI send? Then the kind's own
+        start (:meth:`on_accepted`)."""
+        if isinstance(self.ws, DirectWebSocket):
+            self._direct = frames.direct_protocol(self.ws.server_send)
+        await self.on_accepted()
 
     # -- to override --
+    async def on_accepted(self) -> None:
+        """The kind's start, once accepted (subscriptions, announcements)."""
+
+    async def stopped(self) -> None:
+        """The kind's end, however the socket ended (even if :meth:`on_accepted` failed)."""
+
+    async def pump(self, feed: EventFeed) -> None:
+        """Send the feed's events until it or the socket ends."""
+        raise NotImplementedError
+
     def lag_reason(self) -> str:
         return "lagging: reconnect"
 
@@ -481,10 +507,8 @@ class ResumableSocket(ManagedSocket):
         self.principal = principal
         self.sent_seq = since
 
-    async def pump(self, feed: EventFeed, first: Gap | None = None) -> None:
-        """Send ``first`` (positions retention dropped), then the feed's events and gaps."""
-        if first is not None and not await self.send_frame(frames.gap(first.first, first.last)):
-            return
+    async def pump(self, feed: EventFeed) -> None:
+        """Send the feed's events, and its gaps as ``gap`` frames."""
         if isinstance(feed, LiveFeed):
             # Caught up, the feed writes live events from its subscription's callback: no task
             # wakes up per event.

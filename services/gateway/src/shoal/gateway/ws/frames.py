@@ -14,7 +14,7 @@ a transport below its high-water mark. Anything else keeps the ASGI ``send``.
 uvicorn's attributes are read by name, so uvicorn's version is pinned (pyproject.toml) and
 ``tests/test_gateway_wire.py`` proves the bytes against websockets' own parser. Example::
 
-    text, wire = encode_event(7, b'{"id":"evt_1",...}')
+    text, wire = encode_event(7, b'{"id":"evt_1",...}', shared=True)
     protocol = direct_protocol(send)  # once per socket, after the handshake
     if protocol is not None and writable(protocol):
         protocol.transport.write(wire)
@@ -86,14 +86,15 @@ def failure_reason(seq: int) -> str:
 
 
 # -- server -> client frames --
-def encode_event(seq: int, event_json: bytes) -> tuple[str, bytes]:
-    """An event's frame at position ``seq``: as text (for the ASGI send) and as wire bytes."""
+def encode_event(seq: int, event_json: bytes, shared: bool = False) -> tuple[str, bytes | None]:
+    """An event's frame at position ``seq``: as text (for the ASGI send), and as wire bytes
+    when ``shared`` by every socket following it (a socket frames its own text at write)."""
     text = f'{{"type":"event","seq":{seq},"event":{event_json.decode()}}}'
-    return text, text_frame(text.encode())
+    return text, text_frame(text.encode()) if shared else None
 
 
-def event_frame(event: SessionEventMsg) -> tuple[str, bytes]:
-    """The event's frame, as the feed encoded it (once for every socket, when live)."""
+def event_frame(event: SessionEventMsg) -> tuple[str, bytes | None]:
+    """The event's frame, as the feed encoded it (with its wire bytes, when live)."""
     if isinstance(event, LiveEvent):
         return event.frame, event.wire
     return encode_event(event.seq, event.raw)

@@ -16,6 +16,7 @@ import base64
 import binascii
 import contextlib
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from nats.aio.subscription import Subscription
@@ -27,7 +28,7 @@ from shoal.common.errors import ShoalError
 from shoal.common.messaging import dumps, loads, new_id
 from shoal.gateway.service import EventFeed, Gap, GatewayService, bearer_token
 from shoal.gateway.ws import frames
-from shoal.gateway.ws.connection import ManagedSocket, SocketHub, close_now, handshake
+from shoal.gateway.ws.connection import ManagedSocket, SocketHub, handshake
 from shoal.gateway.ws.frames import Frame
 from shoal.gateway.ws.upgrade import StreamingState, streaming_state
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 class RunnerSocket(ManagedSocket):
     """The session's runner: dispatched prompts out, completions, deltas and answers in."""
 
-    __slots__ = ("_proxied", "connection_id", "snapshot", "streaming")
+    __slots__ = ("_announced", "_proxied", "_proxy_sub", "connection_id", "snapshot", "streaming")
 
     def __init__(
         self,
@@ -56,6 +57,28 @@ class RunnerSocket(ManagedSocket):
         self._burst = self._tokens = float(settings.ws_runner_rate_burst)
         self.streaming = streaming
         self._proxied: dict[str, asyncio.Future[Frame]] = {}
+        self._announced = False
+        self._proxy_sub: Subscription | None = None
+
+    async def on_accepted(self) -> None:
+        """Announce the runner (``runner.connect``), then answer the session's proxy requests."""
+        await self.service.runner_connect(self.snapshot, self.connection_id)
+        self._announced = True
+        if self.streaming is not None:
+            self._proxy_sub = await self.streaming.realtime.serve_proxy(
+                self.snapshot.id, self.proxy
+            )
+
+    async def stopped(self) -> None:
+        proxy_sub, self._proxy_sub = self._proxy_sub, None
+        if proxy_sub is not None:
+            with contextlib.suppress(NatsError):
+                await proxy_sub.unsubscribe()
+        if self._announced:
+            try:
+                await self.service.runner_disconnect(self.snapshot, self.connection_id)
+            except ShoalError as exc:
+                log.warning("runner.disconnect for %s not published: %s", self.snapshot.id, exc)
 
     async def pump(self, feed: EventFeed) -> None:
         while True:
@@ -160,40 +183,22 @@ def proxy_answer(frame: Frame, max_body: int) -> dict[str, Any]:
     return {"status": status, "headers": headers, "body_b64": base64.b64encode(body).decode()}
 
 
-async def serve_runner(
+def serve_runner(
     websocket: WebSocket, service: GatewayService, hub: SocketHub, session_id: str
-) -> None:
-    """Check the runner token, follow dispatches, announce the runner, relay until it leaves."""
-    connection_id = new_id("rcn")
+) -> Coroutine[Any, Any, None]:
+    """The runner socket's life (await it): check the runner token, follow dispatches, announce
+    the runner, relay until it leaves."""
+    return handshake(websocket, hub, _admit_runner(websocket, service, hub, session_id))
 
-    async def admit() -> tuple[SessionSnapshot, EventFeed]:
-        token = bearer_token(websocket.headers.get("authorization"))
-        snapshot = await service.authenticate_runner(
-            session_id, token or websocket.query_params.get("token")
-        )
-        # Subscribe before announcing: the dispatch the connect triggers must not be missed.
-        return snapshot, await service.follow_dispatches(session_id)
 
-    async def serve(snapshot: SessionSnapshot, feed: EventFeed) -> None:
-        try:
-            await service.runner_connect(snapshot, connection_id)
-        except ShoalError as exc:
-            await close_now(websocket, frames.close_code_for(exc), exc.message)
-            return
-        streaming = streaming_state(websocket.app)
-        proxy_sub: Subscription | None = None
-        try:
-            socket = RunnerSocket(websocket, service, hub, snapshot, connection_id, streaming)
-            if streaming is not None:
-                proxy_sub = await streaming.realtime.serve_proxy(session_id, socket.proxy)
-            await socket.serve(socket.pump(feed))
-        finally:
-            if proxy_sub is not None:
-                with contextlib.suppress(NatsError):
-                    await proxy_sub.unsubscribe()
-            try:
-                await service.runner_disconnect(snapshot, connection_id)
-            except ShoalError as exc:
-                log.warning("runner.disconnect for %s not published: %s", session_id, exc)
-
-    await handshake(websocket, hub, admit, serve)
+async def _admit_runner(
+    websocket: WebSocket, service: GatewayService, hub: SocketHub, session_id: str
+) -> tuple[RunnerSocket, EventFeed]:
+    token = bearer_token(websocket.headers.get("authorization"))
+    snapshot = await service.authenticate_runner(
+        session_id, token or websocket.query_params.get("token")
+    )
+    # Subscribe before announcing: the dispatch the connect triggers must not be missed.
+    feed = await service.follow_dispatches(session_id)
+    streaming = streaming_state(websocket.app)
+    return RunnerSocket(websocket, service, hub, snapshot, new_id("rcn"), streaming), feed
