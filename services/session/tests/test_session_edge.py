@@ -225,29 +225,3 @@ async def test_a_stale_writer_cannot_append_events(
     state = await load_state(js, subjects, sid)
     assert [p.prompt_id for p in state.queue] == ["b", "c"]
     assert state.ledger_seq == (await ledger.tip(sid)).seq  # type: ignore[union-attr]
-
-
-async def test_a_snapshot_from_before_ledger_fencing_adopts_the_ledger_tip(
-    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
-) -> None:
-    sid = "ses_legacy"
-    states, ledger, sub = await _setup(nc, js, settings, sid)
-    handler = CommandHandler(states, ledger, Replier(nc))
-    await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
-    [created] = await sub.fetch(1, timeout=2)
-    await handler.handle(SessionCache(sid), created)
-    # An older release wrote this snapshot: events in the ledger, no ledger_seq recorded.
-    kv = await js.key_value(subjects.session_state_bucket)
-    old = await load_state(js, subjects, sid)
-    old.ledger_seq = 0
-    await kv.put(sid, encode_snapshot(old))
-
-    await gateway.publish(
-        gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "x"})
-    )
-    [submit] = await sub.fetch(1, timeout=2)
-    await handler.handle(SessionCache(sid), submit)  # not fenced
-    state = await load_state(js, subjects, sid)
-    assert [p.prompt_id for p in state.queue] == ["p1"]
-    assert state.ledger_seq == (await ledger.tip(sid)).seq  # type: ignore[union-attr]
-    assert [e.seq for e in await read_events(js, subjects, sid)] == [1, 2]

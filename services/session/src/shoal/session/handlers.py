@@ -249,12 +249,10 @@ class CommandHandler:
             assert result.new_state is not None
             new_state = result.new_state
             if result.events:
-                legacy = state is not None and state.ledger_seq == 0 and state.event_seq > 0
                 last = await self._ledger.publish(
                     result.events,
                     trace_headers,
-                    after=None if legacy else (state.ledger_seq if state is not None else 0),
-                    applied_seq=state.applied_seq if state is not None else 0,
+                    after=state.ledger_seq if state is not None else 0,
                 )
                 new_state = msgspec.structs.replace(new_state, ledger_seq=last)
             revision = await self._states.save(new_state, revision)

@@ -101,14 +101,6 @@ class LedgerTip:
     seq: int
     event_id: str
 
-    @property
-    def command_seq(self) -> int:
-        """The SESSION_CMD sequence of the command that emitted it (ids are ``<s>:<seq>:<n>``)."""
-        try:
-            return int(self.event_id.rsplit(":", 2)[1])
-        except (IndexError, ValueError):
-            return 0
-
 
 class EventLedger:
     """Appends session events to SESSION_EVT, fenced on the session's ledger position.
@@ -141,23 +133,18 @@ class EventLedger:
         events: Sequence[Envelope],
         headers: Mapping[str, str],
         *,
-        after: int | None,
-        applied_seq: int = 0,
+        after: int,
     ) -> int:
         """Append ``events`` (one command's, in order) right after ledger sequence ``after``.
 
-        ``after`` is the sequence the snapshot recorded (0: the session has no event yet);
-        None means the snapshot predates ledger fencing: the tip is adopted if it belongs to
-        an applied command (``<= applied_seq``). Returns the sequence of the last event.
-        Raises :class:`Fenced` when someone else appended to this session's ledger.
+        ``after`` is the sequence the snapshot recorded (0: the session has no event yet).
+        Returns the sequence of the last event. Raises :class:`Fenced` when someone else
+        appended to this session's ledger.
         """
         if not events:
-            return after or 0
+            return after
         session_id = events[0].subject
         ledger_filter = self._subjects.session_events(session_id)
-        if after is None:
-            tip = await self.tip(session_id)
-            after = tip.seq if tip is not None and tip.command_seq <= applied_seq else 0
         expected, i = after, 0
         # Each reconciliation moves i forward or raises; the bound is a guard against a bug.
         for _ in range(2 * len(events) + 2):
