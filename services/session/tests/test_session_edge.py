@@ -88,7 +88,7 @@ async def test_a_redelivered_command_is_answered_and_publishes_nothing_new(
 ) -> None:
     sid = "ses_lostack"
     states, ledger, sub = await _setup(nc, js, settings, sid)
-    handler = CommandHandler(states, ledger, Replier(nc))
+    handler = CommandHandler(states, ledger, Replier(nc), None, subjects)
     for type_, data in [
         ("session.create", {"metadata": {}}),
         ("runner.connect", {"connection_id": "c"}),
@@ -135,7 +135,7 @@ async def test_a_crash_between_publish_and_write_leaves_no_duplicate(
         gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "x"})
     )
     flaky = CrashBeforeWrite(states, n=2)
-    handler = CommandHandler(flaky, ledger, Replier(nc))
+    handler = CommandHandler(flaky, ledger, Replier(nc), None, subjects)
     retries = _metric("shoal_session_io_retries_total")
     cache = SessionCache(sid)
     for msg in await sub.fetch(3, timeout=2):
@@ -162,7 +162,7 @@ async def test_a_lost_compare_and_set_is_fenced_and_lands_nothing(
 ) -> None:
     sid = "ses_fenced"
     states, ledger, sub = await _setup(nc, js, settings, sid)
-    handler = CommandHandler(states, ledger, Replier(nc))
+    handler = CommandHandler(states, ledger, Replier(nc), None, subjects)
     cache = SessionCache(sid)
     await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
     [created] = await sub.fetch(1, timeout=2)
@@ -196,7 +196,7 @@ async def test_a_stale_writer_cannot_append_events(
     """The gap of publishing before the CAS: a paused ex-owner's events must not land."""
     sid = "ses_stale"
     states, ledger, sub = await _setup(nc, js, settings, sid)
-    stale = CommandHandler(states, ledger, Replier(nc))
+    stale = CommandHandler(states, ledger, Replier(nc), None, subjects)
     stale_cache = SessionCache(sid)
     await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
     [created] = await sub.fetch(1, timeout=2)
@@ -205,7 +205,7 @@ async def test_a_stale_writer_cannot_append_events(
     # The stale owner fetched the next command, then paused. A new owner applies two others.
     await gateway.publish(gateway.command(sid, "prompt.submit", {"prompt_id": "a", "content": ""}))
     [held] = await sub.fetch(1, timeout=2)
-    fresh = CommandHandler(states, ledger, Replier(nc))
+    fresh = CommandHandler(states, ledger, Replier(nc), None, subjects)
     fresh_cache = SessionCache(sid)
     for pid in ("b", "c"):
         await gateway.publish(

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from shoal.common.contracts import Command, Event, SessionSnapshot, Status, encode_snapshot
 from shoal.common.errors import BadRequest
-from shoal.common.messaging import Envelope, encode
+from shoal.common.messaging import Envelope, encode, is_token
 from shoal.session.service import (
     MAX_STATE_BYTES,
     MESSAGES_MAX_LIMIT,
@@ -20,6 +20,7 @@ from shoal.session.service import (
     messages_page,
     parse_messages_query,
     timer_command,
+    timer_id,
     timers_for,
 )
 
@@ -454,7 +455,7 @@ _ops = st.lists(
         st.tuples(st.just("ask"), st.sampled_from(["q1", "q2"])),
         st.tuples(st.just("answer"), st.sampled_from(["q1", "q2"])),
         st.tuples(st.just("error"), st.sampled_from(["cur", ""])),
-        st.tuples(st.just("fire"), st.sampled_from(["idle", "wd", "q:q1", "q:q2"])),
+        st.tuples(st.just("fire"), st.sampled_from(["idle", "wd", "q_q1", "q_q2"])),
         st.tuples(st.just("terminate"), st.just("")),
     ),
     max_size=40,
@@ -486,8 +487,8 @@ def _run(ops: list[tuple[str, str]]) -> Session:
             payload = {"connection_id": conn, "prompt_id": running if arg else "", "message": "m"}
             s.send(Command.RUNNER_ERROR, payload)
         elif op == "fire":
-            if any(spec.id == f"{SID}:{arg}" for spec in timers_for(s.state)):
-                s.fire(f"{SID}:{arg}")
+            if any(spec.id == f"{SID}_{arg}" for spec in timers_for(s.state)):
+                s.fire(f"{SID}_{arg}")
         else:
             s.send(Command.SESSION_TERMINATE, {"reason": "r"})
         state = s.s
@@ -660,7 +661,7 @@ def test_a_question_waits_for_its_answer() -> None:
         "expires_at": "2025-01-01T01:00:00.000Z",
     }
     assert s.s.status == Status.WAITING_INPUT
-    assert [t.id for t in timers_for(s.s)] == [f"{SID}:q:q1"]  # no watchdog while waiting
+    assert [t.id for t in timers_for(s.s)] == [f"{SID}_q_q1"]  # no watchdog while waiting
     assert ask(s, "q1").events == []  # asked again: the same question
     missing = s.send(Command.QUESTION_ANSWER, {"question_id": "q9", "answer": "yes"})
     assert missing.reply["error"]["code"] == "not_found"
@@ -681,7 +682,7 @@ def test_a_question_expires_on_its_timer_and_the_prompt_goes_on() -> None:
     ask(s, "q1", "2025-01-01T01:00:00Z")
     [spec] = timers_for(s.s)
     assert spec.fire_at == "2025-01-01T01:00:00.000Z"
-    r = s.fire(f"{SID}:q:q1")
+    r = s.fire(f"{SID}_q_q1")
     assert types(r) == [Event.QUESTION_EXPIRED, Event.SESSION_STATUS]
     assert r.events[0].data == {"question_id": "q1"}
     assert s.s.status == Status.RUNNING
@@ -709,7 +710,7 @@ def test_the_watchdog_fails_a_silent_prompt_and_heartbeats_keep_it_away() -> Non
     s.send(Command.RUNNER_CONNECT, {"connection_id": "c1"}, at="2025-01-01T00:00:00.000Z")
     s.send(Command.PROMPT_SUBMIT, {"prompt_id": "p1", "content": "x"}, at="2025-01-01T00:00:01Z")
     [wd] = timers_for(s.s)
-    assert (wd.id, wd.fire_at) == (f"{SID}:wd", "2025-01-01T00:00:11.000Z")
+    assert (wd.id, wd.fire_at) == (f"{SID}_wd", "2025-01-01T00:00:11.000Z")
     beat = {"connection_id": "c1", "prompt_id": "p1"}
     assert s.send(Command.RUNNER_HEARTBEAT, beat, at="2025-01-01T00:00:03Z").events == []
     r = s.send(Command.RUNNER_HEARTBEAT, beat, at="2025-01-01T00:00:07.000Z")
@@ -720,7 +721,7 @@ def test_the_watchdog_fails_a_silent_prompt_and_heartbeats_keep_it_away() -> Non
     assert wd.fire_at == "2025-01-01T00:00:17.000Z"
     other = {"connection_id": "c0", "prompt_id": "p1"}
     assert s.send(Command.RUNNER_HEARTBEAT, other, at="2025-01-01T00:00:16Z").events == []
-    r = s.fire(f"{SID}:wd")
+    r = s.fire(f"{SID}_wd")
     assert types(r) == [Event.PROMPT_FAILED, Event.SESSION_STATUS]
     assert r.events[0].data == {
         "prompt_id": "p1",
@@ -735,8 +736,8 @@ def test_an_idle_session_hibernates_and_a_prompt_wakes_it_with_nothing_lost() ->
     s = Session()
     s.send(Command.SESSION_CREATE, {"idle_timeout": 1}, at="2025-01-01T00:00:00.000Z")
     [idle] = timers_for(s.s)
-    assert (idle.id, idle.fire_at) == (f"{SID}:idle", "2025-01-01T00:00:01.000Z")
-    r = s.fire(f"{SID}:idle")
+    assert (idle.id, idle.fire_at) == (f"{SID}_idle", "2025-01-01T00:00:01.000Z")
+    r = s.fire(f"{SID}_idle")
     assert types(r) == [Event.SESSION_STATUS]
     assert r.events[0].data == {"status": "hibernated"}
     assert timers_for(s.s) == []
@@ -752,11 +753,11 @@ def test_an_idle_session_hibernates_and_a_prompt_wakes_it_with_nothing_lost() ->
 def test_a_runner_connecting_wakes_a_hibernated_session_once() -> None:
     s = Session()
     s.send(Command.SESSION_CREATE, {"idle_timeout": 5})
-    s.fire(f"{SID}:idle")
+    s.fire(f"{SID}_idle")
     r = s.connect("c1")
     assert types(r) == [Event.RUNNER_CONNECTED, Event.SESSION_STATUS]
     assert r.events[1].data == {"status": "idle"}
-    s.fire(f"{SID}:idle")
+    s.fire(f"{SID}_idle")
     r = s.submit("p1")  # woken straight into running: one status event
     assert types(r) == [Event.PROMPT_QUEUED, Event.PROMPT_DISPATCHED, Event.SESSION_STATUS]
     assert r.events[2].data == {"status": "running"}
@@ -792,3 +793,12 @@ def test_update_changes_tags_and_metadata_and_says_what_changed() -> None:
     assert r.events[0].data == {"metadata": {"x": 1}}
     assert s.send(Command.SESSION_UPDATE, {"tags": ["c"]}).events == []
     assert s.send(Command.SESSION_UPDATE, {}).events == []
+
+
+def test_timer_ids_are_valid_scheduler_ids() -> None:
+    assert timer_id("ses_1", "q", "q1") == "ses_1_q_q1"
+    odd = timer_id("ses_1", "q", "question: what?")
+    assert odd.startswith("tmr_")
+    assert is_token(odd)
+    assert odd == timer_id("ses_1", "q", "question: what?")
+    assert is_token(timer_id("s" * 128, "idle"))

@@ -27,6 +27,7 @@ wants exactly that timer.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol, TypeVar
@@ -61,7 +62,7 @@ from shoal.common.contracts import (
     public_session,
 )
 from shoal.common.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ShoalError
-from shoal.common.messaging import Envelope
+from shoal.common.messaging import Envelope, is_token
 
 EVENT_SOURCE = "session"
 # Recent prompt ids remembered for idempotent resubmission. Part of the rules: changing it
@@ -142,10 +143,20 @@ class TimerSpec:
     fire: TimerFire
 
 
+def timer_id(session_id: str, kind: str, ref: str = "") -> str:
+    """The scheduler's id of one session timer: readable when it is a valid timer id (1..128
+    of ``A-Za-z0-9_-``), else a digest of the readable form (a long or unusual question id)."""
+    readable = "_".join(part for part in (session_id, kind, ref) if part)
+    if is_token(readable):
+        return readable
+    return "tmr_" + hashlib.blake2b(readable.encode(), digest_size=24).hexdigest()
+
+
 def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
-    """Every timer ``state`` wants armed, with deterministic ids (``<session>:idle``,
-    ``<session>:wd``, ``<session>:q:<question>``) so that setting one replaces its earlier
-    version and the edge can set/cancel the difference between two states."""
+    """Every timer ``state`` wants armed, with deterministic ids (``<session>_idle``,
+    ``<session>_wd``, ``<session>_q_<question>``; see :func:`timer_id`) so that setting one
+    replaces its earlier version and the edge can set/cancel the difference between two
+    states."""
     if state is None or state.status in (Status.TERMINATED, Status.HIBERNATED):
         return []
     specs: list[TimerSpec] = []
@@ -153,7 +164,7 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
         # Any event re-arms it: idle means no command changed the session for idle_timeout.
         specs.append(
             TimerSpec(
-                f"{state.id}:idle",
+                timer_id(state.id, "idle"),
                 _after(state.updated_at, state.idle_timeout),
                 TimerFire(kind=TimerKind.IDLE, armed_seq=state.event_seq),
             )
@@ -162,7 +173,7 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
         # Paused while the session waits for an answer (status waiting_input).
         specs.append(
             TimerSpec(
-                f"{state.id}:wd",
+                timer_id(state.id, "wd"),
                 _after(state.prompt_active_at, state.prompt_timeout),
                 TimerFire(kind=TimerKind.WATCHDOG, ref=state.current_prompt.prompt_id),
             )
@@ -171,12 +182,26 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
         if q.expires_at:
             specs.append(
                 TimerSpec(
-                    f"{state.id}:q:{q.question_id}",
+                    timer_id(state.id, "q", q.question_id),
                     q.expires_at,
                     TimerFire(kind=TimerKind.QUESTION, ref=q.question_id),
                 )
             )
     return specs
+
+
+def timer_changes(
+    old: SessionSnapshot | None, new: SessionSnapshot | None
+) -> tuple[list[TimerSpec], list[str]]:
+    """What moving from ``old`` to ``new`` asks of the scheduler: the timers to set (new or
+    changed) and the ids to cancel. ``old=None`` sets every timer ``new`` wants (a redelivered
+    command re-sets them: setting is replace-by-id)."""
+    before = {spec.id: spec for spec in timers_for(old)}
+    after = timers_for(new)
+    wanted = {spec.id for spec in after}
+    return [spec for spec in after if before.get(spec.id) != spec], [
+        timer_id for timer_id in before if timer_id not in wanted
+    ]
 
 
 def timer_command(state: SessionSnapshot, spec: TimerSpec) -> Envelope:

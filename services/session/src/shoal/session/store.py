@@ -47,7 +47,7 @@ from sqlalchemy.dialects.postgresql import insert
 from shoal.common.clock import iso
 from shoal.common.contracts import Event, SessionSnapshot, Status, decode_snapshot, encode_snapshot
 from shoal.common.errors import Fenced
-from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, dumps, encode
+from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, dumps, encode, request
 from shoal.common.storage import DatabaseClient
 
 log = logging.getLogger(__name__)
@@ -389,6 +389,31 @@ class Replier:
 
     async def reply(self, inbox: str, body: dict[str, Any]) -> None:
         await self._nc.publish(inbox, dumps(body))
+
+
+class SchedulerTimers:
+    """The scheduler's durable timers, through its RPCs: ``set`` replaces a timer of the same
+    id (idempotent), ``cancel`` of an unknown id is a no-op. Errors are raised (the command
+    handler retries them like any other I/O)."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, *, timeout: float = 2.0) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._timeout = timeout
+
+    async def set(self, timer_id: str, fire_at: str, subject: str, payload: dict[str, Any]) -> None:
+        body = {"id": timer_id, "fire_at": fire_at, "subject": subject, "payload": payload}
+        await request(
+            self._nc, self._subjects.rpc("scheduler", "set_timer"), body, timeout=self._timeout
+        )
+
+    async def cancel(self, timer_id: str) -> None:
+        await request(
+            self._nc,
+            self._subjects.rpc("scheduler", "cancel_timer"),
+            {"id": timer_id},
+            timeout=self._timeout,
+        )
 
 
 # -- PostgreSQL: the projection of SESSION_EVT (rebuildable by replaying the ledger) --
