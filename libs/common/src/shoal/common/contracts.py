@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -55,6 +56,21 @@ class Event(StrEnum):
     SESSION_UPDATED = "session.updated"
     PROMPT_PROGRESS = "prompt.progress"
     COMMAND_REJECTED = "command.rejected"
+
+
+# On every ledger event: the session's tags (after the command), comma-separated; absent when
+# it has none. Set by the session service, read by the eventbus (per-tag delivery). A header,
+# not an envelope field, so the event's bytes and every existing reader stay as they are.
+TAGS_HEADER = "Shoal-Tags"
+
+
+def tags_header(tags: list[str]) -> dict[str, str]:
+    return {TAGS_HEADER: ",".join(tags)} if tags else {}
+
+
+def tags_from_header(headers: Mapping[str, str]) -> list[str]:
+    value = headers.get(TAGS_HEADER, "")
+    return [tag for tag in value.split(",") if tag]
 
 
 class Status(StrEnum):

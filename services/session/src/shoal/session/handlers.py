@@ -57,7 +57,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from shoal.common.contracts import SessionSnapshot, Status
+from shoal.common.contracts import SessionSnapshot, Status, tags_header
 from shoal.common.errors import BadRequest, Fenced, NotFound, ShoalError
 from shoal.common.messaging import REPLY_TO_HEADER, Envelope, Subjects, decode, partition
 from shoal.common.observability import inject_trace, start_span
@@ -274,7 +274,7 @@ class CommandHandler:
             if result.events:
                 last = await self._ledger.publish(
                     result.events,
-                    trace_headers,
+                    {**trace_headers, **tags_header(new_state.tags)},
                     after=state.ledger_seq if state is not None else 0,
                 )
                 new_state = msgspec.structs.replace(new_state, ledger_seq=last)

@@ -394,26 +394,33 @@ class Replier:
 class SchedulerTimers:
     """The scheduler's durable timers, through its RPCs: ``set`` replaces a timer of the same
     id (idempotent), ``cancel`` of an unknown id is a no-op. Errors are raised (the command
-    handler retries them like any other I/O)."""
+    handler retries them like any other I/O).
 
-    def __init__(self, nc: NATS, subjects: Subjects, *, timeout: float = 2.0) -> None:
+    At most ``concurrency`` calls are in flight from this replica: each is a database write
+    in the scheduler, and a burst of thousands (sessions created at once) would otherwise time
+    out together and come back as a storm of retries. A call waits for its turn here instead.
+    """
+
+    def __init__(
+        self, nc: NATS, subjects: Subjects, *, timeout: float = 5.0, concurrency: int = 32
+    ) -> None:
         self._nc = nc
         self._subjects = subjects
         self._timeout = timeout
+        self._turns = asyncio.Semaphore(concurrency)
 
     async def set(self, timer_id: str, fire_at: str, subject: str, payload: dict[str, Any]) -> None:
         body = {"id": timer_id, "fire_at": fire_at, "subject": subject, "payload": payload}
-        await request(
-            self._nc, self._subjects.rpc("scheduler", "set_timer"), body, timeout=self._timeout
-        )
+        await self._call("set_timer", body)
 
     async def cancel(self, timer_id: str) -> None:
-        await request(
-            self._nc,
-            self._subjects.rpc("scheduler", "cancel_timer"),
-            {"id": timer_id},
-            timeout=self._timeout,
-        )
+        await self._call("cancel_timer", {"id": timer_id})
+
+    async def _call(self, method: str, body: dict[str, Any]) -> None:
+        async with self._turns:
+            await request(
+                self._nc, self._subjects.rpc("scheduler", method), body, timeout=self._timeout
+            )
 
 
 # -- PostgreSQL: the projection of SESSION_EVT (rebuildable by replaying the ledger) --
