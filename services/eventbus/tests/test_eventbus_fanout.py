@@ -17,6 +17,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import REGISTRY
 
 from shoal.common.clock import iso
+from shoal.common.contracts import TAGS_HEADER
+from shoal.common.errors import BadRequest
 from shoal.common.messaging import (
     MSG_ID_HEADER,
     TRACEPARENT_HEADER,
@@ -29,6 +31,7 @@ from shoal.common.messaging import (
 )
 from shoal.eventbus.app import create_app
 from shoal.eventbus.config import EventbusSettings
+from shoal.eventbus.service import EventFanout
 
 
 @pytest.fixture
@@ -242,3 +245,83 @@ async def test_health_readiness_and_metrics(settings: EventbusSettings) -> None:
             assert ready.json()["checks"] == {"nats": True, "consumer": True}
             metrics = (await client.get("/metrics")).text
             assert "shoal_eventbus_events_total" in metrics
+
+
+async def tagged(
+    js: JetStreamContext, subjects: Subjects, owner: str, tag: str, expected: int
+) -> list[Msg]:
+    """Every message DELIVER holds under ``owner``'s tag ``tag``, replayed from the start."""
+    sub = await js.pull_subscribe(
+        subjects.deliver_tag(owner, tag),
+        stream=subjects.deliver_stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
+    )
+    msgs: list[Msg] = []
+    deadline = time.monotonic() + 15
+    while len(msgs) < expected and time.monotonic() < deadline:
+        try:
+            msgs += await sub.fetch(expected - len(msgs), timeout=1)
+        except NatsTimeout:
+            continue
+    with pytest.raises(NatsTimeout):
+        msgs += await sub.fetch(1, timeout=0.5)
+    await sub.unsubscribe()
+    return msgs
+
+
+@pytest.mark.usefixtures("provisioned")
+async def test_tagged_events_are_delivered_per_owner_and_tag_once_across_a_restart(
+    js: JetStreamContext, settings: EventbusSettings, subjects: Subjects
+) -> None:
+    async def publish_tagged(env: Envelope, tags: str) -> None:
+        await js.publish(
+            subjects.session_event(env.subject, env.type),
+            encode(env),
+            headers={MSG_ID_HEADER: env.id, TAGS_HEADER: tags},
+        )
+
+    alices = {seq: event("ses_a", seq) for seq in (1, 2, 3)}
+    for seq in (1, 2):
+        await publish_tagged(alices[seq], "blue,green")
+    await publish_tagged(event("ses_b", 1, owner="bob"), "blue")
+    await publish(js, subjects, event("ses_c", 1))  # untagged: the owner's stream only
+    async with running(settings):
+        await eventually(lambda: _has(js, subjects.deliver_tag("alice", "green"), 2))
+    await publish_tagged(alices[3], "blue")
+    async with running(settings):  # a restart: the redelivered tail is not delivered twice
+        blue = await tagged(js, subjects, "alice", "blue", expected=3)
+    assert [decode(m.data).seq for m in blue] == [1, 2, 3]
+    assert [m.data for m in blue] == [encode(alices[n]) for n in (1, 2, 3)]  # byte-identical
+    assert len(await tagged(js, subjects, "alice", "green", expected=2)) == 2
+    [bobs] = await tagged(js, subjects, "bob", "blue", expected=1)
+    assert decode(bobs.data).subject == "ses_b"
+    assert len(await delivered(js, subjects, "alice", expected=4)) == 4
+
+
+async def _has(js: JetStreamContext, subject: str, count: int) -> bool:
+    try:
+        sub = await js.pull_subscribe(
+            subject, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=5)
+        )
+    except Exception:
+        return False
+    try:
+        msgs = await sub.fetch(count, timeout=0.2)
+    except NatsTimeout:
+        return False
+    finally:
+        await sub.unsubscribe()
+    return len(msgs) >= count
+
+
+async def test_an_event_with_a_bad_tag_is_refused_by_the_rules() -> None:
+    fanout = EventFanout(Subjects("p"))
+    env = event("ses_x", 1)
+    [user, tag] = fanout.deliveries(env, {TAGS_HEADER: "ok-tag"})
+    assert (user.subject, tag.subject, tag.msg_id) == (
+        "p.deliver.user.alice",
+        "p.deliver.tag.alice.ok-tag",
+        "t:ok-tag:ses_x:1:0",
+    )
+    with pytest.raises(BadRequest):
+        fanout.deliveries(env, {TAGS_HEADER: "a.b"})

@@ -87,6 +87,7 @@ class Cluster:
             "SHOAL_FETCH_TIMEOUT": "PT0.5S",
             "SHOAL_SHUTDOWN_GRACE": "PT10S",
             "SHOAL_LOG_LEVEL": "INFO",
+            "SHOAL_SESSION_TIMERS": "false",  # on where the test runs a scheduler (env=...)
             "PYTHONUNBUFFERED": "1",
             **self.env,
         }

@@ -30,6 +30,7 @@ def settings(nats_url: str, database_url: str, subject_prefix: str) -> SessionSe
         member_ttl=timedelta(seconds=2),
         renew_interval=timedelta(seconds=0.25),
         log_json=False,
+        session_timers=False,  # no scheduler here; the tests that run one turn timers on
     )
 
 

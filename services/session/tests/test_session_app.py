@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 from _session_support import (
     Gateway,
     eventually,
@@ -20,8 +21,8 @@ from nats.js import JetStreamContext
 from sqlalchemy import text
 
 from shoal.common.clock import iso
-from shoal.common.contracts import Event, Status
-from shoal.common.messaging import Envelope, Subjects, request
+from shoal.common.contracts import TAGS_HEADER, Event, Status, tags_from_header
+from shoal.common.messaging import Envelope, Subjects, decode, request
 from shoal.common.storage import Database
 from shoal.session.app import MIGRATIONS_DIR, VERSION_TABLE
 from shoal.session.config import SessionSettings
@@ -385,3 +386,22 @@ async def test_a_projected_batch_leaves_what_one_event_at_a_time_leaves(database
         single.updated_at,
         single.last_seq,
     )
+
+
+@pytest.mark.usefixtures("app")
+async def test_every_event_carries_its_sessions_tags_for_the_eventbus(
+    js: JetStreamContext, gateway: Gateway, subjects: Subjects
+) -> None:
+    sid = "ses_tags"
+    reply = await gateway.send(sid, "session.create", {"tags": ["team-a", "ci"]})
+    assert reply["data"]["session"]["tags"] == ["team-a", "ci"]
+    stream = subjects.session_evt_stream
+    created = await js.get_last_msg(stream, subjects.session_event(sid, "session.created"))
+    assert tags_from_header(created.headers or {}) == ["team-a", "ci"]
+    await gateway.send(sid, "session.update", {"tags": ["ci"]})
+    updated = await js.get_last_msg(stream, subjects.session_event(sid, "session.updated"))
+    assert decode(updated.data).data == {"tags": ["ci"]}
+    assert tags_from_header(updated.headers or {}) == ["ci"]
+    await gateway.send(sid, "session.update", {"tags": []})
+    cleared = await js.get_last_msg(stream, subjects.session_events(sid))
+    assert TAGS_HEADER not in (cleared.headers or {})

@@ -88,7 +88,7 @@ async def test_a_redelivered_command_is_answered_and_publishes_nothing_new(
 ) -> None:
     sid = "ses_lostack"
     states, ledger, sub = await _setup(nc, js, settings, sid)
-    handler = CommandHandler(states, ledger, Replier(nc))
+    handler = CommandHandler(states, ledger, Replier(nc), None, subjects)
     for type_, data in [
         ("session.create", {"metadata": {}}),
         ("runner.connect", {"connection_id": "c"}),
@@ -135,7 +135,7 @@ async def test_a_crash_between_publish_and_write_leaves_no_duplicate(
         gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "x"})
     )
     flaky = CrashBeforeWrite(states, n=2)
-    handler = CommandHandler(flaky, ledger, Replier(nc))
+    handler = CommandHandler(flaky, ledger, Replier(nc), None, subjects)
     retries = _metric("shoal_session_io_retries_total")
     cache = SessionCache(sid)
     for msg in await sub.fetch(3, timeout=2):
@@ -162,7 +162,7 @@ async def test_a_lost_compare_and_set_is_fenced_and_lands_nothing(
 ) -> None:
     sid = "ses_fenced"
     states, ledger, sub = await _setup(nc, js, settings, sid)
-    handler = CommandHandler(states, ledger, Replier(nc))
+    handler = CommandHandler(states, ledger, Replier(nc), None, subjects)
     cache = SessionCache(sid)
     await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
     [created] = await sub.fetch(1, timeout=2)
@@ -196,7 +196,7 @@ async def test_a_stale_writer_cannot_append_events(
     """The gap of publishing before the CAS: a paused ex-owner's events must not land."""
     sid = "ses_stale"
     states, ledger, sub = await _setup(nc, js, settings, sid)
-    stale = CommandHandler(states, ledger, Replier(nc))
+    stale = CommandHandler(states, ledger, Replier(nc), None, subjects)
     stale_cache = SessionCache(sid)
     await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
     [created] = await sub.fetch(1, timeout=2)
@@ -205,7 +205,7 @@ async def test_a_stale_writer_cannot_append_events(
     # The stale owner fetched the next command, then paused. A new owner applies two others.
     await gateway.publish(gateway.command(sid, "prompt.submit", {"prompt_id": "a", "content": ""}))
     [held] = await sub.fetch(1, timeout=2)
-    fresh = CommandHandler(states, ledger, Replier(nc))
+    fresh = CommandHandler(states, ledger, Replier(nc), None, subjects)
     fresh_cache = SessionCache(sid)
     for pid in ("b", "c"):
         await gateway.publish(
@@ -225,29 +225,3 @@ async def test_a_stale_writer_cannot_append_events(
     state = await load_state(js, subjects, sid)
     assert [p.prompt_id for p in state.queue] == ["b", "c"]
     assert state.ledger_seq == (await ledger.tip(sid)).seq  # type: ignore[union-attr]
-
-
-async def test_a_snapshot_from_before_ledger_fencing_adopts_the_ledger_tip(
-    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
-) -> None:
-    sid = "ses_legacy"
-    states, ledger, sub = await _setup(nc, js, settings, sid)
-    handler = CommandHandler(states, ledger, Replier(nc))
-    await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
-    [created] = await sub.fetch(1, timeout=2)
-    await handler.handle(SessionCache(sid), created)
-    # An older release wrote this snapshot: events in the ledger, no ledger_seq recorded.
-    kv = await js.key_value(subjects.session_state_bucket)
-    old = await load_state(js, subjects, sid)
-    old.ledger_seq = 0
-    await kv.put(sid, encode_snapshot(old))
-
-    await gateway.publish(
-        gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "x"})
-    )
-    [submit] = await sub.fetch(1, timeout=2)
-    await handler.handle(SessionCache(sid), submit)  # not fenced
-    state = await load_state(js, subjects, sid)
-    assert [p.prompt_id for p in state.queue] == ["p1"]
-    assert state.ledger_seq == (await ledger.tip(sid)).seq  # type: ignore[union-attr]
-    assert [e.seq for e in await read_events(js, subjects, sid)] == [1, 2]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from shoal.common.contracts import Command, Event, SessionSnapshot, Status, encode_snapshot
 from shoal.common.errors import BadRequest
-from shoal.common.messaging import Envelope, encode
+from shoal.common.messaging import Envelope, encode, is_token
 from shoal.session.service import (
     MAX_STATE_BYTES,
     MESSAGES_MAX_LIMIT,
@@ -19,6 +19,9 @@ from shoal.session.service import (
     apply,
     messages_page,
     parse_messages_query,
+    timer_command,
+    timer_id,
+    timers_for,
 )
 
 SID = "ses_1"
@@ -26,13 +29,18 @@ T0 = "2025-01-01T00:00:00.000Z"
 
 
 def cmd(
-    type_: str, data: dict[str, Any] | None = None, *, n: int = 0, owner: str = "u1"
+    type_: str,
+    data: dict[str, Any] | None = None,
+    *,
+    n: int = 0,
+    owner: str = "u1",
+    at: str | None = None,
 ) -> Envelope:
     return Envelope(
         id=f"cmd_{n}",
         type=type_,
         source="gateway",
-        time=f"2025-01-01T00:00:{n % 60:02d}.000Z",
+        time=at or f"2025-01-01T00:00:{n % 60:02d}.000Z",
         subject=SID,
         owner=owner,
         data=data or {},
@@ -47,13 +55,24 @@ class Session:
         self.seq = 0
         self.events: list[Envelope] = []
 
-    def send(self, type_: str, data: dict[str, Any] | None = None) -> Result:
+    def send(
+        self, type_: str, data: dict[str, Any] | None = None, *, at: str | None = None
+    ) -> Result:
+        return self.deliver(cmd(type_, data, n=self.seq + 1, at=at))
+
+    def deliver(self, command: Envelope) -> Result:
+        """Apply ``command`` at the next stream sequence, as the edge would."""
         self.seq += 1
-        result = apply(self.state, cmd(type_, data, n=self.seq), self.seq)
+        result = apply(self.state, command, self.seq)
         if result.changed:
             self.state = result.new_state
         self.events.extend(result.events)
         return result
+
+    def fire(self, timer_id: str) -> Result:
+        """Fire the timer ``timer_id`` that the current state wants, as the scheduler would."""
+        [spec] = [spec for spec in timers_for(self.state) if spec.id == timer_id]
+        return self.deliver(timer_command(self.s, spec))
 
     def create(self) -> Result:
         return self.send(Command.SESSION_CREATE, {"metadata": {"k": "v"}, "runner_token_hash": "h"})
@@ -104,7 +123,12 @@ def test_create_emits_session_created_with_ids_from_the_command() -> None:
         "session",
     )
     assert event.time == state.created_at
-    assert event.data == {"metadata": {"a": 1}}
+    assert event.data == {
+        "metadata": {"a": 1},
+        "tags": [],
+        "idle_timeout": 900,
+        "prompt_timeout": 600,
+    }
     assert result.reply["ok"] is True
     assert result.reply["data"]["seq"] == 1
     assert result.reply["data"]["session"]["id"] == SID
@@ -231,10 +255,16 @@ def test_reconnect_while_running_sends_the_prompt_again() -> None:
     s.connect("c1")
     s.submit("p1")
     r = s.connect("c2")
-    assert types(r) == [Event.RUNNER_CONNECTED, Event.PROMPT_DISPATCHED]
-    assert r.events[1].data["prompt_id"] == "p1"
+    assert types(r) == [
+        Event.RUNNER_DISCONNECTED,
+        Event.RUNNER_CONNECTED,
+        Event.PROMPT_DISPATCHED,
+    ]
+    assert r.events[0].data == {"connection_id": "c1", "reason": "replaced"}
+    assert r.events[1].data == {"connection_id": "c2"}
+    assert r.events[2].data["prompt_id"] == "p1"
     assert s.s.status == Status.RUNNING
-    assert s.s.runner_epoch == 2
+    assert (s.s.runner_epoch, s.s.runner_connection_id) == (2, "c2")
 
 
 def test_duplicate_prompt_id_is_idempotent() -> None:
@@ -422,6 +452,10 @@ _ops = st.lists(
         st.tuples(st.just("disconnect"), st.sampled_from(["c1", "c2"])),
         st.tuples(st.just("complete"), st.sampled_from(["p1", "p2", "p3", "p4", "p5", "cur"])),
         st.tuples(st.just("abort"), st.just("")),
+        st.tuples(st.just("ask"), st.sampled_from(["q1", "q2"])),
+        st.tuples(st.just("answer"), st.sampled_from(["q1", "q2"])),
+        st.tuples(st.just("error"), st.sampled_from(["cur", ""])),
+        st.tuples(st.just("fire"), st.sampled_from(["idle", "wd", "q_q1", "q_q2"])),
         st.tuples(st.just("terminate"), st.just("")),
     ),
     max_size=40,
@@ -443,21 +477,45 @@ def _run(ops: list[tuple[str, str]]) -> Session:
             s.complete(running if arg == "cur" else arg)
         elif op == "abort":
             s.send(Command.PROMPT_ABORT)
+        elif op == "ask":
+            ask(s, arg, "2025-01-01T02:00:00Z")
+        elif op == "answer":
+            s.send(Command.QUESTION_ANSWER, {"question_id": arg, "answer": "a"})
+        elif op == "error":
+            running = s.s.current_prompt.prompt_id if s.s.current_prompt else ""
+            conn = s.s.runner_connection_id
+            payload = {"connection_id": conn, "prompt_id": running if arg else "", "message": "m"}
+            s.send(Command.RUNNER_ERROR, payload)
+        elif op == "fire":
+            if any(spec.id == f"{SID}_{arg}" for spec in timers_for(s.state)):
+                s.fire(f"{SID}_{arg}")
         else:
             s.send(Command.SESSION_TERMINATE, {"reason": "r"})
         state = s.s
         # invariants after every command
-        assert (state.status == Status.RUNNING) == (state.current_prompt is not None)
+        if state.status == Status.TERMINATED:
+            continue
+        assert (state.status == Status.RUNNING) == (
+            state.current_prompt is not None and not state.questions
+        ), state.status
+        if state.status != Status.ERROR:
+            assert (state.status == Status.WAITING_INPUT) == bool(state.questions)
         if state.current_prompt is not None:
             assert state.runner_connected
-        else:
+            assert state.prompt_active_at
+        elif state.status != Status.ERROR:
             assert not (state.runner_connected and state.queue), "a prompt waits for no reason"
+        if state.status == Status.HIBERNATED:
+            assert not state.queue
+        assert (state.status == Status.ERROR) == bool(state.error)
+        wanted = [spec.id for spec in timers_for(state)]
+        assert len(wanted) == len(set(wanted))
         ids = [p.prompt_id for p in state.queue]
         assert len(ids) == len(set(ids))
     return s
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(_ops)
 def test_any_command_sequence_keeps_the_invariants(ops: list[tuple[str, str]]) -> None:
     s = _run(ops)
@@ -497,3 +555,250 @@ def test_oversized_content_and_metadata_are_refused() -> None:
     assert r.reply["error"]["code"] == "payload_too_large"
     assert types(r) == [Event.COMMAND_REJECTED]
     assert s.s.current_prompt is not None
+
+
+# -- runner takeover, fenced by connection id --
+def test_a_late_disconnect_of_a_replaced_connection_changes_nothing() -> None:
+    s = Session()
+    s.create()
+    s.connect("c1")
+    s.connect("c2")
+    r = s.disconnect("c1")
+    assert r.events == []
+    assert not r.changed
+    assert (s.s.runner_connected, s.s.runner_connection_id) == (True, "c2")
+    r = s.submit("p1")  # the next prompt goes to c2
+    assert types(r) == [Event.PROMPT_QUEUED, Event.PROMPT_DISPATCHED, Event.SESSION_STATUS]
+    r = s.disconnect("c2")
+    assert r.events[0].data == {"connection_id": "c2", "reason": "closed"}
+    assert not s.s.runner_connected
+
+
+def test_the_same_connection_announced_twice_is_one_connection() -> None:
+    s = Session()
+    s.create()
+    s.connect("c1")
+    r = s.connect("c1")
+    assert r.events == []
+    assert s.s.runner_epoch == 1
+
+
+# -- abort and terminate --
+def test_abort_of_a_prompt_that_is_not_running_is_a_no_op() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    s.submit("p2")
+    r = s.send(Command.PROMPT_ABORT, {"prompt_id": "p2"})  # queued, not running
+    assert r.events == []
+    assert r.reply["ok"]
+    r = s.send(Command.PROMPT_ABORT, {"prompt_id": "p1"})
+    assert types(r) == [Event.PROMPT_ABORTED, Event.PROMPT_DISPATCHED]
+
+
+# -- runner errors --
+def test_a_runner_error_with_the_running_prompt_fails_it_and_the_next_goes_on() -> None:
+    s = Session()
+    s.create()
+    s.connect("c1")
+    s.submit("p1")
+    s.submit("p2")
+    r = s.send(Command.RUNNER_ERROR, {"connection_id": "c1", "prompt_id": "p1", "message": "oom"})
+    assert types(r) == [Event.PROMPT_FAILED, Event.PROMPT_DISPATCHED]
+    assert r.events[0].data == {"prompt_id": "p1", "message": "oom", "reason": "runner_error"}
+    assert r.events[1].data["prompt_id"] == "p2"
+    stale = s.send(Command.RUNNER_ERROR, {"connection_id": "c0", "prompt_id": "p2", "message": "x"})
+    assert stale.events == []
+    other = s.send(Command.RUNNER_ERROR, {"prompt_id": "p1", "message": "late"})
+    assert other.events == []
+
+
+def test_a_session_level_runner_error_holds_prompts_until_a_new_runner_connects() -> None:
+    s = Session()
+    s.create()
+    s.connect("c1")
+    s.submit("p1")
+    s.submit("p2")
+    r = s.send(Command.RUNNER_ERROR, {"connection_id": "c1", "message": "sandbox broken"})
+    assert types(r) == [Event.PROMPT_FAILED, Event.SESSION_STATUS]
+    assert r.events[1].data == {"status": "error"}
+    assert (s.s.status, s.s.error) == (Status.ERROR, "sandbox broken")
+    assert types(s.submit("p3")) == [Event.PROMPT_QUEUED]  # queued, not run
+    assert s.s.current_prompt is None
+    assert timers_for(s.s) == []
+    r = s.connect("c2")
+    assert types(r) == [
+        Event.RUNNER_DISCONNECTED,
+        Event.RUNNER_CONNECTED,
+        Event.PROMPT_DISPATCHED,
+        Event.SESSION_STATUS,
+    ]
+    assert r.events[-1].data == {"status": "running"}
+    assert (s.s.error, s.s.current_prompt and s.s.current_prompt.prompt_id) == ("", "p2")
+
+
+# -- questions --
+def ask(s: Session, qid: str, expires_at: str | None = None) -> Result:
+    data: dict[str, Any] = {"question_id": qid, "content": "Deploy?", "options": ["yes", "no"]}
+    if expires_at:
+        data["expires_at"] = expires_at
+    return s.send(Command.QUESTION_ASK, data)
+
+
+def test_a_question_waits_for_its_answer() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    r = ask(s, "q1", "2025-01-01T01:00:00Z")
+    assert types(r) == [Event.QUESTION_ASKED, Event.SESSION_STATUS]
+    assert r.events[0].data == {
+        "question_id": "q1",
+        "prompt_id": "p1",
+        "content": "Deploy?",
+        "options": ["yes", "no"],
+        "expires_at": "2025-01-01T01:00:00.000Z",
+    }
+    assert s.s.status == Status.WAITING_INPUT
+    assert [t.id for t in timers_for(s.s)] == [f"{SID}_q_q1"]  # no watchdog while waiting
+    assert ask(s, "q1").events == []  # asked again: the same question
+    missing = s.send(Command.QUESTION_ANSWER, {"question_id": "q9", "answer": "yes"})
+    assert missing.reply["error"]["code"] == "not_found"
+    r = s.send(Command.QUESTION_ANSWER, {"question_id": "q1", "answer": "yes"})
+    assert types(r) == [Event.QUESTION_ANSWERED, Event.SESSION_STATUS]
+    assert r.events[0].data == {"question_id": "q1", "answer": "yes"}
+    assert s.s.status == Status.RUNNING
+    again = s.send(Command.QUESTION_ANSWER, {"question_id": "q1", "answer": "no"})
+    assert again.reply["error"]["code"] == "conflict"
+    assert again.events == []
+
+
+def test_a_question_expires_on_its_timer_and_the_prompt_goes_on() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    ask(s, "q1", "2025-01-01T01:00:00Z")
+    [spec] = timers_for(s.s)
+    assert spec.fire_at == "2025-01-01T01:00:00.000Z"
+    r = s.fire(f"{SID}_q_q1")
+    assert types(r) == [Event.QUESTION_EXPIRED, Event.SESSION_STATUS]
+    assert r.events[0].data == {"question_id": "q1"}
+    assert s.s.status == Status.RUNNING
+    late = s.deliver(timer_command(s.s, spec))  # fired twice: the second is a no-op
+    assert late.events == []
+    answer = s.send(Command.QUESTION_ANSWER, {"question_id": "q1", "answer": "yes"})
+    assert answer.reply["error"]["code"] == "conflict"
+
+
+def test_open_questions_expire_with_their_prompt() -> None:
+    s = Session()
+    s.create()
+    s.connect()
+    s.submit("p1")
+    ask(s, "q1")
+    r = s.send(Command.PROMPT_ABORT)
+    assert types(r) == [Event.PROMPT_ABORTED, Event.QUESTION_EXPIRED, Event.SESSION_STATUS]
+    assert (s.s.questions, s.s.status) == ([], Status.IDLE)
+
+
+# -- watchdog --
+def test_the_watchdog_fails_a_silent_prompt_and_heartbeats_keep_it_away() -> None:
+    s = Session()
+    s.send(Command.SESSION_CREATE, {"prompt_timeout": 10}, at="2025-01-01T00:00:00.000Z")
+    s.send(Command.RUNNER_CONNECT, {"connection_id": "c1"}, at="2025-01-01T00:00:00.000Z")
+    s.send(Command.PROMPT_SUBMIT, {"prompt_id": "p1", "content": "x"}, at="2025-01-01T00:00:01Z")
+    [wd] = timers_for(s.s)
+    assert (wd.id, wd.fire_at) == (f"{SID}_wd", "2025-01-01T00:00:11.000Z")
+    beat = {"connection_id": "c1", "prompt_id": "p1"}
+    assert s.send(Command.RUNNER_HEARTBEAT, beat, at="2025-01-01T00:00:03Z").events == []
+    r = s.send(Command.RUNNER_HEARTBEAT, beat, at="2025-01-01T00:00:07.000Z")
+    assert types(r) == [Event.PROMPT_PROGRESS]
+    stale = s.deliver(timer_command(s.s, wd))  # armed before the heartbeat: moot
+    assert stale.events == []
+    [wd] = timers_for(s.s)
+    assert wd.fire_at == "2025-01-01T00:00:17.000Z"
+    other = {"connection_id": "c0", "prompt_id": "p1"}
+    assert s.send(Command.RUNNER_HEARTBEAT, other, at="2025-01-01T00:00:16Z").events == []
+    r = s.fire(f"{SID}_wd")
+    assert types(r) == [Event.PROMPT_FAILED, Event.SESSION_STATUS]
+    assert r.events[0].data == {
+        "prompt_id": "p1",
+        "message": "no runner activity for 10 s",
+        "reason": "timeout",
+    }
+    assert s.s.status == Status.IDLE
+
+
+# -- hibernation --
+def test_an_idle_session_hibernates_and_a_prompt_wakes_it_with_nothing_lost() -> None:
+    s = Session()
+    s.send(Command.SESSION_CREATE, {"idle_timeout": 1}, at="2025-01-01T00:00:00.000Z")
+    [idle] = timers_for(s.s)
+    assert (idle.id, idle.fire_at) == (f"{SID}_idle", "2025-01-01T00:00:01.000Z")
+    r = s.fire(f"{SID}_idle")
+    assert types(r) == [Event.SESSION_STATUS]
+    assert r.events[0].data == {"status": "hibernated"}
+    assert timers_for(s.s) == []
+    r = s.submit("p1")
+    assert types(r) == [Event.PROMPT_QUEUED, Event.SESSION_STATUS]
+    assert r.events[1].data == {"status": "idle"}
+    assert [p.prompt_id for p in s.s.queue] == ["p1"]
+    assert timers_for(s.s) == []  # a queued prompt is not idle
+    s.send(Command.SESSION_TERMINATE)
+    assert timers_for(s.s) == []
+
+
+def test_a_runner_connecting_wakes_a_hibernated_session_once() -> None:
+    s = Session()
+    s.send(Command.SESSION_CREATE, {"idle_timeout": 5})
+    s.fire(f"{SID}_idle")
+    r = s.connect("c1")
+    assert types(r) == [Event.RUNNER_CONNECTED, Event.SESSION_STATUS]
+    assert r.events[1].data == {"status": "idle"}
+    s.fire(f"{SID}_idle")
+    r = s.submit("p1")  # woken straight into running: one status event
+    assert types(r) == [Event.PROMPT_QUEUED, Event.PROMPT_DISPATCHED, Event.SESSION_STATUS]
+    assert r.events[2].data == {"status": "running"}
+
+
+def test_an_idle_timer_armed_before_activity_is_moot() -> None:
+    s = Session()
+    s.send(Command.SESSION_CREATE, {"idle_timeout": 5})
+    [first] = timers_for(s.s)
+    s.send(Command.SESSION_UPDATE, {"tags": ["a"]})
+    assert s.deliver(timer_command(s.s, first)).events == []
+    assert s.s.status == Status.IDLE
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"idle_timeout": -1}, {"idle_timeout": 10**9}, {"prompt_timeout": -5}, {"tags": ["a.b"]}],
+)
+def test_create_refuses_out_of_bounds_timeouts_and_bad_tags(data: dict[str, Any]) -> None:
+    r = apply(None, cmd(Command.SESSION_CREATE, data), 1)
+    assert r.reply["error"]["code"] == "bad_request"
+
+
+# -- update --
+def test_update_changes_tags_and_metadata_and_says_what_changed() -> None:
+    s = Session()
+    s.send(Command.SESSION_CREATE, {"tags": ["a", "a", "b"], "idle_timeout": 60})
+    assert (s.s.tags, s.s.idle_timeout, s.s.prompt_timeout) == (["a", "b"], 60, 600)
+    r = s.send(Command.SESSION_UPDATE, {"tags": ["c"]})
+    assert types(r) == [Event.SESSION_UPDATED]
+    assert r.events[0].data == {"tags": ["c"]}
+    r = s.send(Command.SESSION_UPDATE, {"metadata": {"x": 1}, "tags": ["c"]})
+    assert r.events[0].data == {"metadata": {"x": 1}}
+    assert s.send(Command.SESSION_UPDATE, {"tags": ["c"]}).events == []
+    assert s.send(Command.SESSION_UPDATE, {}).events == []
+
+
+def test_timer_ids_are_valid_scheduler_ids() -> None:
+    assert timer_id("ses_1", "q", "q1") == "ses_1_q_q1"
+    odd = timer_id("ses_1", "q", "question: what?")
+    assert odd.startswith("tmr_")
+    assert is_token(odd)
+    assert odd == timer_id("ses_1", "q", "question: what?")
+    assert is_token(timer_id("s" * 128, "idle"))

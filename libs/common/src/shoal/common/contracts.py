@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -33,6 +34,7 @@ class Command(StrEnum):
     SESSION_UPDATE = "session.update"
     RUNNER_ERROR = "runner.error"
     TIMER_FIRE = "timer.fire"
+    RUNNER_HEARTBEAT = "runner.heartbeat"
 
 
 class Event(StrEnum):
@@ -52,7 +54,23 @@ class Event(StrEnum):
     RUNNER_CONNECTED = "runner.connected"
     RUNNER_DISCONNECTED = "runner.disconnected"
     SESSION_UPDATED = "session.updated"
+    PROMPT_PROGRESS = "prompt.progress"
     COMMAND_REJECTED = "command.rejected"
+
+
+# On every ledger event: the session's tags (after the command), comma-separated; absent when
+# it has none. Set by the session service, read by the eventbus (per-tag delivery). A header,
+# not an envelope field, so the event's bytes and every existing reader stay as they are.
+TAGS_HEADER = "Shoal-Tags"
+
+
+def tags_header(tags: list[str]) -> dict[str, str]:
+    return {TAGS_HEADER: ",".join(tags)} if tags else {}
+
+
+def tags_from_header(headers: Mapping[str, str]) -> list[str]:
+    value = headers.get(TAGS_HEADER, "")
+    return [tag for tag in value.split(",") if tag]
 
 
 class Status(StrEnum):
@@ -75,21 +93,31 @@ class TimerKind(StrEnum):
 # -- command payloads: built by the gateway (and the scheduler's timers), parsed by the
 # session rules with these same types. Unknown fields are ignored (additive evolution).
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+# A tag is one token of the eventbus's delivery subject (``<prefix>.deliver.tag.<owner>.<tag>``):
+# no dots, wildcards or whitespace.
+Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:-]{1,64}$")]
+Tags = Annotated[list[Tag], msgspec.Meta(max_length=32)]
+# Timeouts in seconds; 0 = the session service's default (DEFAULT_IDLE_TIMEOUT / ...).
+IDLE_TIMEOUT_MAX = 7 * 24 * 3600
+PROMPT_TIMEOUT_MAX = 24 * 3600
+DEFAULT_IDLE_TIMEOUT = 900
+DEFAULT_PROMPT_TIMEOUT = 600
+IdleTimeout = Annotated[int, msgspec.Meta(ge=0, le=IDLE_TIMEOUT_MAX)]
+PromptTimeout = Annotated[int, msgspec.Meta(ge=0, le=PROMPT_TIMEOUT_MAX)]
 
 
 class SessionCreate(msgspec.Struct, kw_only=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     runner_token_hash: str = ""
-    tags: list[Tag] = msgspec.field(default_factory=list)
-    idle_timeout: int = 0  # seconds; 0 = the session service's default
-    prompt_timeout: int = 0  # seconds; 0 = the session service's default
+    tags: Tags = msgspec.field(default_factory=list)
+    idle_timeout: IdleTimeout = 0  # seconds; 0 = DEFAULT_IDLE_TIMEOUT
+    prompt_timeout: PromptTimeout = 0  # seconds; 0 = DEFAULT_PROMPT_TIMEOUT
 
 
 class SessionUpdate(msgspec.Struct, kw_only=True):
     """Change what a client may change after creation; an absent field is left as it is."""
 
-    tags: list[Tag] | None = None
+    tags: Tags | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -129,6 +157,13 @@ class RunnerError(msgspec.Struct, kw_only=True):
     message: str
 
 
+class RunnerHeartbeat(msgspec.Struct, kw_only=True):
+    """The runner is alive and working on ``prompt_id`` (keeps the prompt watchdog away)."""
+
+    connection_id: Id
+    prompt_id: str = ""
+
+
 class QuestionAsk(msgspec.Struct, kw_only=True):
     question_id: Id
     content: str
@@ -145,8 +180,9 @@ class TimerFire(msgspec.Struct, kw_only=True):
     """A durable timer firing into the session's own command stream.
 
     ``ref`` names what it was armed for (a question id, a prompt id, or "" for idle) and
-    ``armed_seq`` the session's ``event_seq`` when it was armed: a timer that the session has
-    since re-armed or made moot is applied as a no-op.
+    ``armed_seq`` the session's ``event_seq`` when it was armed (idle timers; 0 otherwise). A
+    firing is applied only if the session still wants exactly that timer at exactly that time
+    (the envelope's ``time`` is the timer's ``fire_at``); otherwise it is a no-op.
     """
 
     kind: TimerKind
@@ -188,8 +224,7 @@ class SessionSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     event_seq: int = 0  # last event seq published for this session
     applied_seq: int = 0  # stream sequence of the last command applied
     # SESSION_EVT stream sequence of this session's last event: the next writer's events must
-    # append right after it (the ledger fence of the session service). 0 with event_seq > 0
-    # marks a snapshot written before ledger fencing existed.
+    # append right after it (the ledger fence of the session service).
     ledger_seq: int = 0
     message_count: int = 0
     tags: list[str] = msgspec.field(default_factory=list)
@@ -197,6 +232,8 @@ class SessionSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_timeout: int = 0  # seconds, resolved at create
     questions: list[PendingQuestion] = msgspec.field(default_factory=list)
     error: str = ""  # why the session is in status "error"
+    closed_questions: list[str] = msgspec.field(default_factory=list)  # recent, answered/expired
+    prompt_active_at: str = ""  # last recorded runner activity on current_prompt (watchdog)
 
 
 _snapshot_encoder = msgspec.json.Encoder()

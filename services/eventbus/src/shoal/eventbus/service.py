@@ -7,10 +7,12 @@ event only after every one of its delivery publishes was acknowledged by the ser
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from shoal.common.contracts import tags_from_header
 from shoal.common.errors import BadRequest
 from shoal.common.messaging import TRACEPARENT_HEADER, Envelope, Subjects, decode, is_token
 
@@ -42,30 +44,32 @@ class DeliveryStore(Protocol):
         ...
 
 
-def tags_of(event: Envelope) -> list[str]:
-    """The tags an event is also delivered under.
+TAG_RE = re.compile(r"^[A-Za-z0-9_:-]{1,64}$")  # contracts.Tag: one subject token
 
-    A seam: nothing tags events yet. When sessions carry tags (e.g. in their metadata or the
-    envelope), return them here; :meth:`EventFanout.deliveries` already routes them.
-    """
-    return []
+
+def tags_of(event: Envelope, headers: Mapping[str, str]) -> list[str]:
+    """The tags an event is also delivered under: its session's tags, which the session
+    service sets on every ledger event (header ``Shoal-Tags``)."""
+    return tags_from_header(headers)
 
 
 class EventFanout:
     def __init__(self, subjects: Subjects) -> None:
         self._subjects = subjects
 
-    def deliveries(self, event: Envelope) -> list[Delivery]:
-        """Every delivery of ``event``: its owner's stream, then one per tag."""
+    def deliveries(self, event: Envelope, headers: Mapping[str, str]) -> list[Delivery]:
+        """Every delivery of ``event``: its owner's stream, then one per tag of its session
+        (``<prefix>.deliver.tag.<owner>.<tag>``: a tag is followed within one owner)."""
         if not event.id:
             raise BadRequest("event has no id")
         if event.owner is None or not is_token(event.owner):
             raise BadRequest("event has no owner usable as a subject token")
         out = [Delivery("user", self._subjects.deliver_user(event.owner), f"u:{event.id}")]
-        for tag in tags_of(event):
-            if not is_token(tag):
+        for tag in tags_of(event, headers):
+            if not TAG_RE.match(tag):
                 raise BadRequest("event tag is not usable as a subject token")
-            out.append(Delivery("tag", self._subjects.deliver_tag(tag), f"t:{tag}:{event.id}"))
+            subject = self._subjects.deliver_tag(event.owner, tag)
+            out.append(Delivery("tag", subject, f"t:{tag}:{event.id}"))
         return out
 
     def prepare(self, raw: bytes, headers: Mapping[str, str]) -> Fanout:
@@ -75,4 +79,4 @@ class EventFanout:
         """
         event = decode(raw)
         forward = {k: v for k, v in headers.items() if k == TRACEPARENT_HEADER}
-        return Fanout(self.deliveries(event), raw, forward)
+        return Fanout(self.deliveries(event, headers), raw, forward)

@@ -45,6 +45,7 @@ from shoal.session.store import (
     MemberStore,
     PartitionConsumers,
     Replier,
+    SchedulerTimers,
     StateStore,
 )
 from shoal.session.worker import CommandWorker, ProjectionWorker
@@ -100,7 +101,10 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
                 await serve(nc, subjects.rpc("session", "admin.session"), "session", admin.session),
                 await serve(nc, subjects.rpc("session", "list"), "session", SessionsRpc(history)),
             ]
-            handler = CommandHandler(states, EventLedger(js, subjects), Replier(nc))
+            timers = SchedulerTimers(nc, subjects) if settings.session_timers else None
+            handler = CommandHandler(
+                states, EventLedger(js, subjects), Replier(nc), timers, subjects
+            )
             clock = SystemClock()
             worker = CommandWorker(settings, nc, handler, consumers, clock)
             members = MemberStore(js, subjects, await js.key_value(subjects.session_members_bucket))

@@ -51,6 +51,11 @@ class SessionSettings(CommonSettings):
     # A session lane with nothing to do for this long is retired (its cached state dropped).
     lane_idle: timedelta = timedelta(seconds=30)
 
+    # Durable timers (idle hibernation, question expiry, the prompt watchdog) are set through
+    # the scheduler service. Off: no timer is set (nothing hibernates, expires or times out);
+    # for deployments or tests without a scheduler, where every command would wait for one.
+    session_timers: bool = True
+
     # The PostgreSQL projection of SESSION_EVT (history + session index). Off means this
     # replica runs no projection consumer; the messages RPC is served either way.
     projection_enabled: bool = True

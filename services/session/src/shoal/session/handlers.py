@@ -7,14 +7,20 @@ Order of effects for one command, and why it is safe (DESIGN §3.3)::
        after the session's previous event in the ledger (the ledger fence, below)
     3. CAS-write new_state (applied_seq = stream_seq, ledger_seq = its last event's sequence)
        on the revision we read (the state fence)
-    4. reply on Shoal-Reply-To, then ack the command
+    4. set and cancel the session's durable timers: the difference between the timers the
+       old and the new state want (service.timers_for), through the scheduler's RPCs
+    5. reply on Shoal-Reply-To, then ack the command
 
 - Crash before 2 finishes: nothing is written; the command comes back, is applied to the same
   old state, and yields the same events with the same ids; the ledger recognises its tip as
   one of them and the rest are appended after it.
 - Crash between 2 and 3: the same; every event is already there.
-- Crash between 3 and 4: the command comes back with stream_seq <= applied_seq; apply says
-  ``already_applied``, its events are in the ledger since step 2, so we just answer and ack.
+- Crash between 3 and 5: the command comes back with stream_seq <= applied_seq; apply says
+  ``already_applied``, its events are in the ledger since step 2, so we re-set every timer the
+  state wants (setting is replace-by-id), answer and ack. A timer RPC that fails is retried
+  like any other I/O of the command (the same path: the state is read again, the command is
+  already applied, its timers are set again), so a timer is never lost; a cancel that never
+  happened only leaves a firing that the rules ignore (the state no longer wants it).
 
 Fencing — why a stale owner can land nothing. Publishing before the state write needs nothing
 but determinism, but alone it would let a paused ex-owner append events before its CAS fails.
@@ -52,9 +58,9 @@ import msgspec
 from nats.aio.msg import Msg
 
 from shoal.common.clock import iso
-from shoal.common.contracts import SessionSnapshot
+from shoal.common.contracts import SessionSnapshot, Status, tags_header
 from shoal.common.errors import BadRequest, Fenced, NotFound, ShoalError
-from shoal.common.messaging import REPLY_TO_HEADER, Envelope, decode, partition
+from shoal.common.messaging import REPLY_TO_HEADER, Envelope, Subjects, decode, partition
 from shoal.common.observability import inject_trace, start_span
 from shoal.session import metrics
 from shoal.session.listing import parse_sessions_query, sessions_page
@@ -66,6 +72,8 @@ from shoal.session.service import (
     parse_messages_query,
     parse_session_query,
     session_introspection,
+    timer_changes,
+    timer_command,
 )
 from shoal.session.store import (
     EventLedger,
@@ -73,6 +81,7 @@ from shoal.session.store import (
     LeaseStore,
     PartitionConsumers,
     Replier,
+    SchedulerTimers,
     StateStore,
 )
 
@@ -107,6 +116,15 @@ class SessionCache:
     def forget(self) -> None:
         self.state, self.revision, self.loaded = None, 0, False
 
+    @property
+    def dormant(self) -> bool:
+        """Hibernated or terminated: nothing will happen until a command comes, so the lane
+        may go now (the next command reads the state from the bucket again)."""
+        return self.state is not None and self.state.status in (
+            Status.HIBERNATED,
+            Status.TERMINATED,
+        )
+
 
 class CommandHandler:
     """Handles one command message of a session lane, from decode to ack."""
@@ -116,10 +134,14 @@ class CommandHandler:
         states: StateStore,
         ledger: EventLedger,
         replier: Replier,
+        timers: SchedulerTimers | None,
+        subjects: Subjects,
     ) -> None:
         self._states = states
         self._ledger = ledger
         self._replier = replier
+        self._timers = timers  # None: no scheduler in this deployment (timers never fire)
+        self._subjects = subjects
         self._stopping = False
 
     def stop_retrying(self) -> None:
@@ -224,7 +246,8 @@ class CommandHandler:
                 delay = _RETRY_DELAYS[min(failures, len(_RETRY_DELAYS) - 1)]
                 failures += 1
                 log.warning(
-                    "command I/O failed; retrying",
+                    "command I/O failed; retrying: %r",
+                    exc,
                     extra={"session_id": cache.session_id, "error": repr(exc), "delay_s": delay},
                 )
                 # Keep the command ours while we retry: without this the server would
@@ -251,18 +274,39 @@ class CommandHandler:
             assert result.new_state is not None
             new_state = result.new_state
             if result.events:
-                legacy = state is not None and state.ledger_seq == 0 and state.event_seq > 0
                 last = await self._ledger.publish(
                     result.events,
-                    trace_headers,
-                    after=None if legacy else (state.ledger_seq if state is not None else 0),
-                    applied_seq=state.applied_seq if state is not None else 0,
+                    {**trace_headers, **tags_header(new_state.tags)},
+                    after=state.ledger_seq if state is not None else 0,
                 )
                 new_state = msgspec.structs.replace(new_state, ledger_seq=last)
             revision = await self._states.save(new_state, revision)
             cache.remember(new_state, revision)
+            await self._sync_timers(state, new_state)
             return dataclasses.replace(result, new_state=new_state)
+        if result.already_applied:
+            await self._sync_timers(None, state)
         return result
+
+    async def _sync_timers(self, old: SessionSnapshot | None, new: SessionSnapshot | None) -> None:
+        if self._timers is None or new is None:
+            return
+        to_set, to_cancel = timer_changes(old, new)
+        if not to_set and not to_cancel:
+            return
+        subject = self._subjects.session_command(new.id)
+        timers = self._timers
+        await asyncio.gather(
+            *(
+                timers.set(
+                    spec.id, spec.fire_at, subject, msgspec.to_builtins(timer_command(new, spec))
+                )
+                for spec in to_set
+            ),
+            *(timers.cancel(timer_id) for timer_id in to_cancel),
+        )
+        metrics.TIMER_CALLS.labels("set").inc(len(to_set))
+        metrics.TIMER_CALLS.labels("cancel").inc(len(to_cancel))
 
     async def _answer(self, inbox: str | None, body: dict[str, Any]) -> None:
         if not inbox:

@@ -1,9 +1,10 @@
 """Per-key serial lanes: items of one key run one at a time in arrival order, keys run concurrently.
 
 A lane (one asyncio task and queue) is created when its key first gets an item and retired
-after ``idle`` seconds without one, taking its per-key context (the cached session state) with
-it. This is what lets one replica apply many sessions' commands at once while each session's
-commands apply strictly in stream order (DESIGN §3.4).
+after ``idle`` seconds without one — or at once when ``dormant(context)`` says its key has
+nothing more to do (a hibernated session) — taking its per-key context (the cached session
+state) with it. This is what lets one replica apply many sessions' commands at once while
+each session's commands apply strictly in stream order (DESIGN §3.4).
 
 Example::
 
@@ -46,10 +47,12 @@ class Lanes(Generic[Ctx, Item]):
         *,
         context: Callable[[str], Ctx],
         idle: float,
+        dormant: Callable[[Ctx], bool] = lambda ctx: False,
     ) -> None:
         self._process = process
         self._new_context = context
         self._idle = idle
+        self._dormant = dormant
         self._lanes: dict[str, _Lane[Ctx, Item]] = {}
         self._closing = False
 
@@ -84,6 +87,9 @@ class Lanes(Generic[Ctx, Item]):
                     await self._process(lane.context, item)
                 except Exception:  # process() handles its own errors; keep the lane alive
                     log.exception("lane %s: item failed", key)
+                # As with the idle timeout, no await between the check and the removal.
+                if lane.queue.empty() and self._dormant(lane.context):
+                    break
         finally:
             if self._lanes.get(key) is lane:
                 del self._lanes[key]

@@ -23,8 +23,15 @@ for _fence in ("state", "ledger", "lease"):
     FENCED_WRITES.labels(_fence)
 IO_RETRIES = Counter(
     "shoal_session_io_retries_total",
-    "Command attempts retried after a NATS error (publish, KV)",
+    "Command attempts retried after a NATS error (publish, KV, a scheduler timer RPC)",
 )
+TIMER_CALLS = Counter(
+    "shoal_session_timer_calls_total",
+    "Durable timers set or cancelled through the scheduler after a committed command",
+    ["op"],
+)
+for _op in ("set", "cancel"):
+    TIMER_CALLS.labels(_op)
 APPLY_SECONDS = Histogram(
     "shoal_session_apply_seconds",
     "From taking a command off its lane to its ack: load, apply, publish, CAS, reply",

@@ -48,7 +48,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from shoal.common.clock import iso
 from shoal.common.contracts import Event, SessionSnapshot, Status, decode_snapshot, encode_snapshot
 from shoal.common.errors import Fenced
-from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, dumps, encode
+from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, dumps, encode, request
 from shoal.common.storage import DatabaseClient
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,6 @@ class LedgerTip:
     seq: int
     event_id: str
 
-    @property
-    def command_seq(self) -> int:
-        """The SESSION_CMD sequence of the command that emitted it (ids are ``<s>:<seq>:<n>``)."""
-        try:
-            return int(self.event_id.rsplit(":", 2)[1])
-        except (IndexError, ValueError):
-            return 0
-
 
 class EventLedger:
     """Appends session events to SESSION_EVT, fenced on the session's ledger position.
@@ -142,23 +134,18 @@ class EventLedger:
         events: Sequence[Envelope],
         headers: Mapping[str, str],
         *,
-        after: int | None,
-        applied_seq: int = 0,
+        after: int,
     ) -> int:
         """Append ``events`` (one command's, in order) right after ledger sequence ``after``.
 
-        ``after`` is the sequence the snapshot recorded (0: the session has no event yet);
-        None means the snapshot predates ledger fencing: the tip is adopted if it belongs to
-        an applied command (``<= applied_seq``). Returns the sequence of the last event.
-        Raises :class:`Fenced` when someone else appended to this session's ledger.
+        ``after`` is the sequence the snapshot recorded (0: the session has no event yet).
+        Returns the sequence of the last event. Raises :class:`Fenced` when someone else
+        appended to this session's ledger.
         """
         if not events:
-            return after or 0
+            return after
         session_id = events[0].subject
         ledger_filter = self._subjects.session_events(session_id)
-        if after is None:
-            tip = await self.tip(session_id)
-            after = tip.seq if tip is not None and tip.command_seq <= applied_seq else 0
         expected, i = after, 0
         # Each reconciliation moves i forward or raises; the bound is a guard against a bug.
         for _ in range(2 * len(events) + 2):
@@ -403,6 +390,38 @@ class Replier:
 
     async def reply(self, inbox: str, body: dict[str, Any]) -> None:
         await self._nc.publish(inbox, dumps(body))
+
+
+class SchedulerTimers:
+    """The scheduler's durable timers, through its RPCs: ``set`` replaces a timer of the same
+    id (idempotent), ``cancel`` of an unknown id is a no-op. Errors are raised (the command
+    handler retries them like any other I/O).
+
+    At most ``concurrency`` calls are in flight from this replica: each is a database write
+    in the scheduler, and a burst of thousands (sessions created at once) would otherwise time
+    out together and come back as a storm of retries. A call waits for its turn here instead.
+    """
+
+    def __init__(
+        self, nc: NATS, subjects: Subjects, *, timeout: float = 5.0, concurrency: int = 32
+    ) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._timeout = timeout
+        self._turns = asyncio.Semaphore(concurrency)
+
+    async def set(self, timer_id: str, fire_at: str, subject: str, payload: dict[str, Any]) -> None:
+        body = {"id": timer_id, "fire_at": fire_at, "subject": subject, "payload": payload}
+        await self._call("set_timer", body)
+
+    async def cancel(self, timer_id: str) -> None:
+        await self._call("cancel_timer", {"id": timer_id})
+
+    async def _call(self, method: str, body: dict[str, Any]) -> None:
+        async with self._turns:
+            await request(
+                self._nc, self._subjects.rpc("scheduler", method), body, timeout=self._timeout
+            )
 
 
 # -- PostgreSQL: the projection of SESSION_EVT (rebuildable by replaying the ledger) --

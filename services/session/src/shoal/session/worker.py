@@ -172,7 +172,12 @@ class CommandWorker:
         )
         await puller.start()
         part = _Partition(lease)
-        part.lanes = Lanes(self._processor(part), context=SessionCache, idle=self._idle)
+        part.lanes = Lanes(
+            self._processor(part),
+            context=SessionCache,
+            idle=self._idle,
+            dormant=lambda cache: cache.dormant,
+        )
         self._partitions[p] = part
         part.fetcher = asyncio.create_task(self._fetch_loop(part, puller), name=f"fetch:p{p}")
         metrics.PARTITIONS.set(len(self._partitions))

@@ -121,8 +121,12 @@ class Subjects:
     def deliver_live_user(self, user: str) -> str:
         return f"{self.prefix}.live.deliver.user.{user}"
 
-    def deliver_tag(self, tag: str) -> str:
-        return f"{self.prefix}.deliver.tag.{tag}"
+    def deliver_tag(self, owner: str, tag: str) -> str:
+        """The events of ``owner``'s sessions tagged ``tag`` (owner-scoped: tags are not global)."""
+        return f"{self.prefix}.deliver.tag.{owner}.{tag}"
+
+    def deliver_live_tag(self, owner: str, tag: str) -> str:
+        return f"{self.prefix}.live.deliver.tag.{owner}.{tag}"
 
     # -- jobs --
     @property
