@@ -35,8 +35,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from shoal.common.clock import iso
-from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, encode, loads
+from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from shoal.devtools.supervisor import Fleet, FleetConfig, fleet_specs
 
 DATABASE = "shoal"
