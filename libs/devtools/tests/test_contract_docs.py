@@ -53,3 +53,4 @@ def test_every_event_type_has_a_channel_and_a_schema() -> None:
         channel = document["channels"][event_type]
         assert channel["address"] == f"shoal.session.evt.{{session}}.{event_type}"
     assert "deliver.user" in document["channels"]
+    assert document["channels"]["deliver.tag"]["address"] == "shoal.deliver.tag.{owner}.{tag}"

@@ -48,15 +48,28 @@ def _run(commands: list[tuple[str, dict[str, Any]]]) -> list[Envelope]:
 
 
 SCENARIO: list[tuple[str, dict[str, Any]]] = [
-    (Command.SESSION_CREATE, {"metadata": {"k": "v"}, "runner_token_hash": "h"}),
+    (
+        Command.SESSION_CREATE,
+        {"metadata": {"k": "v"}, "runner_token_hash": "h", "tags": ["t1"], "prompt_timeout": 2},
+    ),
     (Command.PROMPT_SUBMIT, {"prompt_id": "p1", "content": "hi"}),
     (Command.RUNNER_CONNECT, {"connection_id": "c1"}),
     (Command.PROMPT_SUBMIT, {"prompt_id": "p2", "content": "next"}),
     (Command.MESSAGE_COMPLETE, {"prompt_id": "nope", "message_id": "m0", "content": "x"}),
     (Command.MESSAGE_COMPLETE, {"prompt_id": "p1", "message_id": "m1", "content": "hello"}),
+    (Command.RUNNER_HEARTBEAT, {"connection_id": "c1", "prompt_id": "p2"}),
+    (Command.QUESTION_ASK, {"question_id": "q1", "content": "sure?", "options": ["y", "n"]}),
+    (Command.QUESTION_ANSWER, {"question_id": "q1", "answer": "y"}),
+    (Command.QUESTION_ASK, {"question_id": "q2", "content": "really?"}),
+    (Command.TIMER_FIRE, {"kind": "question", "ref": "q2"}),
+    (Command.RUNNER_ERROR, {"connection_id": "c1", "prompt_id": "p2", "message": "boom"}),
+    (Command.PROMPT_SUBMIT, {"prompt_id": "p4", "content": "four"}),
     (Command.PROMPT_ABORT, {}),
+    (Command.SESSION_UPDATE, {"tags": ["t2"], "metadata": {"k": "w"}}),
     (Command.PROMPT_SUBMIT, {"prompt_id": "p3", "content": "again"}),
+    (Command.RUNNER_CONNECT, {"connection_id": "c2"}),
     (Command.RUNNER_DISCONNECT, {"connection_id": "c1"}),
+    (Command.RUNNER_DISCONNECT, {"connection_id": "c2"}),
     (Command.SESSION_TERMINATE, {"reason": "done"}),
 ]
 
@@ -74,6 +87,12 @@ def test_every_emitted_event_is_declared_with_its_fields() -> None:
         Event.RUNNER_DISCONNECTED,
         Event.SESSION_STATUS,
         Event.SESSION_TERMINATED,
+        Event.SESSION_UPDATED,
+        Event.PROMPT_PROGRESS,
+        Event.PROMPT_FAILED,
+        Event.QUESTION_ASKED,
+        Event.QUESTION_ANSWERED,
+        Event.QUESTION_EXPIRED,
     }
     for event in events:
         _check(event)

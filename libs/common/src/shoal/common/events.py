@@ -33,6 +33,8 @@ class Payload(BaseModel):
 class SessionCreated(Payload):
     metadata: dict[str, Any] = Field(default_factory=dict)
     tags: list[str] = Field(default_factory=list)
+    idle_timeout: int = Field(0, description="seconds idle before the session hibernates")
+    prompt_timeout: int = Field(0, description="seconds a prompt may run without runner activity")
 
 
 class SessionStatus(Payload):
@@ -62,6 +64,12 @@ class PromptAborted(Payload):
     prompt_id: str
 
 
+class PromptProgress(Payload):
+    """The runner showed activity on the running prompt (recorded at most every half timeout)."""
+
+    prompt_id: str
+
+
 class PromptFailed(Payload):
     prompt_id: str
     message: str = ""
@@ -77,7 +85,7 @@ class MessageCompleted(Payload):
 
 class QuestionAsked(Payload):
     question_id: str
-    prompt_id: str = ""
+    prompt_id: str | None = None
     content: str
     options: list[str] | None = None
     expires_at: str | None = None
@@ -120,6 +128,7 @@ EVENT_PAYLOADS: dict[str, type[Payload]] = {
     Event.PROMPT_QUEUED: PromptQueued,
     Event.PROMPT_DISPATCHED: PromptDispatched,
     Event.PROMPT_ABORTED: PromptAborted,
+    Event.PROMPT_PROGRESS: PromptProgress,
     Event.PROMPT_FAILED: PromptFailed,
     Event.MESSAGE_COMPLETED: MessageCompleted,
     Event.QUESTION_ASKED: QuestionAsked,

@@ -54,6 +54,12 @@ def asyncapi_document(prefix: str = "shoal", version: str = "1.0.0") -> dict[str
         title="deliver.user",
         description="Every event of the owner's sessions, fanned out by the eventbus.",
     )
+    broker.publisher(
+        f"{prefix}.deliver.tag.{{owner}}.{{tag}}",
+        schema=EventMessage,
+        title="deliver.tag",
+        description="Every event of the owner's sessions that carry the tag (owner-scoped).",
+    )
     spec = AsyncAPI(
         broker, title=TITLE, version=version, description=DESCRIPTION, schema_version="3.0.0"
     )
