@@ -32,7 +32,10 @@ from shoal.client._models import (
     PromptReceipt,
     SecretInfo,
     Session,
+    SessionPage,
 )
+from shoal.client._retry import NO_RETRY, RetryPolicy
+from shoal.client._sse import SseEventStream
 from shoal.client._streaming import ProxyRequest, ProxyResponse, WsTicket
 from shoal.client._ws import EventStream, RunnerConnection, connect_runner, websocket_url
 
@@ -50,7 +53,11 @@ __all__ = [
     "PromptReceipt",
     "RunnerConnection",
     "SecretInfo",
+    "NO_RETRY",
+    "RetryPolicy",
     "Session",
+    "SessionPage",
+    "SseEventStream",
     "ShoalAPIError",
     "ShoalClient",
     "ShoalConnectionClosed",
