@@ -1,0 +1,94 @@
+"""The runner bridge (``shoal runner … -- CMD``) on the real fleet: an echo agent answers 100
+prompts while the gateway is killed and restarted in the middle, and nothing is lost or
+answered twice. The session is followed over SSE, which resumes across the restart too."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+
+import pytest
+
+from shoal.client import Event, Message, ShoalClient
+from shoal.common.supervisor import FleetFactory
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+PROMPTS = 100
+RESTART_AFTER = 40  # completions seen before the gateway is killed
+
+
+async def test_bridge_loses_nothing_across_a_gateway_restart(fleet: FleetFactory) -> None:
+    running = await fleet()
+    async with ShoalClient(running.gateway_url, running.admin_key) as client:
+        session = await client.create_session({"purpose": "bridge"})
+        assert session.runner_token
+        bridge = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "shoal.client",
+            "runner",
+            "--session",
+            session.id,
+            "--token",
+            session.runner_token,
+            "--url",
+            running.gateway_url,
+            "--verbose",
+            "--",
+            sys.executable,
+            "-m",
+            "shoal.client.runners.echo",
+        )
+        try:
+            receipts = [
+                await client.submit_prompt(session.id, f"prompt {n}", idempotency_key=f"p-{n}")
+                for n in range(PROMPTS)
+            ]
+            wanted = {r.prompt_id: f"prompt {n}" for n, r in enumerate(receipts)}
+            completed: list[Event] = []
+            seqs: list[int] = []
+            restarted = False
+            async with asyncio.timeout(180), client.stream_session(session.id) as events:
+                async for event in events:
+                    seqs.append(event.seq)
+                    if event.type == "message.completed":
+                        completed.append(event)
+                    if len(completed) == RESTART_AFTER and not restarted:
+                        restarted = True
+                        running["gateway"].kill()
+                        await running["gateway"].wait()
+                        await running["gateway"].start()
+                        await running.wait_ready()
+                    if {e.data["prompt_id"] for e in completed} >= wanted.keys():
+                        break
+            assert events.reconnects >= 1  # the SSE stream resumed after the restart
+        finally:
+            bridge.terminate()
+            await bridge.wait()
+
+        per_prompt = Counter(e.data["prompt_id"] for e in completed)
+        assert set(per_prompt) == set(wanted)
+        assert max(per_prompt.values()) == 1  # none answered twice
+        assert all(e.data["content"] == wanted[e.data["prompt_id"]] for e in completed)
+        assert seqs == list(range(1, len(seqs) + 1))  # SSE: every event once, in order
+        # The history is a projection into PostgreSQL, a moment behind the ledger.
+        async with asyncio.timeout(30):
+            while True:
+                answers = await _assistant_messages(client, session.id)
+                if len(answers) >= PROMPTS:
+                    break
+                await asyncio.sleep(0.1)  # nothing to await: the projection has no signal
+        assert sorted(m.prompt_id or "" for m in answers) == sorted(wanted)
+
+
+async def _assistant_messages(client: ShoalClient, session_id: str) -> list[Message]:
+    answers: list[Message] = []
+    after: int | None = None
+    while True:
+        page = await client.list_messages(session_id, after=after, limit=200)
+        answers += [m for m in page.messages if m.role == "assistant"]
+        if page.next is None:
+            return answers
+        after = page.next
