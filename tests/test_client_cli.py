@@ -153,6 +153,13 @@ async def test_json_outputs_are_stable(fleet: FleetFactory, tmp_path: Path) -> N
     )
     assert via_up.json()["id"] == session_id
 
+    # The runner bridge gives up at once on a refused token (4401), with exit code 1.
+    refused = await shoal(
+        "runner", "--session", session_id, "--token", "srt_wrong", "--echo", env=env
+    )
+    assert refused.code == 1
+    assert "4401" in refused.stderr
+
     human = await shoal("sessions", "show", session_id, env=env)
     assert human.code == 0
     assert session_id in human.stdout

@@ -30,10 +30,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import stamina
+from websockets.exceptions import InvalidHandshake
 
 from shoal.client._errors import ShoalAPIError, ShoalConnectionClosed
 from shoal.client._models import Prompt
-from shoal.client._ws import RunnerConnection, connect_runner
+from shoal.client._ws import (
+    FATAL_CLOSE_CODES,
+    FATAL_HTTP_STATUSES,
+    RunnerConnection,
+    connect_runner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +73,11 @@ class RunnerBridge:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
-        runner = await self._connect()
+        try:
+            runner = await self._connect()
+        except ShoalConnectionClosed as exc:
+            log.error("the gateway refused the runner: %s", exc)
+            return EXIT_RUNNER_REFUSED
         try:
             if self._command is None:
                 return await self._echo(runner)
@@ -79,9 +89,9 @@ class RunnerBridge:
             await runner.aclose()
 
     async def _connect(self) -> RunnerConnection:
-        """The first connection, retried while the gateway is unreachable (not if it refuses)."""
+        """The first connection, retried while the gateway is away (not when it refuses)."""
         async for attempt in stamina.retry_context(
-            on=(OSError, TimeoutError), attempts=None, timeout=None, wait_max=5.0
+            on=_worth_retrying, attempts=None, timeout=None, wait_max=5.0
         ):
             with attempt:
                 return await connect_runner(
@@ -233,6 +243,12 @@ class RunnerBridge:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 agent.stdin.write(line)
                 await agent.stdin.drain()
+
+
+def _worth_retrying(exc: Exception) -> bool:
+    if isinstance(exc, ShoalConnectionClosed):  # a refusal, or a 502/503 during a restart
+        return exc.code not in FATAL_CLOSE_CODES and exc.code not in FATAL_HTTP_STATUSES
+    return isinstance(exc, (OSError, TimeoutError, InvalidHandshake))
 
 
 def _reply(request: dict[str, Any], frame: dict[str, Any]) -> dict[str, Any]:
