@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,15 @@ async def shoal(*args: str, env: dict[str, str], stdin: bytes = b"") -> Result:
     stdout, stderr = await proc.communicate(stdin)
     assert proc.returncode is not None
     return Result(proc.returncode, stdout, stderr)
+
+
+def test_the_groups_are_shoal_cli_entry_points() -> None:
+    found = {e.name: e for e in entry_points(group="shoal.cli")}
+    assert {"sessions", "keys", "secrets", "runner"} <= set(found)
+    for name in ("sessions", "keys", "secrets", "runner"):
+        main = found[name].load()
+        assert main(["--help"]) == 0
+        assert main(["--no-such-flag"]) == 2
 
 
 async def test_json_outputs_are_stable(fleet: FleetFactory, tmp_path: Path) -> None:
@@ -219,6 +229,16 @@ async def test_watch_follows_a_live_session(fleet: FleetFactory) -> None:
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         answers = [e["data"]["content"] for e in events if e["type"] == "message.completed"]
         assert answers == ["answer 0", "answer 1", "answer 2"]
+
+        # The owner's user stream over SSE carries the same events, in the session's order.
+        async with asyncio.timeout(30), client.stream_events() as user_events:
+            followed = []
+            async for event in user_events:
+                followed.append(event.seq)
+                if len(followed) == len(events):
+                    break
+        assert followed == [e["seq"] for e in events]
+        assert user_events.last_seq > 0
 
         # The live view (rich) ends after --max-events and shows what it followed.
         human = await shoal(
