@@ -163,6 +163,20 @@ async def test_json_outputs_are_stable(fleet: FleetFactory, tmp_path: Path) -> N
     )
     assert via_up.json()["id"] == session_id
 
+    # `runner --echo` answers each prompt with its content; `prompt --wait` prints the answer.
+    echo = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "shoal.client", "runner", "--session", session_id, "--echo"),
+        *("--token", created["runner_token"]),
+        env=env,
+    )
+    try:
+        waited = await shoal("sessions", "prompt", session_id, "say this", "--wait", env=env)
+    finally:
+        echo.terminate()
+        await echo.wait()
+    assert waited.code == 0, waited.stderr
+    assert waited.stdout == "say this\n"
+
     # The runner bridge gives up at once on a refused token (4401), with exit code 1.
     refused = await shoal(
         "runner", "--session", session_id, "--token", "srt_wrong", "--echo", env=env

@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from shoal.client._http import ShoalClient
 from shoal.client.cli._output import Output, run
 from shoal.client.cli._settings import (
     DEFAULT_UP_JSON,
@@ -14,7 +13,7 @@ from shoal.client.cli._settings import (
     JsonOption,
     UpOption,
     UrlOption,
-    resolve,
+    client_for,
 )
 
 app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
@@ -46,8 +45,7 @@ def create(
     out = Output(as_json)
 
     async def work() -> None:
-        target = resolve(url, api_key, up)
-        async with ShoalClient(target.url, target.api_key) as client:
+        async with client_for(url, api_key, up) as client:
             key = await client.create_key(name, scopes, owner=owner, expires_in_seconds=expires_in)
         if out.as_json:
             out.json(key)
@@ -79,8 +77,7 @@ def list_(
     out = Output(as_json)
 
     async def work() -> None:
-        target = resolve(url, api_key, up)
-        async with ShoalClient(target.url, target.api_key) as client:
+        async with client_for(url, api_key, up) as client:
             keys = await client.list_keys(owner=owner)
         if out.as_json:
             out.json({"keys": keys})
@@ -116,8 +113,7 @@ def revoke(
     out = Output(as_json)
 
     async def work() -> None:
-        target = resolve(url, api_key, up)
-        async with ShoalClient(target.url, target.api_key) as client:
+        async with client_for(url, api_key, up) as client:
             await client.revoke_key(key_id)
         if out.as_json:
             out.json({"id": key_id, "revoked": True})

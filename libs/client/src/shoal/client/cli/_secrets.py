@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from shoal.client._http import ShoalClient
 from shoal.client.cli._output import Output, run
 from shoal.client.cli._settings import (
     DEFAULT_UP_JSON,
@@ -15,7 +14,7 @@ from shoal.client.cli._settings import (
     JsonOption,
     UpOption,
     UrlOption,
-    resolve,
+    client_for,
 )
 
 app = typer.Typer(help="Store, list and delete secrets runners may read.", no_args_is_help=True)
@@ -52,8 +51,7 @@ def set_(
     value = _read_value()
 
     async def work() -> None:
-        target = resolve(url, api_key, up)
-        async with ShoalClient(target.url, target.api_key) as client:
+        async with client_for(url, api_key, up) as client:
             await client.put_secret(name, value, owner=owner)
         if out.as_json:
             out.json({"name": name, "stored": True})
@@ -75,8 +73,7 @@ def list_(
     out = Output(as_json)
 
     async def work() -> None:
-        target = resolve(url, api_key, up)
-        async with ShoalClient(target.url, target.api_key) as client:
+        async with client_for(url, api_key, up) as client:
             stored = await client.list_secrets(owner=owner)
         if out.as_json:
             out.json({"secrets": stored})
@@ -102,8 +99,7 @@ def rm(
     out = Output(as_json)
 
     async def work() -> None:
-        target = resolve(url, api_key, up)
-        async with ShoalClient(target.url, target.api_key) as client:
+        async with client_for(url, api_key, up) as client:
             await client.delete_secret(name, owner=owner)
         if out.as_json:
             out.json({"name": name, "deleted": True})

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from shoal.client._errors import ShoalConnectionClosed
-from shoal.client._http import ShoalClient
 from shoal.client._models import Event, Session
 from shoal.client._ws import EventStream
 from shoal.client.cli._output import Output, run
@@ -19,7 +18,7 @@ from shoal.client.cli._settings import (
     JsonOption,
     UpOption,
     UrlOption,
-    resolve,
+    client_for,
 )
 from shoal.client.cli._watch import watch_live
 
@@ -28,11 +27,6 @@ app = typer.Typer(help="Create, follow and end sessions.", no_args_is_help=True)
 PROMPT_ENDINGS = ("message.completed", "prompt.aborted", "prompt.failed")
 
 SessionId = Annotated[str, typer.Argument(help="the session id (ses_…)")]
-
-
-def _client(url: str | None, api_key: str | None, up: Any) -> ShoalClient:
-    target = resolve(url, api_key, up)
-    return ShoalClient(target.url, target.api_key)
 
 
 def _show(out: Output, session: Session) -> None:
@@ -86,7 +80,7 @@ def create(
         raise typer.BadParameter("must be a JSON object", param_hint="--metadata")
 
     async def work() -> None:
-        async with _client(url, api_key, up) as client:
+        async with client_for(url, api_key, up) as client:
             session = await client.create_session(parsed)
         if out.as_json:
             out.json(session)
@@ -112,7 +106,7 @@ def list_(
     out = Output(as_json)
 
     async def work() -> None:
-        async with _client(url, api_key, up) as client:
+        async with client_for(url, api_key, up) as client:
             page = await client.list_sessions(limit=limit, cursor=cursor, status=status)
         if out.as_json:
             out.json(page)
@@ -149,7 +143,7 @@ def show(
     out = Output(as_json)
 
     async def work() -> None:
-        async with _client(url, api_key, up) as client:
+        async with client_for(url, api_key, up) as client:
             session = await client.get_session(session_id)
         if out.as_json:
             out.json(session)
@@ -181,7 +175,7 @@ def prompt(
     key = idempotency_key or f"cli-{secrets.token_hex(8)}"
 
     async def work() -> None:
-        async with _client(url, api_key, up) as client:
+        async with client_for(url, api_key, up) as client:
             if not wait:
                 receipt = await client.submit_prompt(session_id, text, idempotency_key=key)
                 if out.as_json:
@@ -232,7 +226,7 @@ def watch(
     out = Output(as_json)
 
     async def work() -> None:
-        async with _client(url, api_key, up) as client:
+        async with client_for(url, api_key, up) as client:
             session = await client.get_session(session_id)
             if out.as_json:
                 seen = 0
@@ -260,7 +254,7 @@ def abort(
     out = Output(as_json)
 
     async def work() -> None:
-        async with _client(url, api_key, up) as client:
+        async with client_for(url, api_key, up) as client:
             await client.abort(session_id)
         if out.as_json:
             out.json({"session_id": session_id, "abort": "requested"})
@@ -282,7 +276,7 @@ def rm(
     out = Output(as_json)
 
     async def work() -> None:
-        async with _client(url, api_key, up) as client:
+        async with client_for(url, api_key, up) as client:
             session = await client.terminate_session(session_id)
         if out.as_json:
             out.json(session)

@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from shoal.client._http import ShoalClient
+
 DEFAULT_URL = "http://127.0.0.1:8470"
 DEFAULT_UP_JSON = Path(".shoal/up.json")
 
@@ -58,6 +60,12 @@ def resolve(url: str | None, api_key: str | None, up_json: Path) -> Target:
             "holds its admin key)"
         )
     return Target(url=(url or DEFAULT_URL).rstrip("/"), api_key=api_key)
+
+
+def client_for(url: str | None, api_key: str | None, up_json: Path) -> ShoalClient:
+    """A client for the resolved gateway and key (use it as ``async with``)."""
+    target = resolve(url, api_key, up_json)
+    return ShoalClient(target.url, target.api_key)
 
 
 def _read_up(path: Path) -> dict[str, str]:
