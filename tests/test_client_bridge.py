@@ -66,7 +66,8 @@ async def test_bridge_loses_nothing_across_a_gateway_restart(fleet: FleetFactory
             assert events.reconnects >= 1  # the SSE stream resumed after the restart
         finally:
             bridge.terminate()
-            await bridge.wait()
+            stopped = await bridge.wait()
+        assert stopped == 130  # SIGTERM stops the bridge and its agent cleanly
 
         per_prompt = Counter(e.data["prompt_id"] for e in completed)
         assert set(per_prompt) == set(wanted)

@@ -91,6 +91,9 @@ def test_the_groups_are_shoal_cli_entry_points() -> None:
         main = found[name].load()
         assert main(["--help"]) == 0
         assert main(["--no-such-flag"]) == 2
+    sessions = found["sessions"].load()
+    assert sessions(["create", "-m", "{not json", "--api-key", "k"]) == 2
+    assert sessions(["create", "-m", "[1]", "--api-key", "k"]) == 2
 
 
 async def test_json_outputs_are_stable(fleet: FleetFactory, tmp_path: Path) -> None:

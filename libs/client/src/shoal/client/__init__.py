@@ -19,6 +19,7 @@ Example::
                 print(event.seq, event.type, event.data)
 """
 
+from shoal.client._bridge import RunnerBridge
 from shoal.client._errors import ShoalAPIError, ShoalConnectionClosed
 from shoal.client._http import ShoalClient
 from shoal.client._models import (
@@ -51,6 +52,7 @@ __all__ = [
     "ProxyRequest",
     "ProxyResponse",
     "PromptReceipt",
+    "RunnerBridge",
     "RunnerConnection",
     "SecretInfo",
     "NO_RETRY",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from typing import Annotated
 
 import typer
 
 from shoal.client._bridge import RunnerBridge
+from shoal.client.cli._output import EXIT_INTERRUPTED
 from shoal.client.cli._settings import DEFAULT_UP_JSON, UpOption, UrlOption, gateway_url
 
 
@@ -40,8 +42,19 @@ def runner(
         format="shoal runner: %(levelname)s %(message)s",
     )
     bridge = RunnerBridge(gateway_url(url, up), session, token, None if echo else command)
+    raise typer.Exit(asyncio.run(_until_signalled(bridge)))
+
+
+async def _until_signalled(bridge: RunnerBridge) -> int:
+    """Run the bridge; SIGTERM or SIGINT stop it (and its agent) cleanly, exit code 130."""
+    task = asyncio.create_task(bridge.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
     try:
-        code = asyncio.run(bridge.run())
-    except KeyboardInterrupt:
-        code = 130
-    raise typer.Exit(code)
+        return await task
+    except asyncio.CancelledError:
+        return EXIT_INTERRUPTED
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
