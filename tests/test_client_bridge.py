@@ -1,10 +1,12 @@
 """The runner bridge (``shoal runner … -- CMD``) on the real fleet: an echo agent answers 100
 prompts while the gateway is killed and restarted in the middle, and nothing is lost or
-answered twice. The session is followed over SSE, which resumes across the restart too."""
+answered twice (the session is followed over SSE, which resumes across the restart too);
+frames the bridge has no rule for pass through both ways."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections import Counter
 
@@ -93,3 +95,55 @@ async def _assistant_messages(client: ShoalClient, session_id: str) -> list[Mess
         if page.next is None:
             return answers
         after = page.next
+
+
+# An agent that first sends two frames the bridge has no rule for, waits for the gateway's
+# answers (passed through with their ref), then answers its prompt with what it received.
+PASS_THROUGH_AGENT = """
+import json, sys
+def send(frame):
+    sys.stdout.write(json.dumps(frame) + "\\n")
+    sys.stdout.flush()
+send({"type": "ping", "id": "p-1"})
+send({"type": "no.such.frame", "id": "x-1"})
+send({"type": "message.delta", "prompt_id": "prm_none"})
+received, prompts = [], []
+for line in sys.stdin:
+    frame = json.loads(line)
+    (prompts if frame["type"] == "prompt" else received).append(frame)
+    if prompts and len(received) >= 3:
+        seen = sorted(([f["type"], f.get("ref"), f.get("code")] for f in received), key=json.dumps)
+        send({"type": "message.completed", "prompt_id": prompts[0]["prompt_id"],
+              "content": json.dumps(seen)})
+        break
+"""
+
+
+async def test_bridge_passes_other_frames_through(fleet: FleetFactory) -> None:
+    running = await fleet()
+    async with ShoalClient(running.gateway_url, running.admin_key) as client:
+        session = await client.create_session()
+        assert session.runner_token
+        bridge = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "shoal.client", "runner", "--session", session.id),
+            *("--token", session.runner_token, "--url", running.gateway_url, "--"),
+            *(sys.executable, "-c", PASS_THROUGH_AGENT),
+        )
+        try:
+            async with client.connect_session(session.id) as events:
+                receipt = await client.submit_prompt(session.id, "what did you get?")
+                async with asyncio.timeout(60):
+                    async for event in events:
+                        if event.type == "message.completed":
+                            break
+            assert await bridge.wait() == 0  # the agent's exit code
+        finally:
+            if bridge.returncode is None:
+                bridge.terminate()
+                await bridge.wait()
+    assert event.data["prompt_id"] == receipt.prompt_id
+    assert json.loads(event.data["content"]) == [  # sorted by their JSON text
+        ["error", "x-1", "bad_request"],  # the gateway: unknown frame type
+        ["error", None, "bad_request"],  # the bridge: message.delta without text
+        ["pong", "p-1", None],
+    ]

@@ -9,9 +9,10 @@ per line (the README's "Runner bridge" section is the contract):
   message_id, ref?}`` once a completion is recorded; ``secret {name, value, ref?}``;
   ``error {code, message, ref?, prompt_id?}``.
 - from the agent (stdout): ``message.completed {prompt_id, content, message_id?, id?}``;
-  ``message.delta {prompt_id, text, …}``; ``secret.get {name, id?}``. Anything else on stdout
-  is answered with an ``error`` frame (not JSON: logged and skipped); the agent's stderr is
-  passed through.
+  ``message.delta {prompt_id, text, …}``; ``secret.get {name, id?}``.
+- Any other frame passes through as it is, both ways (the gateway's answer to an agent's frame
+  with an ``id`` carries it back as ``ref``). A stdout line that is not a JSON object is logged
+  and skipped; the agent's stderr is passed through.
 
 Example::
 
@@ -71,6 +72,8 @@ class RunnerBridge:
         self._forwarded: set[str] = set()  # prompt ids the agent was given (once each)
         self._stdin_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._agent: asyncio.subprocess.Process | None = None
+        self._passed_ids: set[str] = set()  # ids of agent frames passed through to the socket
 
     async def run(self) -> int:
         try:
@@ -99,6 +102,7 @@ class RunnerBridge:
                     self._session_id,
                     self._token,
                     ack_timeout=self._ack_timeout,
+                    on_frame=self._from_gateway,
                 )
         raise AssertionError("unreachable: retry_context raises its last error")
 
@@ -115,6 +119,7 @@ class RunnerBridge:
             stdout=asyncio.subprocess.PIPE,
             limit=MAX_LINE_BYTES,
         )
+        self._agent = agent
         feeding = asyncio.create_task(self._feed(runner, agent))
         try:
             await self._read_agent(runner, agent)
@@ -158,7 +163,7 @@ class RunnerBridge:
                 log.warning("agent wrote a line that is not JSON; skipped")
                 continue
             if not isinstance(frame, dict):
-                await self._refuse(agent, {}, "a frame is a JSON object")
+                log.warning("agent wrote JSON that is not an object; skipped")
                 continue
             self._spawn(self._handle(runner, agent, frame))
 
@@ -205,7 +210,9 @@ class RunnerBridge:
                 agent, _reply(frame, {"type": "secret", "name": name, "value": value})
             )
         else:
-            await self._refuse(agent, frame, f"unknown frame type {kind!r}")
+            if "id" in frame:
+                self._passed_ids.add(str(frame["id"]))
+            await runner.send(frame)
 
     async def _complete(
         self, runner: RunnerConnection, prompt_id: str, content: str, message_id: str | None
@@ -218,6 +225,21 @@ class RunnerBridge:
                 return await runner.complete(prompt_id, content, message_id=message_id)
             except TimeoutError:
                 log.info("no acknowledgement for %s yet; sending it again", message_id)
+
+    def _from_gateway(self, frame: dict[str, Any]) -> None:
+        """A socket frame the connection does not handle itself: to the agent, unless it is an
+        answer nobody here waits for any more (a keepalive's pong, a late acknowledgement)."""
+        kind, ref = frame.get("type"), frame.get("ref")
+        if kind in ("message.accepted", "secret") or (kind == "pong" and ref is None):
+            return
+        if ref is not None:
+            if str(ref) not in self._passed_ids:
+                return
+            self._passed_ids.discard(str(ref))
+        if self._agent is None:
+            log.info("a %s frame came before the agent started; dropped", kind)
+            return
+        self._spawn(self._to_agent(self._agent, frame))
 
     def _first_time(self, prompt: Prompt) -> bool:
         # The session sends the running prompt again to a runner that reconnects.
