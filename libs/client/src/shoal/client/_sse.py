@@ -109,6 +109,8 @@ class SseEventStream:
                             yield event
                 raise _StreamEnded("the server ended the stream")
             except Exception as exc:
+                if isinstance(exc, _StreamEnded) and not self._reconnect:
+                    return  # the caller resumes from last_seq, if it wants more
                 if not self._reconnect or not _reconnectable(exc):
                     raise
                 log.info("SSE stream dropped (%s); resuming after %d", exc, self.last_seq)
