@@ -172,47 +172,61 @@ class RunnerBridge:
     ) -> None:
         kind = frame.get("type")
         if kind == "message.completed":
-            prompt_id, content = frame.get("prompt_id"), frame.get("content")
-            if not isinstance(prompt_id, str) or not isinstance(content, str):
-                await self._refuse(agent, frame, "message.completed needs prompt_id and content")
-                return
-            message_id = frame.get("message_id")
-            try:
-                message_id = await self._complete(
-                    runner, prompt_id, content, message_id if isinstance(message_id, str) else None
-                )
-            except ShoalAPIError as exc:
-                await self._to_agent(agent, _error(frame, exc.code, exc.detail, prompt_id))
-                return
-            accepted = {"type": "message.accepted", "prompt_id": prompt_id}
-            await self._to_agent(agent, _reply(frame, {**accepted, "message_id": message_id}))
+            await self._on_completed(runner, agent, frame)
         elif kind == "message.delta":
-            prompt_id, text = frame.get("prompt_id"), frame.get("text")
-            if not isinstance(prompt_id, str) or not isinstance(text, str):
-                await self._refuse(agent, frame, "message.delta needs prompt_id and text")
-                return
-            extra = {k: v for k, v in frame.items() if k not in ("type", "prompt_id", "text")}
-            await runner.send_delta(prompt_id, text, **extra)
+            await self._on_delta(runner, agent, frame)
         elif kind == "secret.get":
-            name = frame.get("name")
-            if not isinstance(name, str):
-                await self._refuse(agent, frame, "secret.get needs a name")
-                return
-            try:
-                value = await runner.get_secret(name)
-            except ShoalAPIError as exc:
-                await self._to_agent(agent, _error(frame, exc.code, exc.detail))
-                return
-            except TimeoutError:
-                await self._to_agent(agent, _error(frame, "timeout", "no answer from the gateway"))
-                return
-            await self._to_agent(
-                agent, _reply(frame, {"type": "secret", "name": name, "value": value})
-            )
+            await self._on_secret_get(runner, agent, frame)
         else:
             if "id" in frame:
                 self._passed_ids.add(str(frame["id"]))
             await runner.send(frame)
+
+    async def _on_completed(
+        self, runner: RunnerConnection, agent: asyncio.subprocess.Process, frame: dict[str, Any]
+    ) -> None:
+        prompt_id, content = frame.get("prompt_id"), frame.get("content")
+        message_id = frame.get("message_id")
+        if not isinstance(prompt_id, str) or not isinstance(content, str):
+            await self._refuse(agent, frame, "message.completed needs prompt_id and content")
+            return
+        if message_id is not None and not isinstance(message_id, str):
+            await self._refuse(agent, frame, "message_id must be a string")
+            return
+        try:
+            message_id = await self._complete(runner, prompt_id, content, message_id)
+        except ShoalAPIError as exc:
+            await self._to_agent(agent, _error(frame, exc.code, exc.detail, prompt_id))
+            return
+        accepted = {"type": "message.accepted", "prompt_id": prompt_id, "message_id": message_id}
+        await self._to_agent(agent, _reply(frame, accepted))
+
+    async def _on_delta(
+        self, runner: RunnerConnection, agent: asyncio.subprocess.Process, frame: dict[str, Any]
+    ) -> None:
+        prompt_id, text = frame.get("prompt_id"), frame.get("text")
+        if not isinstance(prompt_id, str) or not isinstance(text, str):
+            await self._refuse(agent, frame, "message.delta needs prompt_id and text")
+            return
+        extra = {k: v for k, v in frame.items() if k not in ("type", "prompt_id", "text")}
+        await runner.send_delta(prompt_id, text, **extra)
+
+    async def _on_secret_get(
+        self, runner: RunnerConnection, agent: asyncio.subprocess.Process, frame: dict[str, Any]
+    ) -> None:
+        name = frame.get("name")
+        if not isinstance(name, str):
+            await self._refuse(agent, frame, "secret.get needs a name")
+            return
+        try:
+            value = await runner.get_secret(name)
+        except ShoalAPIError as exc:
+            await self._to_agent(agent, _error(frame, exc.code, exc.detail))
+            return
+        except TimeoutError:
+            await self._to_agent(agent, _error(frame, "timeout", "no answer from the gateway"))
+            return
+        await self._to_agent(agent, _reply(frame, {"type": "secret", "name": name, "value": value}))
 
     async def _complete(
         self, runner: RunnerConnection, prompt_id: str, content: str, message_id: str | None
