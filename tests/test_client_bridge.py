@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -52,20 +53,30 @@ async def test_bridge_loses_nothing_across_a_gateway_restart(fleet: FleetFactory
             completed: list[Event] = []
             seqs: list[int] = []
             restarted = False
+            started = time.monotonic()
+            killed_at = ready = recovered = 0.0
             async with asyncio.timeout(180), client.stream_session(session.id) as events:
                 async for event in events:
                     seqs.append(event.seq)
                     if event.type == "message.completed":
                         completed.append(event)
+                        if len(completed) == RESTART_AFTER + 1:
+                            recovered = time.monotonic() - killed_at
                     if len(completed) == RESTART_AFTER and not restarted:
                         restarted = True
+                        killed_at = time.monotonic()
                         running["gateway"].kill()
                         await running["gateway"].wait()
                         await running["gateway"].start()
                         await running.wait_ready()
+                        ready = time.monotonic() - killed_at
                     if {e.data["prompt_id"] for e in completed} >= wanted.keys():
                         break
             assert events.reconnects >= 1  # the SSE stream resumed after the restart
+            print(
+                f"\ngateway SIGKILLed: ready again after {ready:.1f} s, next answer after "
+                f"{recovered:.1f} s; {PROMPTS} prompts in {time.monotonic() - started:.1f} s"
+            )
         finally:
             bridge.terminate()
             stopped = await bridge.wait()
