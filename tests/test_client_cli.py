@@ -179,6 +179,11 @@ async def test_json_outputs_are_stable(fleet: FleetFactory, tmp_path: Path) -> N
         await echo.wait()
     assert waited.code == 0, waited.stderr
     assert waited.stdout == "say this\n"
+    unanswered = await shoal(
+        "sessions", "prompt", session_id, "anyone?", "--wait", "--timeout", "0.5", "--json", env=env
+    )
+    assert unanswered.code == 1
+    assert json.loads(unanswered.stderr)["error"]["code"] == "timeout"
 
     # The runner bridge gives up at once on a refused token (4401), with exit code 1.
     refused = await shoal(

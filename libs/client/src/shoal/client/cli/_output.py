@@ -76,6 +76,11 @@ def run(out: Output, work: Coroutine[Any, Any, None]) -> None:
         detail = f"cannot reach the gateway: {exc!r}"
         error = {"status": 0, "code": "unreachable", "detail": detail}
         raise out.fail(EXIT_API_ERROR, error, detail) from None
+    except TimeoutError:
+        detail = "no answer in time (--timeout)"
+        raise out.fail(
+            EXIT_API_ERROR, {"status": 0, "code": "timeout", "detail": detail}, detail
+        ) from None
     except SettingsError as exc:
         error = {"status": 0, "code": "bad_settings", "detail": str(exc)}
         raise out.fail(EXIT_USAGE, error, str(exc)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from typing import Annotated
@@ -164,6 +165,9 @@ def prompt(
     wait: Annotated[
         bool, typer.Option("--wait", help="wait for the runner's answer and print it")
     ] = False,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="with --wait: give up after SECONDS")
+    ] = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
     up: UpOption = DEFAULT_UP_JSON,
@@ -186,7 +190,8 @@ def prompt(
             since = (await client.get_session(session_id)).last_seq
             async with client.connect_session(session_id, since=since) as events:
                 receipt = await client.submit_prompt(session_id, text, idempotency_key=key)
-                event = await _outcome(events, receipt.prompt_id)
+                async with asyncio.timeout(timeout):
+                    event = await _outcome(events, receipt.prompt_id)
         answer = _answer_of(event)
         if out.as_json:
             out.json({"prompt": receipt, "event": event})
