@@ -103,7 +103,8 @@ class ShoalClient:
         self, *, limit: int | None = None, cursor: str | None = None, status: str | None = None
     ) -> SessionPage:
         """A page of this owner's sessions, newest first; pass ``page.next`` as ``cursor``."""
-        params = {k: v for k, v in (("limit", limit), ("cursor", cursor), ("status", status)) if v}
+        query = (("limit", limit), ("cursor", cursor), ("status", status))
+        params = {k: v for k, v in query if v is not None}
         return await self._call("GET", "/v1/sessions", SessionPage, params=params)
 
     async def terminate_session(self, session_id: str) -> Session:
