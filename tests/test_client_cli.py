@@ -262,6 +262,19 @@ async def test_watch_follows_a_live_session(fleet: FleetFactory) -> None:
         assert followed == [e["seq"] for e in events]
         assert user_events.last_seq > 0
 
+        # --sse follows the same events over server-sent events.
+        over_sse = await shoal(
+            "sessions",
+            "watch",
+            session.id,
+            "--sse",
+            "--json",
+            "--max-events",
+            str(len(events)),
+            env=env,
+        )
+        assert [json.loads(line) for line in over_sse.stdout.splitlines()] == events
+
         # The live view (rich) ends after --max-events and shows what it followed.
         human = await shoal(
             "sessions", "watch", session.id, "--max-events", str(len(events)), env=env

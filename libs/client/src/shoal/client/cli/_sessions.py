@@ -21,7 +21,7 @@ from shoal.client.cli._settings import (
     UrlOption,
     client_for,
 )
-from shoal.client.cli._watch import watch_live
+from shoal.client.cli._watch import follow, watch_live
 
 app = typer.Typer(help="Create, follow and end sessions.", no_args_is_help=True)
 
@@ -222,6 +222,9 @@ def watch(
     max_events: Annotated[
         int | None, typer.Option("--max-events", help="stop after this many events")
     ] = None,
+    sse: Annotated[
+        bool, typer.Option("--sse", help="follow over server-sent events, not a WebSocket")
+    ] = False,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
     up: UpOption = DEFAULT_UP_JSON,
@@ -235,14 +238,14 @@ def watch(
             session = await client.get_session(session_id)
             if out.as_json:
                 seen = 0
-                async with client.connect_session(session_id, since=since) as events:
+                async with follow(client, session_id, since, sse=sse) as events:
                     async for event in events:
                         out.json(event)
                         seen += 1
                         if max_events is not None and seen >= max_events:
                             return
             else:
-                await watch_live(out, client, session, since, max_events)
+                await watch_live(out, client, session, since, max_events, sse=sse)
 
     run(out, work())
 

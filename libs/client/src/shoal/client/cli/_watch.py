@@ -14,6 +14,9 @@ from rich.text import Text
 
 from shoal.client._http import ShoalClient
 from shoal.client._models import Event, Session
+from shoal.client._sse import SseEventStream
+from shoal.client._streaming import DeltaCallback
+from shoal.client._ws import EventStream
 from shoal.client.cli._output import Output
 
 RECENT_EVENTS = 15
@@ -70,8 +73,28 @@ def _detail(event: Event) -> str:
     return line if len(line) <= 60 else line[:59] + "…"
 
 
+def follow(
+    client: ShoalClient,
+    session_id: str,
+    since: int,
+    *,
+    sse: bool,
+    on_delta: DeltaCallback | None = None,
+) -> EventStream | SseEventStream:
+    """The session's events over a WebSocket, or over SSE (which carries no deltas)."""
+    if sse:
+        return client.stream_session(session_id, since)
+    return client.connect_session(session_id, since, on_delta=on_delta)
+
+
 async def watch_live(
-    out: Output, client: ShoalClient, session: Session, since: int, max_events: int | None
+    out: Output,
+    client: ShoalClient,
+    session: Session,
+    since: int,
+    max_events: int | None,
+    *,
+    sse: bool,
 ) -> None:
     """Follow the session until interrupted (or ``max_events``), redrawing on every change."""
     view = SessionView(session)
@@ -82,7 +105,7 @@ async def watch_live(
             live.update(view.render(), refresh=True)
 
         seen = 0
-        async with client.connect_session(session.id, since=since, on_delta=on_delta) as events:
+        async with follow(client, session.id, since, sse=sse, on_delta=on_delta) as events:
             async for event in events:
                 view.on_event(event)
                 live.update(view.render(), refresh=True)
