@@ -19,6 +19,7 @@ Example::
                 print(event.seq, event.type, event.data)
 """
 
+from shoal.client._bridge import RunnerBridge
 from shoal.client._errors import ShoalAPIError, ShoalConnectionClosed
 from shoal.client._http import ShoalClient
 from shoal.client._models import (
@@ -32,7 +33,10 @@ from shoal.client._models import (
     PromptReceipt,
     SecretInfo,
     Session,
+    SessionPage,
 )
+from shoal.client._retry import NO_RETRY, RetryPolicy
+from shoal.client._sse import SseEventStream
 from shoal.client._streaming import ProxyRequest, ProxyResponse, WsTicket
 from shoal.client._ws import EventStream, RunnerConnection, connect_runner, websocket_url
 
@@ -48,9 +52,14 @@ __all__ = [
     "ProxyRequest",
     "ProxyResponse",
     "PromptReceipt",
+    "RunnerBridge",
     "RunnerConnection",
     "SecretInfo",
+    "NO_RETRY",
+    "RetryPolicy",
     "Session",
+    "SessionPage",
+    "SseEventStream",
     "ShoalAPIError",
     "ShoalClient",
     "ShoalConnectionClosed",

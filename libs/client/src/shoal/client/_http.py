@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import httpx
 import msgspec
+import stamina
 
 from shoal.client._errors import ShoalAPIError
 from shoal.client._models import (
@@ -19,10 +20,20 @@ from shoal.client._models import (
     PromptReceipt,
     SecretInfo,
     Session,
+    SessionPage,
     _FileList,
     _KeyList,
     _SecretList,
 )
+from shoal.client._retry import (
+    DEFAULT_RETRY,
+    IDEMPOTENT_METHODS,
+    NO_RETRY,
+    RetryPolicy,
+    parse_retry_after,
+    should_retry,
+)
+from shoal.client._sse import SseEventStream
 from shoal.client._streaming import DeltaCallback, WsTicket
 from shoal.client._ws import EventStream, websocket_url
 
@@ -42,6 +53,8 @@ class ShoalClient:
                     print(event.seq, event.type, event.data)
 
     Errors answered by the API raise :class:`ShoalAPIError`; network errors are httpx's.
+    Requests that are safe to repeat (GET, PUT, DELETE, a prompt with an idempotency key) are
+    retried on 429, 503 and connection errors as ``retry`` says (``NO_RETRY`` turns it off).
     """
 
     def __init__(
@@ -50,10 +63,12 @@ class ShoalClient:
         api_key: str,
         *,
         timeout: float = 30.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self._retry = retry
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}"},
@@ -81,7 +96,29 @@ class ShoalClient:
         return await self._call("POST", "/v1/sessions", Session, json=body)
 
     async def get_session(self, session_id: str) -> Session:
+        """The session (without its runner token)."""
         return await self._call("GET", f"/v1/sessions/{_seg(session_id)}", Session)
+
+    async def list_sessions(
+        self, *, limit: int | None = None, cursor: str | None = None, status: str | None = None
+    ) -> SessionPage:
+        """A page of this owner's sessions, newest first; pass ``page.next`` as ``cursor``."""
+        query = (("limit", limit), ("cursor", cursor), ("status", status))
+        params = {k: v for k, v in query if v is not None}
+        return await self._call("GET", "/v1/sessions", SessionPage, params=params)
+
+    async def terminate_session(self, session_id: str) -> Session:
+        """End the session for good (its runner is told; prompts are refused afterwards)."""
+        return await self._call("DELETE", f"/v1/sessions/{_seg(session_id)}", Session)
+
+    async def abort(self, session_id: str) -> None:
+        """Stop the running prompt; queued prompts keep their turn. Not retried."""
+        await self._send("POST", f"/v1/sessions/{_seg(session_id)}/abort")
+
+    async def answer(self, session_id: str, question_id: str, answer: str) -> None:
+        """Answer the runner's question ``question_id`` (a second answer is 409). Not retried."""
+        url = f"/v1/sessions/{_seg(session_id)}/questions/{_seg(question_id)}/answer"
+        await self._send("POST", url, json={"answer": answer})
 
     async def submit_prompt(
         self, session_id: str, content: str, *, idempotency_key: str | None = None
@@ -91,7 +128,11 @@ class ShoalClient:
         if idempotency_key is not None:
             body["idempotency_key"] = idempotency_key
         return await self._call(
-            "POST", f"/v1/sessions/{_seg(session_id)}/prompts", PromptReceipt, json=body
+            "POST",
+            f"/v1/sessions/{_seg(session_id)}/prompts",
+            PromptReceipt,
+            json=body,
+            idempotent=idempotency_key is not None,
         )
 
     async def list_messages(
@@ -167,9 +208,7 @@ class ShoalClient:
 
     async def get_file(self, session_id: str, path: str) -> File:
         """The session's file ``path`` (:class:`ShoalAPIError` 404 if there is none)."""
-        response = await self._http.get(_file_url(session_id, path))
-        if response.is_error:
-            raise _api_error(response)
+        response = await self._request("GET", _file_url(session_id, path))
         return File(
             path=path,
             data=response.content,
@@ -230,21 +269,64 @@ class ShoalClient:
             fallback_urls=[websocket_url(u, "/v1/events/ws") for u in fallback_urls],
         )
 
+    def stream_session(
+        self, session_id: str, since: int = 0, *, reconnect: bool = True
+    ) -> SseEventStream:
+        """The session's events after ``since`` over server-sent events (no WebSocket needed).
+
+        Resumes with ``Last-Event-ID`` after a drop, like :meth:`connect_session` by seq.
+        """
+        return SseEventStream(
+            self._http, f"/v1/sessions/{_seg(session_id)}/events/stream", since, reconnect=reconnect
+        )
+
+    def stream_events(self, since: int = 0, *, reconnect: bool = True) -> SseEventStream:
+        """The user stream over server-sent events; ``last_seq`` is the DELIVER position."""
+        return SseEventStream(self._http, "/v1/events/stream", since, reconnect=reconnect)
+
     async def create_ws_ticket(self) -> WsTicket:
         """A single-use ticket for a browser socket or SSE stream (``?ticket=``)."""
         return await self._call("POST", "/v1/ws-tickets", WsTicket)
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> None:
+    async def _send(
+        self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any
+    ) -> None:
         """A request answered with no body (204)."""
-        response = await self._http.request(method, path, **kwargs)
-        if response.is_error:
-            raise _api_error(response)
+        await self._request(method, path, idempotent=idempotent, **kwargs)
 
-    async def _call(self, method: str, path: str, into: type[T], **kwargs: Any) -> T:
-        response = await self._http.request(method, path, **kwargs)
-        if response.is_error:
-            raise _api_error(response)
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        into: type[T],
+        *,
+        idempotent: bool | None = None,
+        **kwargs: Any,
+    ) -> T:
+        response = await self._request(method, path, idempotent=idempotent, **kwargs)
         return msgspec.json.decode(response.content, type=into)
+
+    async def _request(
+        self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """Send once, or with retries when the request is safe to repeat (see _retry.py)."""
+        if idempotent is None:
+            idempotent = method in IDEMPOTENT_METHODS
+        policy = self._retry if idempotent else NO_RETRY
+        async for attempt in stamina.retry_context(
+            on=should_retry,
+            attempts=policy.attempts,
+            timeout=policy.timeout,
+            wait_initial=policy.wait_initial,
+            wait_max=policy.wait_max,
+            wait_jitter=policy.wait_jitter,
+        ):
+            with attempt:
+                response = await self._http.request(method, path, **kwargs)
+                if response.is_error:
+                    raise _api_error(response)
+                return response
+        raise AssertionError("unreachable: retry_context raises its last error")
 
 
 def _seg(value: str) -> str:
@@ -259,6 +341,7 @@ def _file_url(session_id: str, path: str) -> str:
 
 
 def _api_error(response: httpx.Response) -> ShoalAPIError:
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
     try:
         problem = response.json()
     except ValueError:
@@ -269,5 +352,8 @@ def _api_error(response: httpx.Response) -> ShoalAPIError:
             str(problem.get("code") or "http_error"),
             str(problem.get("detail") or problem.get("title") or ""),
             problem,
+            retry_after=retry_after,
         )
-    return ShoalAPIError(response.status_code, "http_error", response.text[:200])
+    return ShoalAPIError(
+        response.status_code, "http_error", response.text[:200], retry_after=retry_after
+    )

@@ -21,6 +21,13 @@ class Session(msgspec.Struct, kw_only=True):
     runner_token: str | None = None  # only in the answer to create_session
 
 
+class SessionPage(msgspec.Struct, kw_only=True):
+    """A page of sessions, newest first; ``next`` is the cursor of the next page (None: last)."""
+
+    sessions: list[Session]
+    next: str | None = None
+
+
 class PromptReceipt(msgspec.Struct, kw_only=True):
     prompt_id: str
     session_id: str
