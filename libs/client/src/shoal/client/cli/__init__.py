@@ -53,16 +53,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sessions_main(argv: list[str]) -> int:
+    """Sessions: create, list, show, prompt, watch, abort, rm."""
     return _invoke(_sessions.app, argv, "shoal sessions")
 
 
 def keys_main(argv: list[str]) -> int:
+    """API keys: create, list, revoke."""
     return _invoke(_keys.app, argv, "shoal keys")
 
 
 def secrets_main(argv: list[str]) -> int:
+    """Secrets: set, list, rm."""
     return _invoke(_secrets.app, argv, "shoal secrets")
 
 
 def runner_main(argv: list[str]) -> int:
+    """Bridge an agent process's stdin/stdout to a session's runner socket."""
     return _invoke(runner_app, argv, "shoal runner")
