@@ -21,16 +21,21 @@ from shoal.common.service import PolledCheck, Readiness, create_service_app
 from shoal.common.storage import Database
 from shoal.scheduler.config import SchedulerSettings
 from shoal.scheduler.handlers import TimerLoop, serve_scheduler
+from shoal.scheduler.job_handlers import NatsJobSignals, serve_jobs
+from shoal.scheduler.job_service import JobService
+from shoal.scheduler.job_store import JobStore
+from shoal.scheduler.loops import PeriodicPass
 from shoal.scheduler.service import TimerService
 from shoal.scheduler.store import JetStreamTimerPublisher, TimerStore
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_scheduler"
 _DB_PROBE_INTERVAL = timedelta(seconds=5)
+_SWEEP_BATCH = 500  # rows per sweep transaction
 
 
 def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None = None) -> FastAPI:
-    """The scheduler: durable timers over PostgreSQL, fired into JetStream subjects."""
+    """The scheduler: durable timers and jobs over PostgreSQL."""
     settings = settings or SchedulerSettings()
     clock = clock or SystemClock()
     readiness = Readiness()
@@ -73,8 +78,25 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
             readiness.add("database", database)
             readiness.add("timers", lambda: loop.running)
 
+            jobs = JobService(
+                JobStore(db),
+                NatsJobSignals(nc, subjects),
+                clock,
+                max_input_bytes=settings.scheduler_job_max_input_bytes,
+                backoff_base=settings.scheduler_job_backoff_base,
+                backoff_max=settings.scheduler_job_backoff_max,
+            )
+            leases = PeriodicPass(
+                "leases", jobs.expire_leases, settings.scheduler_sweep_interval, _SWEEP_BATCH
+            )
+            leases.start()
+            stack.push_async_callback(leases.stop)
+            readiness.add("leases", lambda: leases.running)
+
             await serve_scheduler(nc, subjects, service)
+            await serve_jobs(nc, subjects, jobs)
             app.state.scheduler = service
+            app.state.jobs = jobs
             yield
 
     return create_service_app("scheduler", settings, lifespan, readiness)
