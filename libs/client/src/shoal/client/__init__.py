@@ -37,6 +37,7 @@ from shoal.client._models import (
     Session,
 )
 from shoal.client._streaming import ProxyRequest, ProxyResponse, WsTicket
+from shoal.client._worker import JobFailed, Worker, WorkerJob
 from shoal.client._ws import EventStream, RunnerConnection, connect_runner, websocket_url
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "File",
     "FileInfo",
     "Job",
+    "JobFailed",
     "JobAttempt",
     "JobPage",
     "Message",
@@ -62,5 +64,7 @@ __all__ = [
     "ShoalConnectionClosed",
     "connect_runner",
     "websocket_url",
+    "Worker",
+    "WorkerJob",
     "WsTicket",
 ]

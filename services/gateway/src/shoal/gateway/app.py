@@ -43,6 +43,7 @@ from shoal.gateway.api.socket_routes import GatewayApp
 from shoal.gateway.api.sockets import SocketHub
 from shoal.gateway.api.streams import router as streams_router
 from shoal.gateway.api.upgrade import StreamingState
+from shoal.gateway.api.workers import router as workers_router
 from shoal.gateway.bus import Bus
 from shoal.gateway.config import GatewaySettings
 from shoal.gateway.files import SessionFiles
@@ -131,6 +132,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(proxy_router, generate_unique_id_function=operation_id)
     app.include_router(files_router, generate_unique_id_function=operation_id)
     app.include_router(jobs_router, generate_unique_id_function=operation_id)
+    app.include_router(workers_router)
     # Outermost: the command path's hot route skips the framework's stack (its CPU per prompt
     # request).
     app.add_middleware(PromptRoute, max_body_bytes=settings.max_body_bytes)
