@@ -284,5 +284,6 @@ async def test_health_readiness_and_metrics(scheduler_app: FastAPI) -> None:
             "database": True,
             "timers": True,
             "leases": True,
+            "schedules": True,
         }
         assert "shoal_scheduler_timers_fired_total" in (await client.get("/metrics")).text

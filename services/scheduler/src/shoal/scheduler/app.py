@@ -25,6 +25,9 @@ from shoal.scheduler.job_handlers import NatsJobSignals, serve_jobs
 from shoal.scheduler.job_service import JobService
 from shoal.scheduler.job_store import JobStore
 from shoal.scheduler.loops import PeriodicPass
+from shoal.scheduler.schedule_handlers import serve_schedules
+from shoal.scheduler.schedule_service import ScheduleService
+from shoal.scheduler.schedule_store import ScheduleStore
 from shoal.scheduler.service import TimerService
 from shoal.scheduler.store import JetStreamTimerPublisher, TimerStore
 
@@ -32,6 +35,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_scheduler"
 _DB_PROBE_INTERVAL = timedelta(seconds=5)
 _SWEEP_BATCH = 500  # rows per sweep transaction
+_SCHEDULE_BATCH = 100  # schedules fired per transaction
 
 
 def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None = None) -> FastAPI:
@@ -56,9 +60,12 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
 
             subjects = Subjects(settings.subject_prefix)
             wake = asyncio.Event()  # set_timer wakes the loop instead of waiting for a poll
+            publisher = JetStreamTimerPublisher(
+                js, settings.scheduler_publish_timeout.total_seconds()
+            )
             service = TimerService(
                 TimerStore(db),
-                JetStreamTimerPublisher(js, settings.scheduler_publish_timeout.total_seconds()),
+                publisher,
                 subjects,
                 clock,
                 batch_size=settings.scheduler_batch_size,
@@ -92,9 +99,25 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
             leases.start()
             stack.push_async_callback(leases.stop)
             readiness.add("leases", lambda: leases.running)
+            schedules = ScheduleService(
+                ScheduleStore(db),
+                jobs,
+                publisher,
+                subjects,
+                clock,
+                skip_grace=settings.scheduler_schedule_skip_grace,
+                batch_size=_SCHEDULE_BATCH,
+            )
+            firing = PeriodicPass(
+                "schedules", schedules.fire_due, settings.scheduler_sweep_interval, _SCHEDULE_BATCH
+            )
+            firing.start()
+            stack.push_async_callback(firing.stop)
+            readiness.add("schedules", lambda: firing.running)
 
             await serve_scheduler(nc, subjects, service)
             await serve_jobs(nc, subjects, jobs)
+            await serve_schedules(nc, subjects, schedules)
             app.state.scheduler = service
             app.state.jobs = jobs
             yield

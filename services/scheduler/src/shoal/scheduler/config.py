@@ -26,3 +26,5 @@ class SchedulerSettings(CommonSettings):
     # A failed attempt is retried after base * 2^(failures-1), at most backoff_max.
     scheduler_job_backoff_base: timedelta = timedelta(seconds=1)
     scheduler_job_backoff_max: timedelta = timedelta(minutes=5)
+    # A schedule with catch_up "skip" fires no firing later than this (the scheduler was down).
+    scheduler_schedule_skip_grace: timedelta = timedelta(seconds=30)

@@ -286,6 +286,10 @@ class JobService:
             await self._after_change(after)
         return after
 
+    async def signal_ready(self, kind: str) -> None:
+        """Tell workers a job of ``kind`` may be claimed (after a commit that queued one)."""
+        await self._signals.ready(kind)
+
     # -- what the loop does --
     async def expire_leases(self, limit: int = 500) -> int:
         """Redrive (or end) every running job whose lease ran out; how many there were."""
