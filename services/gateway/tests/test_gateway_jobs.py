@@ -117,3 +117,41 @@ async def test_cancel_and_retry_over_http(alice: ShoalClient) -> None:
     with pytest.raises(ShoalAPIError) as conflict:
         await alice.retry_job(job.id)
     assert conflict.value.status == 409
+
+
+async def test_schedules_over_http(alice: ShoalClient, bob: ShoalClient) -> None:
+    created = await alice.create_schedule(
+        {"job": {"kind": "nightly", "input": {"full": True}}},
+        cron="0 3 * * *",
+        timezone="Europe/Paris",
+        catch_up="skip",
+    )
+    assert created.next_fire_at is not None
+    assert created.cron == "0 3 * * *"
+    assert (await alice.get_schedule(created.id)).firings == []
+    assert [s.id for s in (await alice.list_schedules()).schedules] == [created.id]
+    assert (await bob.list_schedules()).schedules == []
+    with pytest.raises(ShoalAPIError) as missing:
+        await bob.delete_schedule(created.id)
+    assert missing.value.status == 404
+    await alice.delete_schedule(created.id)
+    assert (await alice.list_schedules()).schedules == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"cron": "nope", "target": {"job": {"kind": "k"}}},
+        {"every": 0, "target": {"job": {"kind": "k"}}},
+        {"at": "2001-01-01T00:00:00Z", "target": {"job": {"kind": "k"}}},
+        {"every": 5, "target": {"job": {"kind": "k", "max_attempts": 50}}},
+        {"every": 5, "target": {"mail": {}}},
+        {"every": 5, "target": {"job": {"kind": "k"}}, "colour": "red"},
+    ],
+)
+async def test_bad_schedules_are_400_and_create_nothing(
+    alice: ShoalClient, body: dict[str, object]
+) -> None:
+    response = await alice._http.post("/v1/schedules", json=body)
+    assert response.status_code == 400
+    assert (await alice.list_schedules()).schedules == []

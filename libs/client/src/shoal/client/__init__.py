@@ -33,6 +33,8 @@ from shoal.client._models import (
     MessagePage,
     Prompt,
     PromptReceipt,
+    Schedule,
+    SchedulePage,
     SecretInfo,
     Session,
 )
@@ -57,6 +59,8 @@ __all__ = [
     "ProxyResponse",
     "PromptReceipt",
     "RunnerConnection",
+    "Schedule",
+    "SchedulePage",
     "SecretInfo",
     "Session",
     "ShoalAPIError",

@@ -19,6 +19,8 @@ from shoal.client._models import (
     JobPage,
     MessagePage,
     PromptReceipt,
+    Schedule,
+    SchedulePage,
     SecretInfo,
     Session,
     _FileList,
@@ -297,6 +299,36 @@ class ShoalClient:
     async def retry_job(self, job_id: str) -> Job:
         """Put a dead or cancelled job back in the queue."""
         return await self._call("POST", f"/v1/jobs/{_seg(job_id)}/retry", Job)
+
+    # -- schedules --
+    async def create_schedule(
+        self,
+        target: dict[str, Any],
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        at: str | None = None,
+        timezone: str | None = None,
+        catch_up: str | None = None,
+    ) -> Schedule:
+        """Fire ``target`` (``{"job": {...}}`` or ``{"prompt": {session_id, content}}``) on a
+        ``cron``, ``every`` N seconds or once ``at`` a time."""
+        body = _without_none(
+            cron=cron, every=every, at=at, timezone=timezone, catch_up=catch_up, target=target
+        )
+        return await self._call("POST", "/v1/schedules", Schedule, json=body)
+
+    async def get_schedule(self, schedule_id: str) -> Schedule:
+        return await self._call("GET", f"/v1/schedules/{_seg(schedule_id)}", Schedule)
+
+    async def list_schedules(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> SchedulePage:
+        params = _without_none(limit=limit, cursor=cursor)
+        return await self._call("GET", "/v1/schedules", SchedulePage, params=params)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        await self._send("DELETE", f"/v1/schedules/{_seg(schedule_id)}")
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> None:
         """A request answered with no body (204)."""

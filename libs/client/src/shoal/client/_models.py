@@ -155,3 +155,23 @@ class Job(msgspec.Struct, kw_only=True):
 class JobPage(msgspec.Struct, kw_only=True):
     jobs: list[Job]
     next: str | None = None
+
+
+class Schedule(msgspec.Struct, kw_only=True):
+    """When a job or prompt fires (one of ``cron``, ``every``, ``at``) and its latest firings."""
+
+    id: str
+    target: dict[str, Any]
+    timezone: str = "UTC"
+    catch_up: str = "once"
+    cron: str | None = None
+    every: float | None = None
+    at: str | None = None
+    next_fire_at: str | None = None
+    created_at: str = ""
+    firings: list[dict[str, Any]] | None = None
+
+
+class SchedulePage(msgspec.Struct, kw_only=True):
+    schedules: list[Schedule]
+    next: str | None = None

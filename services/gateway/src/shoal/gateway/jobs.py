@@ -147,6 +147,30 @@ class Jobs:
         body = {"owner": reader(principal), "id": job_id}
         return dict(await self.bus.scheduler_rpc("jobs.retry", body))
 
+    # -- schedules --
+    async def create_schedule(
+        self, principal: Principal, body: dict[str, Any], owner: str
+    ) -> dict[str, Any]:
+        """``owner``: the caller's, or (a prompt target) the session's, checked by the caller."""
+        del principal  # the owner was derived from it; kept for symmetry with the rest
+        return dict(
+            await self.bus.scheduler_rpc("schedules.create", {"owner": owner, "schedule": body})
+        )
+
+    async def get_schedule(self, principal: Principal, schedule_id: str) -> dict[str, Any]:
+        body = {"owner": reader(principal), "id": schedule_id}
+        return dict(await self.bus.scheduler_rpc("schedules.get", body))
+
+    async def schedules(
+        self, principal: Principal, limit: int | None, cursor: str | None
+    ) -> dict[str, Any]:
+        body = {"owner": reader(principal), "limit": limit or 50, "cursor": cursor}
+        return dict(await self.bus.scheduler_rpc("schedules.list", body))
+
+    async def delete_schedule(self, principal: Principal, schedule_id: str) -> None:
+        body = {"owner": reader(principal), "id": schedule_id}
+        await self.bus.scheduler_rpc("schedules.delete", body)
+
     async def run(
         self, principal: Principal, body: dict[str, Any], wait: float
     ) -> tuple[bool, dict[str, Any]]:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.common.errors import Unavailable
-from shoal.gateway.api.deps import Caller
+from shoal.gateway.api.deps import Caller, Service
 from shoal.gateway.api.problems import problem_responses
 from shoal.gateway.jobs import MAX_RUN_WAIT_S, Jobs
 
@@ -201,3 +201,118 @@ async def run_job(body: RunJob, caller: Caller, request: Request) -> Response:
     """Run a job and answer 200 with it if it ends within ``wait`` seconds, else 202."""
     finished, job = await jobs_api(request).run(caller, _body(body, "wait"), body.wait)
     return JSONResponse(job, status_code=200 if finished else 202)
+
+
+# -- schedules --
+class JobTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job: dict[str, Any] | None = Field(
+        default=None, description="A job body as for POST /v1/jobs (without run_at)"
+    )
+    prompt: dict[str, Any] | None = Field(
+        default=None, description="{session_id, content}: a prompt into one of your sessions"
+    )
+
+
+class CreateSchedule(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "cron": "0 9 * * 1-5",
+                    "timezone": "Europe/Paris",
+                    "target": {"prompt": {"session_id": "ses_01J9Z3", "content": "Daily triage"}},
+                },
+                {"every": 300, "catch_up": "skip", "target": {"job": {"kind": "sync"}}},
+            ]
+        },
+    )
+
+    cron: str | None = Field(
+        default=None, max_length=200, description="5 fields (or 6, seconds first)"
+    )
+    every: float | None = Field(default=None, ge=1, description="Seconds, from creation")
+    at: str | None = Field(default=None, description="RFC 3339, in the future: fires once")
+    timezone: str | None = Field(default=None, description="IANA name for cron (default UTC)")
+    catch_up: Literal["once", "all", "skip"] | None = Field(
+        default=None,
+        description="Firings missed while the scheduler was down: all of them, the latest "
+        "once (default), or none (skip)",
+    )
+    target: JobTarget
+
+
+class Schedule(BaseModel):
+    id: str
+    cron: str | None = None
+    every: float | None = None
+    at: str | None = None
+    timezone: str
+    catch_up: str
+    target: dict[str, Any]
+    next_fire_at: str | None = Field(description="null: it will not fire again")
+    created_at: str
+    firings: list[dict[str, Any]] | None = Field(
+        default=None, description="The latest firings: {at, fired_at, job_id | prompt_id}"
+    )
+
+
+class SchedulePage(BaseModel):
+    schedules: list[Schedule]
+    next: str | None
+
+
+@router.post(
+    "/schedules",
+    status_code=201,
+    response_model=Schedule,
+    responses=problem_responses(400, 401, 403, 404, 413, 503),
+)
+async def create_schedule(
+    body: CreateSchedule, caller: Caller, service: Service, request: Request
+) -> dict[str, Any]:
+    """Run a job or send a prompt on a cron, every N seconds, or once at a time."""
+    schedule = body.model_dump(exclude_none=True)
+    owner = caller.owner
+    prompt = body.target.prompt
+    if prompt is not None and isinstance(prompt.get("session_id"), str):
+        # The prompt goes to the session's owner's session: it must be visible to the caller.
+        owner = await service.visible_owner(caller, prompt["session_id"])
+    return await jobs_api(request).create_schedule(caller, schedule, owner)
+
+
+@router.get(
+    "/schedules", response_model=SchedulePage, responses=problem_responses(400, 401, 403, 503)
+)
+async def list_schedules(
+    caller: Caller,
+    request: Request,
+    limit: Annotated[int | None, Query(ge=1, le=200, description="Default 50")] = None,
+    cursor: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
+) -> dict[str, Any]:
+    """The caller's schedules, newest first."""
+    return await jobs_api(request).schedules(caller, limit, cursor)
+
+
+@router.get(
+    "/schedules/{schedule_id}",
+    response_model=Schedule,
+    responses=problem_responses(401, 403, 404, 503),
+)
+async def get_schedule(schedule_id: str, caller: Caller, request: Request) -> dict[str, Any]:
+    """A schedule with its latest firings."""
+    return await jobs_api(request).get_schedule(caller, schedule_id)
+
+
+@router.delete(
+    "/schedules/{schedule_id}",
+    status_code=204,
+    response_class=Response,
+    responses=problem_responses(401, 403, 404, 503),
+)
+async def delete_schedule(schedule_id: str, caller: Caller, request: Request) -> Response:
+    """Stop a schedule (jobs it already started are not touched)."""
+    await jobs_api(request).delete_schedule(caller, schedule_id)
+    return Response(status_code=204)
