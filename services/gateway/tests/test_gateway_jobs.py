@@ -155,3 +155,15 @@ async def test_bad_schedules_are_400_and_create_nothing(
     response = await alice._http.post("/v1/schedules", json=body)
     assert response.status_code == 400
     assert (await alice.list_schedules()).schedules == []
+
+
+async def test_signing_secret_and_rotation(gateway: RunningGateway, alice: ShoalClient) -> None:
+    first = (await alice._http.get("/v1/webhooks/signing-secret")).json()
+    assert first["secret"].startswith("whsec_")
+    rotated = await alice._http.post("/v1/webhooks/signing-secret/rotate")
+    assert rotated.status_code == 200
+    assert rotated.json()["secret"] != first["secret"]
+    assert "previous_expires_at" in rotated.json()
+    async with ShoalClient(gateway.base_url, "key-read-alice") as reader:
+        refused = await reader._http.get("/v1/webhooks/signing-secret")
+    assert refused.status_code == 403

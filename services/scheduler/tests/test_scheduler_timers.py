@@ -285,5 +285,6 @@ async def test_health_readiness_and_metrics(scheduler_app: FastAPI) -> None:
             "timers": True,
             "leases": True,
             "schedules": True,
+            "webhooks": True,
         }
         assert "shoal_scheduler_timers_fired_total" in (await client.get("/metrics")).text

@@ -25,6 +25,7 @@ from nats.errors import Error as NatsError
 
 from shoal.common.errors import ShoalError
 from shoal.common.messaging import loads
+from shoal.gateway import tenancy
 from shoal.gateway.service import Principal
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,15 @@ class Jobs:
     async def delete_schedule(self, principal: Principal, schedule_id: str) -> None:
         body = {"owner": reader(principal), "id": schedule_id}
         await self.bus.scheduler_rpc("schedules.delete", body)
+
+    # -- webhooks --
+    async def signing_secret(self, principal: Principal) -> dict[str, Any]:
+        """The owner's callback signing secret: a secret, so not for read-only keys."""
+        tenancy.authorize(principal, tenancy.JOBS, write=True)
+        return dict(await self.bus.scheduler_rpc("webhooks.secret", {"owner": principal.owner}))
+
+    async def rotate_signing_secret(self, principal: Principal) -> dict[str, Any]:
+        return dict(await self.bus.scheduler_rpc("webhooks.rotate", {"owner": principal.owner}))
 
     async def run(
         self, principal: Principal, body: dict[str, Any], wait: float

@@ -30,6 +30,10 @@ from shoal.scheduler.schedule_service import ScheduleService
 from shoal.scheduler.schedule_store import ScheduleStore
 from shoal.scheduler.service import TimerService
 from shoal.scheduler.store import JetStreamTimerPublisher, TimerStore
+from shoal.scheduler.webhook_handlers import serve_webhooks
+from shoal.scheduler.webhook_service import DeliveryPolicy, WebhookService
+from shoal.scheduler.webhook_store import SecretBox, SigningSecretStore, WebhookSender
+from shoal.scheduler.webhooks import check_callback_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_scheduler"
@@ -43,6 +47,7 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
     settings = settings or SchedulerSettings()
     clock = clock or SystemClock()
     readiness = Readiness()
+    secrets_key = settings.webhook_secrets_key()  # a malformed key fails here, not on first use
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,13 +90,16 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
             readiness.add("database", database)
             readiness.add("timers", lambda: loop.running)
 
+            job_store = JobStore(db)
+            allow_private = settings.webhooks_allow_private
             jobs = JobService(
-                JobStore(db),
+                job_store,
                 NatsJobSignals(nc, subjects),
                 clock,
                 max_input_bytes=settings.scheduler_job_max_input_bytes,
                 backoff_base=settings.scheduler_job_backoff_base,
                 backoff_max=settings.scheduler_job_backoff_max,
+                check_callback_url=lambda url: check_callback_url(url, allow_private=allow_private),
             )
             leases = PeriodicPass(
                 "leases", jobs.expire_leases, settings.scheduler_sweep_interval, _SWEEP_BATCH
@@ -115,9 +123,35 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
             stack.push_async_callback(firing.stop)
             readiness.add("schedules", lambda: firing.running)
 
+            sender = WebhookSender(
+                timeout=settings.scheduler_webhook_timeout.total_seconds(),
+                allow_private=allow_private,
+            )
+            stack.push_async_callback(sender.close)
+            webhooks = WebhookService(
+                job_store,
+                SigningSecretStore(db, SecretBox(secrets_key)),
+                sender,
+                clock,
+                DeliveryPolicy(
+                    timeout=settings.scheduler_webhook_timeout,
+                    max_deliveries=settings.scheduler_webhook_max_deliveries,
+                    backoff_base=settings.scheduler_webhook_backoff_base,
+                    backoff_max=settings.scheduler_webhook_backoff_max,
+                    rotation_overlap=settings.scheduler_webhook_rotation_overlap,
+                ),
+            )
+            delivering = PeriodicPass(
+                "webhooks", webhooks.deliver_due, settings.scheduler_sweep_interval, 50
+            )
+            delivering.start()
+            stack.push_async_callback(delivering.stop)  # before the sender closes
+            readiness.add("webhooks", lambda: delivering.running)
+
             await serve_scheduler(nc, subjects, service)
             await serve_jobs(nc, subjects, jobs)
             await serve_schedules(nc, subjects, schedules)
+            await serve_webhooks(nc, subjects, webhooks)
             app.state.scheduler = service
             app.state.jobs = jobs
             yield

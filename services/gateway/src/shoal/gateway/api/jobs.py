@@ -316,3 +316,44 @@ async def delete_schedule(schedule_id: str, caller: Caller, request: Request) ->
     """Stop a schedule (jobs it already started are not touched)."""
     await jobs_api(request).delete_schedule(caller, schedule_id)
     return Response(status_code=204)
+
+
+# -- webhooks --
+class SigningSecret(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "secret": "whsec_Zm9vYmFy…",
+                    "created_at": "2025-01-01T12:00:00.000Z",
+                    "previous_expires_at": "2025-01-02T12:00:00.000Z",
+                }
+            ]
+        }
+    )
+
+    secret: str = Field(description="HMAC-SHA256 key of Shoal-Signature's v1")
+    created_at: str
+    previous_expires_at: str | None = Field(
+        default=None, description="Until then callbacks carry a second v1 with the old secret"
+    )
+
+
+@router.get(
+    "/webhooks/signing-secret",
+    response_model=SigningSecret,
+    responses=problem_responses(401, 403, 503),
+)
+async def get_signing_secret(caller: Caller, request: Request) -> dict[str, Any]:
+    """The secret job callbacks are signed with (created on first use; not for read keys)."""
+    return await jobs_api(request).signing_secret(caller)
+
+
+@router.post(
+    "/webhooks/signing-secret/rotate",
+    response_model=SigningSecret,
+    responses=problem_responses(401, 403, 503),
+)
+async def rotate_signing_secret(caller: Caller, request: Request) -> dict[str, Any]:
+    """Replace the secret; the old one keeps signing (a second v1) for the overlap (24 h)."""
+    return await jobs_api(request).rotate_signing_secret(caller)
