@@ -27,10 +27,15 @@ from shoal.client._models import (
     Event,
     File,
     FileInfo,
+    Job,
+    JobAttempt,
+    JobPage,
     Message,
     MessagePage,
     Prompt,
     PromptReceipt,
+    Schedule,
+    SchedulePage,
     SecretInfo,
     Session,
     SessionPage,
@@ -38,6 +43,7 @@ from shoal.client._models import (
 from shoal.client._retry import NO_RETRY, RetryPolicy
 from shoal.client._sse import SseEventStream
 from shoal.client._streaming import ProxyRequest, ProxyResponse, WsTicket
+from shoal.client._worker import JobFailed, Worker, WorkerJob
 from shoal.client._ws import EventStream, RunnerConnection, connect_runner, websocket_url
 
 __all__ = [
@@ -46,6 +52,10 @@ __all__ = [
     "EventStream",
     "File",
     "FileInfo",
+    "Job",
+    "JobFailed",
+    "JobAttempt",
+    "JobPage",
     "Message",
     "MessagePage",
     "Prompt",
@@ -54,6 +64,8 @@ __all__ = [
     "PromptReceipt",
     "RunnerBridge",
     "RunnerConnection",
+    "Schedule",
+    "SchedulePage",
     "SecretInfo",
     "NO_RETRY",
     "RetryPolicy",
@@ -65,5 +77,7 @@ __all__ = [
     "ShoalConnectionClosed",
     "connect_runner",
     "websocket_url",
+    "Worker",
+    "WorkerJob",
     "WsTicket",
 ]

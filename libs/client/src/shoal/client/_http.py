@@ -16,8 +16,12 @@ from shoal.client._models import (
     ApiKey,
     File,
     FileInfo,
+    Job,
+    JobPage,
     MessagePage,
     PromptReceipt,
+    Schedule,
+    SchedulePage,
     SecretInfo,
     Session,
     SessionPage,
@@ -288,6 +292,100 @@ class ShoalClient:
         """A single-use ticket for a browser socket or SSE stream (``?ticket=``)."""
         return await self._call("POST", "/v1/ws-tickets", WsTicket)
 
+    # -- jobs --
+    async def submit_job(
+        self,
+        kind: str,
+        input: Any = None,
+        *,
+        run_at: str | None = None,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's lease, not this call's
+        callback_url: str | None = None,
+    ) -> Job:
+        """Queue a job for a worker of ``kind``; the same ``idempotency_key``: the same job."""
+        body = _without_none(
+            kind=kind,
+            input=input,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            callback_url=callback_url,
+        )
+        return await self._call(
+            "POST", "/v1/jobs", Job, json=body, idempotent=idempotency_key is not None
+        )
+
+    async def run_job(
+        self,
+        kind: str,
+        input: Any = None,
+        *,
+        wait: float = 30,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's lease, not this call's
+    ) -> Job:
+        """Run a job and wait up to ``wait`` s (max 60); ``job.ended`` False: poll ``get_job``."""
+        body = _without_none(
+            kind=kind, input=input, wait=wait, max_attempts=max_attempts, timeout=timeout
+        )
+        return await self._call("POST", "/v1/run", Job, json=body, timeout=wait + 30.0)
+
+    async def get_job(self, job_id: str) -> Job:
+        return await self._call("GET", f"/v1/jobs/{_seg(job_id)}", Job)
+
+    async def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """A page of this owner's jobs, newest first; pass ``page.next`` as ``cursor``."""
+        params = _without_none(status=status, kind=kind, limit=limit, cursor=cursor)
+        return await self._call("GET", "/v1/jobs", JobPage, params=params)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        """Cancel: a queued job at once, a running one when its worker stops."""
+        return await self._call("POST", f"/v1/jobs/{_seg(job_id)}/cancel", Job)
+
+    async def retry_job(self, job_id: str) -> Job:
+        """Put a dead or cancelled job back in the queue."""
+        return await self._call("POST", f"/v1/jobs/{_seg(job_id)}/retry", Job)
+
+    # -- schedules --
+    async def create_schedule(
+        self,
+        target: dict[str, Any],
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        at: str | None = None,
+        timezone: str | None = None,
+        catch_up: str | None = None,
+    ) -> Schedule:
+        """Fire ``target`` (``{"job": {...}}`` or ``{"prompt": {session_id, content}}``) on a
+        ``cron``, ``every`` N seconds or once ``at`` a time."""
+        body = _without_none(
+            cron=cron, every=every, at=at, timezone=timezone, catch_up=catch_up, target=target
+        )
+        return await self._call("POST", "/v1/schedules", Schedule, json=body)
+
+    async def get_schedule(self, schedule_id: str) -> Schedule:
+        return await self._call("GET", f"/v1/schedules/{_seg(schedule_id)}", Schedule)
+
+    async def list_schedules(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> SchedulePage:
+        params = _without_none(limit=limit, cursor=cursor)
+        return await self._call("GET", "/v1/schedules", SchedulePage, params=params)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        await self._send("DELETE", f"/v1/schedules/{_seg(schedule_id)}")
+
     async def _send(
         self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any
     ) -> None:
@@ -327,6 +425,10 @@ class ShoalClient:
                     raise _api_error(response)
                 return response
         raise AssertionError("unreachable: retry_context raises its last error")
+
+
+def _without_none(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _seg(value: str) -> str:
