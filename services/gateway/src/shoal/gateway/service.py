@@ -456,10 +456,7 @@ class GatewayService:
         )
         rows = list(data.get("sessions") or []) if isinstance(data, dict) else []
         snapshots = await asyncio.gather(*(self._bus.read_session(str(r["id"])) for r in rows))
-        sessions = [
-            public_session(snap) if snap is not None else dict(row)
-            for row, snap in zip(rows, snapshots, strict=True)
-        ]
+        sessions = [public_session(snap) for snap in snapshots if snap is not None]
         next_cursor = data.get("next") if isinstance(data, dict) else None
         return SessionPage(
             sessions=sessions, next=next_cursor if isinstance(next_cursor, str) else None
