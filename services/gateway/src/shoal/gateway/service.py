@@ -28,7 +28,9 @@ import msgspec
 from shoal.common.clock import Clock, SystemClock, iso
 from shoal.common.contracts import (
     Command,
+    MessageComplete,
     PromptAbort,
+    PromptSubmit,
     QuestionAnswer,
     QuestionAsk,
     RunnerConnect,
@@ -596,7 +598,7 @@ class GatewayService:
             Command.PROMPT_SUBMIT,
             session_id,
             owner,
-            {"prompt_id": prompt_id, "content": content},
+            PromptSubmit(prompt_id=prompt_id, content=content),
             command_id=command_id,
         )
         outcome = await self._bus.send_command(envelope, wait=True)
@@ -760,7 +762,7 @@ class GatewayService:
             Command.MESSAGE_COMPLETE,
             snapshot.id,
             snapshot.owner,
-            {"prompt_id": prompt_id, "message_id": message_id, "content": content},
+            MessageComplete(prompt_id=prompt_id, message_id=message_id, content=content),
             # Same message id -> same command id: a re-sent completion is dropped by JetStream.
             command_id=derived_id("cmd", snapshot.id, "complete", message_id),
         )
