@@ -1,6 +1,6 @@
 """The session verbs over HTTP on the real fleet (services as OS processes, real nats-server and
 PostgreSQL): list pages stay stable under concurrent creates, DELETE, abort, PATCH tags, ledger
-events pages and the admin routes, each with its refusals."""
+events pages, runner files and the admin routes, each with its refusals."""
 
 from __future__ import annotations
 
@@ -129,6 +129,17 @@ async def test_session_verbs_on_the_fleet(fleet: FleetFactory) -> None:
             ("prompt.dispatched", prompts[1])
         )
         assert (await http.get(f"/v1/sessions/{sid}/events", headers=bob)).status_code == 404
+
+        # -- files: the session's runner token reaches its own session's files only --
+        runner_auth = {"Authorization": f"Bearer {session['runner_token']}"}
+        stored = await http.put(
+            f"/v1/sessions/{sid}/files/out.txt", content=b"42", headers=runner_auth
+        )
+        assert stored.status_code == 201, stored.text
+        read = await http.get(f"/v1/sessions/{sid}/files/out.txt", headers=alice)
+        assert read.content == b"42"
+        foreign = await http.get(f"/v1/sessions/{bobs}/files/out.txt", headers=runner_auth)
+        assert foreign.status_code == 401
 
         # -- terminate: 200 terminated, idempotent, then prompts get 409 --
         ended = await http.delete(f"/v1/sessions/{sid}", headers=alice)
