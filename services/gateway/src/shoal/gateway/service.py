@@ -98,8 +98,9 @@ class CommandReceipt(msgspec.Struct, kw_only=True):
     question_id: str | None = None
 
 
-class QuestionFrame(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    """A runner's ``question`` frame (DESIGN §5): the gateway stamps what it leaves out."""
+class QuestionFrame(msgspec.Struct, kw_only=True):
+    """A runner's ``question`` frame (DESIGN §5; unknown members ignored): the gateway stamps
+    what it leaves out."""
 
     type: str = "question"
     question_id: str | None = None
