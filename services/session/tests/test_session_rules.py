@@ -19,6 +19,7 @@ from shoal.session.service import (
     apply,
     messages_page,
     parse_messages_query,
+    timer_changes,
     timer_command,
     timer_id,
     timers_for,
@@ -802,3 +803,21 @@ def test_timer_ids_are_valid_scheduler_ids() -> None:
     assert is_token(odd)
     assert odd == timer_id("ses_1", "q", "question: what?")
     assert is_token(timer_id("s" * 128, "idle"))
+
+
+def test_timer_changes_set_what_is_new_and_cancel_what_is_gone_but_not_what_fired() -> None:
+    s = Session()
+    s.send(Command.SESSION_CREATE, {"idle_timeout": 5})
+    created = s.s
+    to_set, to_cancel = timer_changes(None, created)
+    assert ([t.id for t in to_set], to_cancel) == ([f"{SID}_idle"], [])
+    s.submit("p1")  # queued: not idle any more
+    assert timer_changes(created, s.s) == ([], [f"{SID}_idle"])
+    s2 = Session()
+    s2.send(Command.SESSION_CREATE, {"idle_timeout": 5})
+    firing = timer_command(s2.s, timers_for(s2.s)[0])
+    before = s2.s
+    s2.deliver(firing)
+    assert s2.s.status == Status.HIBERNATED
+    assert timer_changes(before, s2.s, firing) == ([], [])  # fired: nothing to cancel
+    assert timer_changes(before, s2.s) == ([], [f"{SID}_idle"])

@@ -28,6 +28,7 @@ wants exactly that timer.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol, TypeVar
@@ -191,17 +192,31 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
 
 
 def timer_changes(
-    old: SessionSnapshot | None, new: SessionSnapshot | None
+    old: SessionSnapshot | None, new: SessionSnapshot | None, command: Envelope | None = None
 ) -> tuple[list[TimerSpec], list[str]]:
-    """What moving from ``old`` to ``new`` asks of the scheduler: the timers to set (new or
-    changed) and the ids to cancel. ``old=None`` sets every timer ``new`` wants (a redelivered
-    command re-sets them: setting is replace-by-id)."""
+    """What moving from ``old`` to ``new`` (by ``command``) asks of the scheduler: the timers
+    to set (new or changed) and the ids to cancel. ``old=None`` sets every timer ``new`` wants
+    (a redelivered command re-sets them: setting is replace-by-id). The timer whose firing
+    ``command`` is has fired: the scheduler has no such timer left to cancel."""
     before = {spec.id: spec for spec in timers_for(old)}
     after = timers_for(new)
     wanted = {spec.id for spec in after}
+    fired = _fired(before.values(), command)
     return [spec for spec in after if before.get(spec.id) != spec], [
-        timer_id for timer_id in before if timer_id not in wanted
+        timer_id for timer_id in before if timer_id not in wanted and timer_id != fired
     ]
+
+
+def _fired(specs: Iterable[TimerSpec], command: Envelope | None) -> str | None:
+    if command is None or command.type != Command.TIMER_FIRE:
+        return None
+    try:
+        fire = msgspec.convert(command.data, TimerFire)
+    except msgspec.ValidationError:
+        return None
+    return next(
+        (spec.id for spec in specs if spec.fire == fire and spec.fire_at == command.time), None
+    )
 
 
 def timer_command(state: SessionSnapshot, spec: TimerSpec) -> Envelope:
