@@ -41,7 +41,7 @@ from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, encode, lo
 from shoal.common.supervisor import Fleet, FleetConfig, fleet_specs
 
 DATABASE = "shoal"
-PUBLISH_WINDOW = 512  # creates whose PubAck is awaited together
+WINDOW = 500  # sessions created together; the next window starts once they all hibernated
 
 
 @dataclass(frozen=True)
@@ -69,25 +69,31 @@ async def _metric(client: httpx.AsyncClient, url: str, name: str) -> float:
 async def _round(
     nc: NATS, subjects: Subjects, prefix: str, count: int, session_url: str, pid: int
 ) -> Round:
+    """Create ``count`` sessions a window at a time, each window after the previous one's
+    sessions all hibernated: the peak of sessions awake (lanes, commands in flight) is one
+    window in every round, so a later round's growth is what hibernated sessions keep."""
     js = nc.jetstream()
     hibernated: set[str] = set()
-    done = asyncio.Event()
+    window_done = asyncio.Event()
+    waiting_for = 0
 
     async def on_status(msg: Msg) -> None:
         body = loads(msg.data)
-        if body.get("data", {}).get("status") == "hibernated" and body["subject"].startswith(
-            prefix
-        ):
-            hibernated.add(body["subject"])
-            if len(hibernated) >= count:
-                done.set()
+        sid = body["subject"]
+        if body.get("data", {}).get("status") == "hibernated" and sid.startswith(prefix):
+            hibernated.add(sid)
+            if len(hibernated) >= waiting_for:
+                window_done.set()
 
     sub = await nc.subscribe(f"{subjects.prefix}.live.session.evt.*.session.status", cb=on_status)
     started = time.monotonic()
     try:
-        for first in range(0, count, PUBLISH_WINDOW):
+        for first in range(0, count, WINDOW):
+            last = min(first + WINDOW, count)
+            waiting_for = last
+            window_done.clear()
             acks = []
-            for n in range(first, min(first + PUBLISH_WINDOW, count)):
+            for n in range(first, last):
                 sid = f"{prefix}{n:06d}"
                 command = Envelope(
                     id=f"cmd_{sid}",
@@ -106,7 +112,8 @@ async def _round(
                     )
                 )
             await asyncio.gather(*acks)
-        await asyncio.wait_for(done.wait(), timeout=60 + count / 10)
+            if len(hibernated) < waiting_for:
+                await asyncio.wait_for(window_done.wait(), timeout=120)
         async with httpx.AsyncClient(timeout=5.0) as client:
             # Another process's gauge: polled over HTTP, there is no event to await.
             while await _metric(client, session_url, "shoal_session_lanes") > 0:  # noqa: ASYNC110
