@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 from _cluster import Cluster
 from _session_support import Gateway, eventually, load_state, read_events
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from shoal.common.clock import iso
 from shoal.common.contracts import Event, Status
-from shoal.common.messaging import Envelope, Subjects
+from shoal.common.messaging import Envelope, Subjects, decode
 
 PARTITIONS = 16
 ClusterFactory = Callable[..., Awaitable[Cluster]]
@@ -96,7 +99,8 @@ async def test_a_thousand_sessions_hibernate_and_each_wakes_on_its_prompt_once(
 ) -> None:
     await cluster("s-a", "s-b", timers=True)
     sids = [f"ses_h{i}" for i in range(1000)]
-    live = await _statuses(gateway, subjects)
+    live = _Statuses()
+    await live.start(gateway.nc, subjects)
     try:
         await asyncio.gather(*(_create(gateway, sid) for sid in sids))
         await asyncio.wait_for(live.reached("hibernated", set(sids)), timeout=300)
@@ -137,10 +141,16 @@ class _Statuses:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
         self._changed = asyncio.Event()
-        self.sub: object = None
+        self._sub: Subscription | None = None
 
-    def add(self, sid: str, status: str) -> None:
-        self.seen.append((sid, status))
+    async def start(self, nc: NATS, subjects: Subjects) -> None:
+        self._sub = await nc.subscribe(
+            f"{subjects.prefix}.live.session.evt.*.session.status", cb=self._on_msg
+        )
+
+    async def _on_msg(self, msg: Msg) -> None:
+        event = decode(msg.data)
+        self.seen.append((event.subject, event.data["status"]))
         self._changed.set()
 
     async def reached(self, status: str, sids: set[str]) -> None:
@@ -149,22 +159,8 @@ class _Statuses:
             await self._changed.wait()
 
     async def close(self) -> None:
-        await self.sub.unsubscribe()  # type: ignore[attr-defined]
-
-
-async def _statuses(gateway: Gateway, subjects: Subjects) -> _Statuses:
-    statuses = _Statuses()
-
-    async def on_msg(msg: object) -> None:
-        from shoal.common.messaging import decode
-
-        event = decode(msg.data)  # type: ignore[attr-defined]
-        statuses.add(event.subject, event.data["status"])
-
-    statuses.sub = await gateway.nc.subscribe(
-        f"{subjects.prefix}.live.session.evt.*.session.status", cb=on_msg
-    )
-    return statuses
+        if self._sub is not None:
+            await self._sub.unsubscribe()
 
 
 async def test_a_question_expiry_and_a_watchdog_due_while_the_scheduler_is_down_fire_once(

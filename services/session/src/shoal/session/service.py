@@ -166,7 +166,7 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
         specs.append(
             TimerSpec(
                 timer_id(state.id, "idle"),
-                _after(state.updated_at, state.idle_timeout),
+                _after(state.updated_at, state.idle_timeout or DEFAULT_IDLE_TIMEOUT),
                 TimerFire(kind=TimerKind.IDLE, armed_seq=state.event_seq),
             )
         )
@@ -175,7 +175,7 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
         specs.append(
             TimerSpec(
                 timer_id(state.id, "wd"),
-                _after(state.prompt_active_at, state.prompt_timeout),
+                _after(_active_since(state), _prompt_timeout(state)),
                 TimerFire(kind=TimerKind.WATCHDOG, ref=state.current_prompt.prompt_id),
             )
         )
@@ -189,6 +189,16 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
                 )
             )
     return specs
+
+
+def _active_since(state: SessionSnapshot) -> str:
+    """The running prompt's last recorded runner activity (a snapshot written before the
+    watchdog existed has none: its last change stands in)."""
+    return state.prompt_active_at or state.updated_at
+
+
+def _prompt_timeout(state: SessionSnapshot) -> int:
+    return state.prompt_timeout or DEFAULT_PROMPT_TIMEOUT
 
 
 def timer_changes(
@@ -588,8 +598,8 @@ def _runner_heartbeat(t: _Transition) -> Result:
         return _unchanged(s)
     if data.prompt_id and data.prompt_id != current.prompt_id:
         return _unchanged(s)
-    since = _time(t.command.time, "time") - _time(s.prompt_active_at, "prompt_active_at")
-    if since < timedelta(seconds=s.prompt_timeout / 2):
+    since = _time(t.command.time, "time") - _time(_active_since(s), "prompt_active_at")
+    if since < timedelta(seconds=_prompt_timeout(s) / 2):
         return _unchanged(s)
     s.prompt_active_at = t.command.time
     t.emit(Event.PROMPT_PROGRESS, {"prompt_id": current.prompt_id})
@@ -742,7 +752,7 @@ def _timer_fire(t: _Transition) -> Result:
             t.emit(Event.QUESTION_EXPIRED, {"question_id": data.ref})
             t.settle_status()
         case TimerKind.WATCHDOG:
-            _fail_current(t, f"no runner activity for {s.prompt_timeout} s", "timeout")
+            _fail_current(t, f"no runner activity for {_prompt_timeout(s)} s", "timeout")
     return t.commit()
 
 
