@@ -457,6 +457,8 @@ _ops = st.lists(
         st.tuples(st.just("answer"), st.sampled_from(["q1", "q2"])),
         st.tuples(st.just("error"), st.sampled_from(["cur", ""])),
         st.tuples(st.just("fire"), st.sampled_from(["idle", "wd", "q_q1", "q_q2"])),
+        st.tuples(st.just("heartbeat"), st.just("")),
+        st.tuples(st.just("update"), st.sampled_from(["a", "b"])),
         st.tuples(st.just("terminate"), st.just("")),
     ),
     max_size=40,
@@ -487,6 +489,11 @@ def _run(ops: list[tuple[str, str]]) -> Session:
             conn = s.s.runner_connection_id
             payload = {"connection_id": conn, "prompt_id": running if arg else "", "message": "m"}
             s.send(Command.RUNNER_ERROR, payload)
+        elif op == "heartbeat":
+            beat = {"connection_id": s.s.runner_connection_id or "c0"}
+            s.send(Command.RUNNER_HEARTBEAT, beat)
+        elif op == "update":
+            s.send(Command.SESSION_UPDATE, {"tags": [arg]})
         elif op == "fire":
             if any(spec.id == f"{SID}_{arg}" for spec in timers_for(s.state)):
                 s.fire(f"{SID}_{arg}")

@@ -355,7 +355,10 @@ class _Transition:
             self._unannounced = False
             self.emit(Event.SESSION_STATUS, {"status": s.status})
         s.applied_seq = self.stream_seq
-        s.updated_at = self.command.time
+        # A timer firing carries its due time, which a late firing (the scheduler was down)
+        # puts before the last change: updated_at never goes back. Same format, so max is
+        # chronological.
+        s.updated_at = max(s.updated_at, self.command.time)
         return Result(s, self.events, ok_reply(s), changed=True)
 
     def reject(self, error: ShoalError) -> Result:
@@ -739,10 +742,7 @@ def _question_answer(t: _Transition) -> Result:
 def _timer_fire(t: _Transition) -> Result:
     data = _parse(t.command.data, TimerFire, t.command.type)
     s = t.state
-    wanted = any(
-        spec.fire == data and spec.fire_at == t.command.time for spec in timers_for(t.original)
-    )
-    if not wanted:
+    if _fired(timers_for(t.original), t.command) is None:
         return _unchanged(s)  # re-armed, or made moot by what happened since
     match data.kind:
         case TimerKind.IDLE:
