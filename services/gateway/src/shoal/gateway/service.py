@@ -27,6 +27,9 @@ import msgspec
 
 from shoal.common.clock import Clock, SystemClock, iso
 from shoal.common.contracts import (
+    IDLE_TIMEOUT_MAX,
+    MAX_TAGS,
+    PROMPT_TIMEOUT_MAX,
     Command,
     MessageComplete,
     PromptAbort,
@@ -61,10 +64,6 @@ RUNNER_TOKEN_PREFIX = "srt_"  # noqa: S105 - a recognisable prefix, not a secret
 ADMIN_SCOPE = "admin"
 SOURCE = "gateway"
 
-# Bounds of what a client sets on a session (seconds, counts); docs/CONTRACTS.md lists them.
-IDLE_TIMEOUT_MAX = 30 * 24 * 3600
-PROMPT_TIMEOUT_MAX = 24 * 3600
-MAX_TAGS = 32
 # What a runner's question may carry: it lives in the session's hot state until answered.
 MAX_QUESTION_BYTES = 16 * 1024
 MAX_QUESTION_OPTIONS = 32
@@ -798,7 +797,7 @@ def _checked_tags(tags: list[str]) -> list[str]:
         checked = msgspec.convert(tags, list[Tag])
     except msgspec.ValidationError as exc:
         raise BadRequest(
-            "tags must be a list of 1..64 characters of A-Z a-z 0-9 _ . : -",
+            "tags must be a list of 1..64 characters of A-Z a-z 0-9 _ : -",
             detail={"error": str(exc)},
         ) from None
     unique = list(dict.fromkeys(checked))
