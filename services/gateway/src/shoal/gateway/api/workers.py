@@ -47,6 +47,9 @@ router = APIRouter(prefix="/v1")
 MAX_KINDS = 32
 MAX_IN_FLIGHT = 1000
 POLL_INTERVAL_S = 1.0
+# After a wake-up, wait this long before claiming: a burst of submits (each announced to every
+# socket of its kind) or of completions becomes one claim query instead of one per signal.
+CLAIM_COALESCE_S = 0.005
 CLOSE_UNSUPPORTED = 1003
 CLOSE_TRY_LATER = 1013
 CLOSE_BAD_REQUEST = 4400
@@ -164,6 +167,7 @@ class WorkerSocket:
                 continue  # full: look again once the worker reports
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL_S)
+                await asyncio.sleep(CLAIM_COALESCE_S)
 
     async def _read_loop(self) -> None:
         while True:
