@@ -75,6 +75,11 @@ BAD_VALUES: tuple[tuple[str, Sequence[str], str], ...] = (
         "the keys service needs a KEK",
     ),
     (
+        "schema: an unknown migrations hook",
+        [*PRODUCTION, "--set", "migrations.job.hook=flux"],
+        "at '/migrations/job/hook': value must be one of",
+    ),
+    (
         "guard: NATS credentials both as a .creds file and as an NKey seed",
         [
             *PRODUCTION,

@@ -52,6 +52,10 @@ class CommonSettings(BaseSettings):
 
     database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:15432/shoal")
     database_pool_size: int = 5
+    # Migrate the service's schema at start-up (``shoal up``). Off, the service only checks the
+    # schema is at head and refuses to start if not: ``shoal migrate`` (the chart's Job) migrates,
+    # and the runtime role needs no DDL rights.
+    migrate_on_start: bool = True
 
     object_store: Literal["fs", "s3"] = "fs"
     object_store_path: Path = Path(".shoal/objects")
