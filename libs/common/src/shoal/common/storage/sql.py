@@ -33,6 +33,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, make_url, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -125,7 +126,9 @@ class Database:
     """An async SQLAlchemy engine over asyncpg with a session factory. Connects lazily."""
 
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
-        self.engine: AsyncEngine = create_async_engine(
+        # Through the module: OpenTelemetry's SQLAlchemy instrumentation wraps the module's
+        # create_async_engine when tracing starts, after this module was imported.
+        self.engine: AsyncEngine = sqlalchemy_asyncio.create_async_engine(
             _async_url(url),
             pool_size=pool_size,
             # A replica outlives PostgreSQL restarts and failovers: check a pooled connection
