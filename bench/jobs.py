@@ -37,10 +37,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from bench._report import Latency, fmt, table
 from bench.command_path import DATABASE
 from shoal.client import Worker, WorkerJob
-from shoal.common.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from shoal.common.messaging import dumps, loads
 from shoal.common.storage import Database
-from shoal.common.supervisor import Fleet, FleetConfig, fleet_specs
+from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from shoal.devtools.supervisor import Fleet, FleetConfig, fleet_specs
 from shoal.scheduler.store import timers as timers_table
 
 PREFIX = "shoal"

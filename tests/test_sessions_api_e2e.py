@@ -14,7 +14,7 @@ import pytest
 from shoal.client import connect_runner
 from shoal.common.contracts import Command, SessionSnapshot
 from shoal.common.messaging import Envelope
-from shoal.common.supervisor import FleetFactory
+from shoal.devtools.supervisor import FleetFactory
 from shoal.session.service import apply
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]

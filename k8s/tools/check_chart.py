@@ -75,6 +75,35 @@ BAD_VALUES: tuple[tuple[str, Sequence[str], str], ...] = (
         "the keys service needs a KEK",
     ),
     (
+        "schema: an unknown migrations hook",
+        [*PRODUCTION, "--set", "migrations.job.hook=flux"],
+        "at '/migrations/job/hook': value must be one of",
+    ),
+    (
+        "guard: NATS credentials both as a .creds file and as an NKey seed",
+        [
+            *PRODUCTION,
+            "--set",
+            "secrets.nats.files.existingSecret=nats-auth,secrets.nats.files.credsKey=a.creds"
+            ",secrets.nats.files.nkeySeedKey=user.nk",
+        ],
+        "set credsKey or nkeySeedKey, not both",
+    ),
+    (
+        "guard: a NATS client certificate without its key",
+        [
+            *PRODUCTION,
+            "--set",
+            "secrets.nats.files.existingSecret=nats-auth,secrets.nats.files.tlsCertKey=tls.crt",
+        ],
+        "tlsCertKey and tlsKeyKey go together",
+    ),
+    (
+        "guard: a NATS credentials key without its Secret",
+        [*PRODUCTION, "--set", "secrets.nats.files.credsKey=nats.creds"],
+        "secrets.nats.files.existingSecret is required",
+    ),
+    (
         "guard: a KEK ring without the active KEK's id",
         [*PRODUCTION, "--set", "secrets.keys.kekRing.existingSecret=shoal-kek-ring"],
         "secrets.keys.kekRing.activeKek is required",
