@@ -94,6 +94,36 @@ async def test_a_late_close_of_a_replaced_runner_leaves_the_new_one_in_charge(
     assert dispatched == ["p1", "p1", "p2"]  # p1 again to c2, then p2 to c2
 
 
+async def test_a_vanished_runners_prompt_is_dispatched_exactly_once_more_to_the_next(
+    cluster: ClusterFactory, js: JetStreamContext, gateway: Gateway, subjects: Subjects
+) -> None:
+    c = await cluster("s-a", "s-b")
+    sid = "ses_vanish"
+    await gateway.send(sid, "session.create", {})
+    await gateway.send(sid, "runner.connect", {"connection_id": "c1"})
+    await gateway.send(sid, "prompt.submit", {"prompt_id": "p1", "content": "one"})
+    await gateway.send(sid, "prompt.submit", {"prompt_id": "p2", "content": "two"})
+    # The runner died without a close: the gateway's heartbeat grace reports it gone. Both
+    # session replicas are SIGKILLed and one restarted in between, so the commands after it
+    # are applied by a new owner from the stored state.
+    await gateway.send(sid, "runner.disconnect", {"connection_id": "c1", "reason": "heartbeat"})
+    for name in ("s-a", "s-b"):
+        c.replicas[name].kill()
+        await c.replicas[name].wait()
+    await c.start("s-c")
+    await gateway.send(sid, "runner.connect", {"connection_id": "c2"}, wait=30)
+    await gateway.send(
+        sid, "message.complete", {"prompt_id": "p1", "message_id": "m1", "content": "ok"}
+    )
+    events = await read_events(js, subjects, sid)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    dispatched = [e.data["prompt_id"] for e in events if e.type == Event.PROMPT_DISPATCHED]
+    assert dispatched == ["p1", "p1", "p2"]  # p1 once more (to c2), then the next prompt
+    gone = [e.data for e in events if e.type == Event.RUNNER_DISCONNECTED]
+    assert gone == [{"connection_id": "c1", "reason": "heartbeat"}]
+    assert _types(events).count(Event.PROMPT_QUEUED) == 2
+
+
 async def test_a_thousand_sessions_hibernate_and_each_wakes_on_its_prompt_once(
     cluster: ClusterFactory, js: JetStreamContext, gateway: Gateway, subjects: Subjects
 ) -> None:
