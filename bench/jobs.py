@@ -149,11 +149,14 @@ async def _shoal_jobs(url: str, key: str, options: JobsOptions) -> tuple[float, 
             count = min(options.concurrency, options.jobs - start)
             await asyncio.gather(*(submit(start + i) for i in range(count)))
         await asyncio.wait_for(handled.wait(), 300)
-        # The last report reaches the scheduler after its handler returned: wait for the row.
+        # Reports reach the scheduler after their handlers returned: wait until none is left
+        # queued or running.
         while True:
-            page = (await http.get("/v1/jobs", params={"status": "succeeded", "limit": 1})).json()
-            last = await http.get(f"/v1/jobs/{ids[-1]}")
-            if page["jobs"] and last.json()["status"] == "succeeded":
+            busy = [
+                (await http.get("/v1/jobs", params={"status": status, "limit": 1})).json()
+                for status in ("queued", "running")
+            ]
+            if not any(page["jobs"] for page in busy):
                 break
             await asyncio.sleep(0.05)
         seconds = time.perf_counter() - started

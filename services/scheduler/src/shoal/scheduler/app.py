@@ -150,7 +150,7 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
             readiness.add("webhooks", lambda: delivering.running)
 
             await serve_scheduler(nc, subjects, service)
-            await serve_jobs(nc, subjects, jobs)
+            await serve_jobs(nc, subjects, jobs, concurrency=settings.scheduler_rpc_concurrency)
             await serve_schedules(nc, subjects, schedules)
             await serve_webhooks(nc, subjects, webhooks)
             app.state.scheduler = service
