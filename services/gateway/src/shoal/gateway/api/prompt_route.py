@@ -8,7 +8,8 @@ stack does for this one route, in one frame:
 
 - the request id (``X-Request-ID``, kept or made up, echoed, in problem bodies and log lines);
 - the body cap (``SHOAL_MAX_BODY_BYTES``: 413 on a declared or a streamed excess);
-- a server span continuing the caller's ``traceparent`` (as ``TraceRequests``);
+- a server span continuing the caller's ``traceparent`` and the request metrics (as
+  ``ObserveRequests``);
 - the key and its scope (:meth:`GatewayService.authenticate`, ``authorize_route``);
 - the body validated by the route's own model (:class:`~shoal.gateway.api.routes.SubmitPrompt`);
 - the receipt as the route answers it; errors as the app's handlers answer them
@@ -29,6 +30,7 @@ Installed as the app's outermost middleware::
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -38,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.common.errors import ShoalError
 from shoal.common.observability import start_span
+from shoal.common.service import observe_request
 from shoal.gateway.api.deps import gateway_state
 from shoal.gateway.api.limits import body_too_large
 from shoal.gateway.api.problems import problem, shoal_problem
@@ -49,6 +52,9 @@ from shoal.gateway.api.request_id import (
 from shoal.gateway.api.routes import SubmitPrompt
 from shoal.gateway.service import bearer_token
 from shoal.gateway.tenancy import authorize_route
+
+# The route template the framework's own route has (the request metrics' label).
+PROMPT_ROUTE = "/v1/sessions/{session_id}/prompts"
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +117,7 @@ class PromptRoute:
             k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _TRACE_HEADERS
         }
         attributes = {"http.request.method": "POST", "url.path": path}
+        started = time.perf_counter()
         with start_span(f"POST {path}", carrier, **attributes) as span:
             receipt = await self._submit(scope, headers, session_id, prompt, request_id)
             status = receipt.status_code if isinstance(receipt, Response) else 202
@@ -119,6 +126,7 @@ class PromptRoute:
             await receipt(scope, receive, send)
         else:
             await _accepted(send, receipt, request_id)
+        observe_request("POST", PROMPT_ROUTE, status, time.perf_counter() - started)
 
     async def _submit(
         self,
