@@ -67,6 +67,11 @@ class CommonSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=0, ge=0, le=65535)
+    # Serve /metrics on this port (on http_host) instead of the HTTP port: keeps it off the
+    # gateway's public port. Unset: /metrics on the HTTP port (``shoal up``).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # One log line per HTTP request (logger ``shoal.access``: method, route, status, duration).
+    access_log: bool = False
     shutdown_grace: timedelta = timedelta(seconds=10)
     # The garbage collector's clock (shoal.common.service.GcPacer): young passes every
     # gc_young_interval (a gen1 pass every 10th), a full pass every gc_full_interval (0: when

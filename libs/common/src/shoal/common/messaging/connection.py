@@ -55,12 +55,18 @@ async def connect_nats(settings: CommonSettings, *, name: str) -> NATS:
         # nats-py retries a failed first connect for ever when reconnects are unlimited: the
         # deadline is ours.
         async with asyncio.timeout(timeout):
-            await nc.connect(settings.nats_url, **options)
+            await nc.connect(nats_servers(settings.nats_url), **options)
     except Exception as exc:  # nats raises several unrelated types on a failed first connect
         await nc.close()
         cause = errors[-1] if errors else exc
         raise Unavailable(f"cannot connect to NATS at {settings.nats_url}: {cause!r}") from exc
     return nc
+
+
+def nats_servers(url: str) -> list[str]:
+    """The servers of ``SHOAL_NATS_URL``: one URL, or several separated by commas (a cluster's
+    seeds; the client learns the rest from the servers)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 def nats_tls_context(settings: CommonSettings) -> ssl.SSLContext | None:
