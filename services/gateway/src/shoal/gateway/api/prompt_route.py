@@ -6,9 +6,9 @@ cap (413), a server span continuing ``traceparent`` and the request metrics, the
 service checks its scope, once), the body validated by the route's own model, the receipt as
 the service shapes it, errors as the app's handlers answer them. What it does not handle goes
 to the app untouched: a request with an ``Origin`` (CORS is the framework's), a non-JSON
-content type, a ``root_path``, and every body that fails validation (replayed to the FastAPI route, so a 400's ``errors`` come from one place).
-``tests/test_gateway_http.py`` proves both answer alike; ``tests/test_gateway_fast_paths.py``
-pins the middleware stack this skips.
+content type, a ``root_path``, and every body that fails validation (replayed to the FastAPI
+route, so a 400's ``errors`` come from one place). ``tests/test_gateway_http.py`` proves both
+answer alike; ``tests/test_gateway_fast_paths.py`` pins the middleware stack this skips.
 
 Installed as the app's outermost middleware::
 
