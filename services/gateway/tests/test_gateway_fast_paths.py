@@ -16,7 +16,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.asyncio.client import connect
 
 from shoal.common.service import ServiceServer, server_config
-from shoal.gateway.api import routes, streams
+from shoal.gateway.api import routes, streams, workers
 from shoal.gateway.api.limits import BodySizeLimit
 from shoal.gateway.api.prompt_route import PromptRoute
 from shoal.gateway.api.request_id import RequestIdMiddleware
@@ -52,6 +52,7 @@ def test_direct_sockets_are_the_declared_routes(settings: GatewaySettings) -> No
         ("/v1/sessions/{session_id}/ws", routes.client_socket),
         ("/v1/sessions/{session_id}/runner", routes.runner_socket),
         ("/v1/events/ws", streams.user_socket),
+        ("/v1/workers/ws", workers.worker_socket),
     }
 
 

@@ -279,5 +279,12 @@ async def test_health_readiness_and_metrics(scheduler_app: FastAPI) -> None:
             if ready.status_code == 200:
                 break
             await asyncio.sleep(0.05)
-        assert ready.json()["checks"] == {"nats": True, "database": True, "timers": True}
+        assert ready.json()["checks"] == {
+            "nats": True,
+            "database": True,
+            "timers": True,
+            "leases": True,
+            "schedules": True,
+            "webhooks": True,
+        }
         assert "shoal_scheduler_timers_fired_total" in (await client.get("/metrics")).text

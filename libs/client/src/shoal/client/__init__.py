@@ -19,6 +19,7 @@ Example::
                 print(event.seq, event.type, event.data)
 """
 
+from shoal.client._bridge import RunnerBridge
 from shoal.client._errors import ShoalAPIError, ShoalConnectionClosed
 from shoal.client._http import ShoalClient
 from shoal.client._models import (
@@ -26,14 +27,23 @@ from shoal.client._models import (
     Event,
     File,
     FileInfo,
+    Job,
+    JobAttempt,
+    JobPage,
     Message,
     MessagePage,
     Prompt,
     PromptReceipt,
+    Schedule,
+    SchedulePage,
     SecretInfo,
     Session,
+    SessionPage,
 )
+from shoal.client._retry import NO_RETRY, RetryPolicy
+from shoal.client._sse import SseEventStream
 from shoal.client._streaming import ProxyRequest, ProxyResponse, WsTicket
+from shoal.client._worker import JobFailed, Worker, WorkerJob
 from shoal.client._ws import EventStream, RunnerConnection, connect_runner, websocket_url
 
 __all__ = [
@@ -42,19 +52,32 @@ __all__ = [
     "EventStream",
     "File",
     "FileInfo",
+    "Job",
+    "JobFailed",
+    "JobAttempt",
+    "JobPage",
     "Message",
     "MessagePage",
     "Prompt",
     "ProxyRequest",
     "ProxyResponse",
     "PromptReceipt",
+    "RunnerBridge",
     "RunnerConnection",
+    "Schedule",
+    "SchedulePage",
     "SecretInfo",
+    "NO_RETRY",
+    "RetryPolicy",
     "Session",
+    "SessionPage",
+    "SseEventStream",
     "ShoalAPIError",
     "ShoalClient",
     "ShoalConnectionClosed",
     "connect_runner",
     "websocket_url",
+    "Worker",
+    "WorkerJob",
     "WsTicket",
 ]

@@ -23,17 +23,25 @@ class ShoalAPIError(Exception):
 
     ``status`` is the HTTP status (for a WebSocket error frame, the status the same error has
     over HTTP), ``code`` the stable machine-readable code, ``detail`` the human sentence and
-    ``problem`` the whole problem document (extension members included).
+    ``problem`` the whole problem document (extension members included), ``retry_after`` the
+    seconds of a ``Retry-After`` header, when the answer had one.
     """
 
     def __init__(
-        self, status: int, code: str, detail: str, problem: dict[str, Any] | None = None
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        problem: dict[str, Any] | None = None,
+        *,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
         self.problem = problem or {}
+        self.retry_after = retry_after
 
     @property
     def retryable(self) -> bool:

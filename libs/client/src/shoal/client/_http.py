@@ -9,20 +9,35 @@ from urllib.parse import quote
 
 import httpx
 import msgspec
+import stamina
 
 from shoal.client._errors import ShoalAPIError
 from shoal.client._models import (
     ApiKey,
     File,
     FileInfo,
+    Job,
+    JobPage,
     MessagePage,
     PromptReceipt,
+    Schedule,
+    SchedulePage,
     SecretInfo,
     Session,
+    SessionPage,
     _FileList,
     _KeyList,
     _SecretList,
 )
+from shoal.client._retry import (
+    DEFAULT_RETRY,
+    IDEMPOTENT_METHODS,
+    NO_RETRY,
+    RetryPolicy,
+    parse_retry_after,
+    should_retry,
+)
+from shoal.client._sse import SseEventStream
 from shoal.client._streaming import DeltaCallback, WsTicket
 from shoal.client._ws import EventStream, websocket_url
 
@@ -42,6 +57,8 @@ class ShoalClient:
                     print(event.seq, event.type, event.data)
 
     Errors answered by the API raise :class:`ShoalAPIError`; network errors are httpx's.
+    Requests that are safe to repeat (GET, PUT, DELETE, a prompt with an idempotency key) are
+    retried on 429, 503 and connection errors as ``retry`` says (``NO_RETRY`` turns it off).
     """
 
     def __init__(
@@ -50,10 +67,12 @@ class ShoalClient:
         api_key: str,
         *,
         timeout: float = 30.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self._retry = retry
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}"},
@@ -81,7 +100,29 @@ class ShoalClient:
         return await self._call("POST", "/v1/sessions", Session, json=body)
 
     async def get_session(self, session_id: str) -> Session:
+        """The session (without its runner token)."""
         return await self._call("GET", f"/v1/sessions/{_seg(session_id)}", Session)
+
+    async def list_sessions(
+        self, *, limit: int | None = None, cursor: str | None = None, status: str | None = None
+    ) -> SessionPage:
+        """A page of this owner's sessions, newest first; pass ``page.next`` as ``cursor``."""
+        query = (("limit", limit), ("cursor", cursor), ("status", status))
+        params = {k: v for k, v in query if v is not None}
+        return await self._call("GET", "/v1/sessions", SessionPage, params=params)
+
+    async def terminate_session(self, session_id: str) -> Session:
+        """End the session for good (its runner is told; prompts are refused afterwards)."""
+        return await self._call("DELETE", f"/v1/sessions/{_seg(session_id)}", Session)
+
+    async def abort(self, session_id: str) -> None:
+        """Stop the running prompt; queued prompts keep their turn. Not retried."""
+        await self._send("POST", f"/v1/sessions/{_seg(session_id)}/abort")
+
+    async def answer(self, session_id: str, question_id: str, answer: str) -> None:
+        """Answer the runner's question ``question_id`` (a second answer is 409). Not retried."""
+        url = f"/v1/sessions/{_seg(session_id)}/questions/{_seg(question_id)}/answer"
+        await self._send("POST", url, json={"answer": answer})
 
     async def submit_prompt(
         self, session_id: str, content: str, *, idempotency_key: str | None = None
@@ -91,7 +132,11 @@ class ShoalClient:
         if idempotency_key is not None:
             body["idempotency_key"] = idempotency_key
         return await self._call(
-            "POST", f"/v1/sessions/{_seg(session_id)}/prompts", PromptReceipt, json=body
+            "POST",
+            f"/v1/sessions/{_seg(session_id)}/prompts",
+            PromptReceipt,
+            json=body,
+            idempotent=idempotency_key is not None,
         )
 
     async def list_messages(
@@ -167,9 +212,7 @@ class ShoalClient:
 
     async def get_file(self, session_id: str, path: str) -> File:
         """The session's file ``path`` (:class:`ShoalAPIError` 404 if there is none)."""
-        response = await self._http.get(_file_url(session_id, path))
-        if response.is_error:
-            raise _api_error(response)
+        response = await self._request("GET", _file_url(session_id, path))
         return File(
             path=path,
             data=response.content,
@@ -230,21 +273,162 @@ class ShoalClient:
             fallback_urls=[websocket_url(u, "/v1/events/ws") for u in fallback_urls],
         )
 
+    def stream_session(
+        self, session_id: str, since: int = 0, *, reconnect: bool = True
+    ) -> SseEventStream:
+        """The session's events after ``since`` over server-sent events (no WebSocket needed).
+
+        Resumes with ``Last-Event-ID`` after a drop, like :meth:`connect_session` by seq.
+        """
+        return SseEventStream(
+            self._http, f"/v1/sessions/{_seg(session_id)}/events/stream", since, reconnect=reconnect
+        )
+
+    def stream_events(self, since: int = 0, *, reconnect: bool = True) -> SseEventStream:
+        """The user stream over server-sent events; ``last_seq`` is the DELIVER position."""
+        return SseEventStream(self._http, "/v1/events/stream", since, reconnect=reconnect)
+
     async def create_ws_ticket(self) -> WsTicket:
         """A single-use ticket for a browser socket or SSE stream (``?ticket=``)."""
         return await self._call("POST", "/v1/ws-tickets", WsTicket)
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> None:
-        """A request answered with no body (204)."""
-        response = await self._http.request(method, path, **kwargs)
-        if response.is_error:
-            raise _api_error(response)
+    # -- jobs --
+    async def submit_job(
+        self,
+        kind: str,
+        input: Any = None,
+        *,
+        run_at: str | None = None,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's lease, not this call's
+        callback_url: str | None = None,
+    ) -> Job:
+        """Queue a job for a worker of ``kind``; the same ``idempotency_key``: the same job."""
+        body = _without_none(
+            kind=kind,
+            input=input,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            callback_url=callback_url,
+        )
+        return await self._call(
+            "POST", "/v1/jobs", Job, json=body, idempotent=idempotency_key is not None
+        )
 
-    async def _call(self, method: str, path: str, into: type[T], **kwargs: Any) -> T:
-        response = await self._http.request(method, path, **kwargs)
-        if response.is_error:
-            raise _api_error(response)
+    async def run_job(
+        self,
+        kind: str,
+        input: Any = None,
+        *,
+        wait: float = 30,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's lease, not this call's
+    ) -> Job:
+        """Run a job and wait up to ``wait`` s (max 60); ``job.ended`` False: poll ``get_job``."""
+        body = _without_none(
+            kind=kind, input=input, wait=wait, max_attempts=max_attempts, timeout=timeout
+        )
+        return await self._call("POST", "/v1/run", Job, json=body, timeout=wait + 30.0)
+
+    async def get_job(self, job_id: str) -> Job:
+        return await self._call("GET", f"/v1/jobs/{_seg(job_id)}", Job)
+
+    async def list_jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """A page of this owner's jobs, newest first; pass ``page.next`` as ``cursor``."""
+        params = _without_none(status=status, kind=kind, limit=limit, cursor=cursor)
+        return await self._call("GET", "/v1/jobs", JobPage, params=params)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        """Cancel: a queued job at once, a running one when its worker stops."""
+        return await self._call("POST", f"/v1/jobs/{_seg(job_id)}/cancel", Job)
+
+    async def retry_job(self, job_id: str) -> Job:
+        """Put a dead or cancelled job back in the queue."""
+        return await self._call("POST", f"/v1/jobs/{_seg(job_id)}/retry", Job)
+
+    # -- schedules --
+    async def create_schedule(
+        self,
+        target: dict[str, Any],
+        *,
+        cron: str | None = None,
+        every: float | None = None,
+        at: str | None = None,
+        timezone: str | None = None,
+        catch_up: str | None = None,
+    ) -> Schedule:
+        """Fire ``target`` (``{"job": {...}}`` or ``{"prompt": {session_id, content}}``) on a
+        ``cron``, ``every`` N seconds or once ``at`` a time."""
+        body = _without_none(
+            cron=cron, every=every, at=at, timezone=timezone, catch_up=catch_up, target=target
+        )
+        return await self._call("POST", "/v1/schedules", Schedule, json=body)
+
+    async def get_schedule(self, schedule_id: str) -> Schedule:
+        return await self._call("GET", f"/v1/schedules/{_seg(schedule_id)}", Schedule)
+
+    async def list_schedules(
+        self, *, limit: int | None = None, cursor: str | None = None
+    ) -> SchedulePage:
+        params = _without_none(limit=limit, cursor=cursor)
+        return await self._call("GET", "/v1/schedules", SchedulePage, params=params)
+
+    async def delete_schedule(self, schedule_id: str) -> None:
+        await self._send("DELETE", f"/v1/schedules/{_seg(schedule_id)}")
+
+    async def _send(
+        self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any
+    ) -> None:
+        """A request answered with no body (204)."""
+        await self._request(method, path, idempotent=idempotent, **kwargs)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        into: type[T],
+        *,
+        idempotent: bool | None = None,
+        **kwargs: Any,
+    ) -> T:
+        response = await self._request(method, path, idempotent=idempotent, **kwargs)
         return msgspec.json.decode(response.content, type=into)
+
+    async def _request(
+        self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """Send once, or with retries when the request is safe to repeat (see _retry.py)."""
+        if idempotent is None:
+            idempotent = method in IDEMPOTENT_METHODS
+        policy = self._retry if idempotent else NO_RETRY
+        async for attempt in stamina.retry_context(
+            on=should_retry,
+            attempts=policy.attempts,
+            timeout=policy.timeout,
+            wait_initial=policy.wait_initial,
+            wait_max=policy.wait_max,
+            wait_jitter=policy.wait_jitter,
+        ):
+            with attempt:
+                response = await self._http.request(method, path, **kwargs)
+                if response.is_error:
+                    raise _api_error(response)
+                return response
+        raise AssertionError("unreachable: retry_context raises its last error")
+
+
+def _without_none(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _seg(value: str) -> str:
@@ -259,6 +443,7 @@ def _file_url(session_id: str, path: str) -> str:
 
 
 def _api_error(response: httpx.Response) -> ShoalAPIError:
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
     try:
         problem = response.json()
     except ValueError:
@@ -269,5 +454,8 @@ def _api_error(response: httpx.Response) -> ShoalAPIError:
             str(problem.get("code") or "http_error"),
             str(problem.get("detail") or problem.get("title") or ""),
             problem,
+            retry_after=retry_after,
         )
-    return ShoalAPIError(response.status_code, "http_error", response.text[:200])
+    return ShoalAPIError(
+        response.status_code, "http_error", response.text[:200], retry_after=retry_after
+    )

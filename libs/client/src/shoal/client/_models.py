@@ -21,6 +21,13 @@ class Session(msgspec.Struct, kw_only=True):
     runner_token: str | None = None  # only in the answer to create_session
 
 
+class SessionPage(msgspec.Struct, kw_only=True):
+    """A page of sessions, newest first; ``next`` is the cursor of the next page (None: last)."""
+
+    sessions: list[Session]
+    next: str | None = None
+
+
 class PromptReceipt(msgspec.Struct, kw_only=True):
     prompt_id: str
     session_id: str
@@ -116,3 +123,62 @@ class Prompt(msgspec.Struct, kw_only=True):
 
     prompt_id: str
     content: str
+
+
+class JobAttempt(msgspec.Struct, kw_only=True):
+    n: int
+    worker: str
+    started_at: str
+    ended_at: str | None = None
+    error: Any = None
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """An async job; ``status`` is queued, running, succeeded, cancelled or dead."""
+
+    id: str
+    kind: str
+    status: str
+    input: Any = None
+    output: Any = None
+    error: Any = None
+    attempts: list[JobAttempt] = msgspec.field(default_factory=list)
+    max_attempts: int = 3
+    timeout: float = 30.0
+    run_at: str = ""
+    created_at: str = ""
+    updated_at: str = ""
+    idempotency_key: str | None = None
+    callback_url: str | None = None
+    deliveries: list[dict[str, Any]] | None = None
+    cancel_requested: bool | None = None
+    schedule_id: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("succeeded", "cancelled", "dead")
+
+
+class JobPage(msgspec.Struct, kw_only=True):
+    jobs: list[Job]
+    next: str | None = None
+
+
+class Schedule(msgspec.Struct, kw_only=True):
+    """When a job or prompt fires (one of ``cron``, ``every``, ``at``) and its latest firings."""
+
+    id: str
+    target: dict[str, Any]
+    timezone: str = "UTC"
+    catch_up: str = "once"
+    cron: str | None = None
+    every: float | None = None
+    at: str | None = None
+    next_fire_at: str | None = None
+    created_at: str = ""
+    firings: list[dict[str, Any]] | None = None
+
+
+class SchedulePage(msgspec.Struct, kw_only=True):
+    schedules: list[Schedule]
+    next: str | None = None

@@ -36,3 +36,5 @@ class WsTicket(msgspec.Struct, kw_only=True):
 
 ProxyHandler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
 DeltaCallback = Callable[[dict[str, Any]], None]
+# A runner frame the connection does not handle itself (decoded JSON object).
+FrameHandler = Callable[[dict[str, Any]], None]

@@ -24,7 +24,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from shoal.client._errors import ShoalAPIError, ShoalConnectionClosed
 from shoal.client._models import Event, Prompt
-from shoal.client._streaming import DeltaCallback, ProxyHandler, ProxyRequest, ProxyResponse
+from shoal.client._streaming import (
+    DeltaCallback,
+    FrameHandler,
+    ProxyHandler,
+    ProxyRequest,
+    ProxyResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +287,8 @@ class RunnerConnection:
     One background reader dispatches frames; after a drop it reconnects, says ``hello`` again and
     re-sends completions that were not yet acknowledged (the same ``message_id``, so the session
     records each once). A prompt the session re-dispatches after it was completed here is skipped.
+    Frames it has no method for (neither a prompt, a proxied request nor the answer to one of its
+    own requests) go to ``on_frame`` when given; :meth:`send` sends such frames.
 
     Example::
 
@@ -296,9 +304,11 @@ class RunnerConnection:
         reconnect: bool,
         ack_timeout: float,
         on_http_request: ProxyHandler | None = None,
+        on_frame: FrameHandler | None = None,
     ) -> None:
         self._url = url
         self._on_http_request = on_http_request
+        self._on_frame = on_frame
         self._proxy_tasks: set[asyncio.Task[None]] = set()
         self._headers = {"Authorization": f"Bearer {runner_token}"}
         self._reconnect = reconnect
@@ -430,6 +440,14 @@ class RunnerConnection:
         with contextlib.suppress(ConnectionClosed):
             await conn.send(_encoder.encode(frame).decode())
 
+    async def send(self, frame: dict[str, Any]) -> None:
+        """Send a frame as it is, once connected (not acknowledged, not re-sent after a drop).
+
+        For frames this class has no method for; the gateway's answer to one that carries an
+        ``id`` comes back (with ``ref``) through ``on_frame``.
+        """
+        await self._send(_encoder.encode(frame))
+
     async def _serve_http(self, frame: _Frame) -> None:
         """Answer one proxied HTTP request with the ``on_http_request`` handler."""
         assert self._on_http_request is not None
@@ -480,10 +498,11 @@ class RunnerConnection:
         try:
             await conn.send(_encoder.encode({"type": "hello"}).decode())
             while True:
-                frame = _frame_decoder.decode(await conn.recv())
+                raw = await conn.recv()
+                frame = _frame_decoder.decode(raw)
                 if frame.type == "hello.ack":
                     break
-                self._dispatch(frame)
+                self._dispatch(frame, raw)
         except ConnectionClosed as exc:
             raise ShoalConnectionClosed(*_close_of(exc)) from exc
         self._conn = conn
@@ -505,7 +524,7 @@ class RunnerConnection:
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     log.warning("ignoring a malformed frame")
                     continue
-                self._dispatch(frame)
+                self._dispatch(frame, raw)
         except ShoalConnectionClosed as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -536,7 +555,7 @@ class RunnerConnection:
                 self._backoff.reset()
                 return
 
-    def _dispatch(self, frame: _Frame) -> None:
+    def _dispatch(self, frame: _Frame, raw: str | bytes) -> None:
         if frame.type == "http.request":
             if self._on_http_request is not None:
                 task = asyncio.create_task(self._serve_http(frame))
@@ -549,6 +568,8 @@ class RunnerConnection:
             future = self._acks[str(frame.ref)]
             if not future.done():
                 future.set_result(frame)
+        elif self._on_frame is not None:
+            self._on_frame(msgspec.json.decode(raw))
         elif frame.type == "error":
             log.warning("gateway reported %s: %s", frame.code, frame.message)
 
@@ -578,10 +599,16 @@ class connect_runner:  # noqa: N801 - used like a function, as websockets' conne
         reconnect: bool = True,
         ack_timeout: float = 15.0,
         on_http_request: ProxyHandler | None = None,
+        on_frame: FrameHandler | None = None,
     ) -> None:
         url = websocket_url(base_url, f"/v1/sessions/{quote(session_id, safe='')}/runner")
         self._runner = RunnerConnection(
-            url, runner_token, reconnect, ack_timeout, on_http_request=on_http_request
+            url,
+            runner_token,
+            reconnect,
+            ack_timeout,
+            on_http_request=on_http_request,
+            on_frame=on_frame,
         )
 
     async def _start(self) -> RunnerConnection:

@@ -32,6 +32,7 @@ from shoal.gateway.api import router
 from shoal.gateway.api.deps import GatewayState
 from shoal.gateway.api.files import router as files_router
 from shoal.gateway.api.files import upload_limit
+from shoal.gateway.api.jobs import router as jobs_router
 from shoal.gateway.api.limits import BodySizeLimit
 from shoal.gateway.api.openapi import install_openapi, operation_id
 from shoal.gateway.api.problems import install_problem_handlers, problem_responses
@@ -40,9 +41,11 @@ from shoal.gateway.api.proxy import router as proxy_router
 from shoal.gateway.api.request_id import RequestIdMiddleware, install_request_id_logging
 from shoal.gateway.api.socket_routes import GatewayApp
 from shoal.gateway.api.streams import router as streams_router
+from shoal.gateway.api.workers import router as workers_router
 from shoal.gateway.bus import Bus
 from shoal.gateway.config import GatewaySettings
 from shoal.gateway.files import SessionFiles
+from shoal.gateway.jobs import Jobs
 from shoal.gateway.realtime import Realtime
 from shoal.gateway.service import GatewayService
 from shoal.gateway.streams import EventStreams
@@ -81,8 +84,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 tickets=Tickets(realtime, settings),
                 streams=EventStreams(bus, service, bus_subjects.deliver_stream),
             )
+            app.state.jobs = jobs = Jobs(bus)
             readiness.add("nats", lambda: bool(nc.is_connected))
             yield
+            await jobs.stop()
             await hub.close_all(settings.ws_close_timeout.total_seconds())
             await realtime.stop()
             await bus.stop()
@@ -127,6 +132,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.include_router(proxy_router, generate_unique_id_function=operation_id)
     app.include_router(files_router, generate_unique_id_function=operation_id)
+    app.include_router(jobs_router, generate_unique_id_function=operation_id)
+    app.include_router(workers_router)
     # Outermost: the command path's hot route skips the framework's stack (its CPU per prompt
     # request).
     app.add_middleware(PromptRoute, max_body_bytes=settings.max_body_bytes)

@@ -39,6 +39,7 @@ from shoal.common.messaging import (
     Envelope,
     Subjects,
     decode,
+    dumps,
     encode,
     loads,
     request,
@@ -366,3 +367,33 @@ class Bus:
         except (NatsError, TimeoutError) as exc:
             raise Unavailable(f"cannot read stream info: {exc}") from exc
         return int(info.state.first_seq)
+
+    # -- jobs, schedules and workers (the scheduler's RPCs and broadcasts) --
+    async def scheduler_rpc(
+        self,
+        method: str,
+        body: dict[str, Any],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - passed to the request
+    ) -> Any:
+        """``rpc("scheduler", method)``: the jobs, schedules and webhooks RPCs."""
+        return await request(
+            self._nc,
+            self._subjects.rpc("scheduler", method),
+            body,
+            timeout=timeout or self._settings.rpc_timeout.total_seconds(),
+        )
+
+    async def subscribe_broadcast(
+        self, topic: str, callback: Callable[[Msg], Awaitable[None]], *, queue: str = ""
+    ) -> Subscription:
+        """A core-NATS subscription to ``bcast.<topic>`` (the caller unsubscribes); with a
+        ``queue`` group, each message reaches one member of the group."""
+        return await self._nc.subscribe(self._subjects.broadcast(topic), queue=queue, cb=callback)
+
+    async def publish_broadcast(self, topic: str, body: dict[str, Any]) -> None:
+        """A core-NATS publish to ``bcast.<topic>`` (best effort)."""
+        try:
+            await self._nc.publish(self._subjects.broadcast(topic), dumps(body))
+        except NatsError:
+            pass

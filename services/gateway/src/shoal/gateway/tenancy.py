@@ -25,10 +25,11 @@ from shoal.common.messaging import is_token
 ADMIN = "admin"
 SESSIONS = "sessions"
 JOBS = "jobs"
+JOBS_WORK = "jobs:work"  # take jobs as a worker (/v1/workers/ws); nothing else
 SECRETS = "secrets"
 READ = "read"
 KEYS = "keys"  # a route family, not a scope: every key may read and manage its owner's keys
-SCOPES = frozenset({ADMIN, SESSIONS, JOBS, SECRETS, READ})
+SCOPES = frozenset({ADMIN, SESSIONS, JOBS, JOBS_WORK, SECRETS, READ})
 
 SECRET_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,128}$"  # noqa: S105 - a name pattern
 _SECRET_NAME_RE = re.compile(SECRET_NAME_PATTERN)
@@ -46,6 +47,8 @@ _FAMILIES: tuple[tuple[str, str], ...] = (
     ("/v1/jobs", JOBS),
     ("/v1/run", JOBS),
     ("/v1/schedules", JOBS),
+    ("/v1/webhooks", JOBS),
+    ("/v1/workers", JOBS_WORK),
 )
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 

@@ -29,7 +29,7 @@ from shoal.keys.store import ApiKeyRow, KeyStore
 
 log = logging.getLogger(__name__)
 
-SCOPES = frozenset({"admin", "sessions", "jobs", "secrets", "read"})
+SCOPES = frozenset({"admin", "sessions", "jobs", "jobs:work", "secrets", "read"})
 DEV_ADMIN_ID = "dev-admin"
 DEV_ADMIN_OWNER = "admin"
 MAX_KEY_LENGTH = 512  # longer input is refused before hashing it

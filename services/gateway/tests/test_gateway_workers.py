@@ -1,0 +1,143 @@
+"""Workers over ``/v1/workers/ws`` with the SDK, a real gateway and the real scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from jobs_fixtures import job_keys, scheduler  # noqa: F401 - fixtures
+
+from shoal.client import Job, JobFailed, ShoalClient, ShoalConnectionClosed, Worker, WorkerJob
+
+if TYPE_CHECKING:
+    from conftest import RunningGateway
+
+pytestmark = [pytest.mark.usefixtures("scheduler", "job_keys"), pytest.mark.timeout(60)]
+
+
+@pytest.fixture
+async def alice(gateway: RunningGateway) -> AsyncIterator[ShoalClient]:
+    async with ShoalClient(gateway.base_url, "key-jobs-alice") as client:
+        yield client
+
+
+@asynccontextmanager
+async def working(worker: Worker) -> AsyncIterator[Worker]:
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.connected.wait(), 10)
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def until(client: ShoalClient, job_id: str, done: Callable[[Job], bool]) -> Job:
+    """Poll a job until ``done`` (the HTTP API has no push for one job but /run)."""
+    async with asyncio.timeout(20):
+        while True:
+            job = await client.get_job(job_id)
+            if done(job):
+                return job
+            await asyncio.sleep(0.05)
+
+
+async def test_a_worker_takes_jobs_of_its_kinds_and_reports_results(
+    gateway: RunningGateway, alice: ShoalClient
+) -> None:
+    worker = Worker(gateway.base_url, "key-work-alice", max_in_flight=4, name="w-test")
+
+    @worker.handler("double")
+    async def double(job: WorkerJob) -> Any:
+        return job.input * 2
+
+    async with working(worker):
+        jobs = [await alice.submit_job("double", n) for n in range(10)]
+        done = [await until(alice, j.id, lambda j: j.ended) for j in jobs]
+        ran = await alice._http.post("/v1/run", json={"kind": "double", "input": 5, "wait": 10})
+    assert [j.output for j in done] == [n * 2 for n in range(10)]
+    assert {j.attempts[0].worker for j in done} == {"w-test"}
+    assert ran.status_code == 200
+    assert ran.json()["output"] == 10
+
+
+async def test_failures_back_off_then_dead_and_retry_revives(
+    gateway: RunningGateway, alice: ShoalClient
+) -> None:
+    calls: list[int] = []
+    worker = Worker(gateway.base_url, "key-work-alice")
+
+    @worker.handler("flaky")
+    async def flaky(job: WorkerJob) -> Any:
+        calls.append(job.attempt)
+        if job.attempt <= 3:
+            raise RuntimeError(f"boom {job.attempt}")
+        return "finally"
+
+    @worker.handler("hopeless")
+    async def hopeless(job: WorkerJob) -> Any:
+        raise JobFailed({"reason": "bad input"}, retryable=False)
+
+    async with working(worker):
+        job = await alice.submit_job("flaky", max_attempts=3)
+        dead = await until(alice, job.id, lambda j: j.status == "dead")
+        assert [a.n for a in dead.attempts] == [1, 2, 3]
+        assert "boom 3" in str(dead.error)
+        gaps = [
+            (datetime.fromisoformat(b.started_at) - datetime.fromisoformat(a.ended_at or ""))
+            for a, b in zip(dead.attempts, dead.attempts[1:], strict=False)
+        ]
+        # Backoff base 0.1 s in these tests: 0.1 s, then 0.2 s (plus claim latency).
+        assert gaps[0].total_seconds() >= 0.1
+        assert gaps[1].total_seconds() >= 0.2
+        assert (await alice.retry_job(job.id)).status == "queued"
+        revived = await until(alice, job.id, lambda j: j.ended)
+        assert revived.status == "succeeded"
+        assert revived.output == "finally"
+
+        once = await alice.submit_job("hopeless")
+        failed = await until(alice, once.id, lambda j: j.ended)
+        assert failed.status == "dead"
+        assert failed.error == {"reason": "bad input"}
+        assert len(failed.attempts) == 1
+
+
+async def test_cancel_of_a_running_job_reaches_the_worker(
+    gateway: RunningGateway, alice: ShoalClient
+) -> None:
+    started, stopped = asyncio.Event(), asyncio.Event()
+    worker = Worker(gateway.base_url, "key-work-alice")
+
+    @worker.handler("slow")
+    async def slow(job: WorkerJob) -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            stopped.set()
+
+    async with working(worker):
+        job = await alice.submit_job("slow")
+        await asyncio.wait_for(started.wait(), 10)
+        asked = await alice.cancel_job(job.id)
+        assert asked.status == "running"
+        assert asked.cancel_requested
+        await asyncio.wait_for(stopped.wait(), 10)
+        cancelled = await until(alice, job.id, lambda j: j.ended)
+    assert cancelled.status == "cancelled"
+
+
+async def test_a_key_without_the_worker_scope_is_refused(gateway: RunningGateway) -> None:
+    worker = Worker(gateway.base_url, "key-jobs-alice")
+
+    @worker.handler("k")
+    async def handle(job: WorkerJob) -> Any:
+        return None
+
+    with pytest.raises(ShoalConnectionClosed) as refused:
+        await asyncio.wait_for(worker.run(), 10)
+    assert refused.value.code == 4403
