@@ -165,7 +165,9 @@ async def test_takeover_race_and_sigkilled_runner(running: Fleet, api: httpx.Asy
     await c3.close()
 
 
-async def test_questions_errors_and_terminate(running: Fleet, api: httpx.AsyncClient) -> None:
+async def test_questions_errors_terminate_and_watchdog(
+    running: Fleet, api: httpx.AsyncClient
+) -> None:
     session = await create(api)
     sid = session["id"]
     conn, _ = await runner(running, session)
@@ -231,6 +233,17 @@ async def test_questions_errors_and_terminate(running: Fleet, api: httpx.AsyncCl
     finally:
         await client.close()
         await conn.close()
+
+    # The watchdog (a durable timer): a silent runner's prompt fails; the runner is told.
+    quiet = await create(api, prompt_timeout=1)
+    silent, _ = await runner(running, quiet)
+    try:
+        stuck = await prompt(api, quiet["id"], "no answer will come")
+        await next_of(silent, "prompt")
+        abort = await next_of(silent, "abort")
+        assert abort == {"type": "abort", "prompt_id": stuck, "reason": "timeout"}
+    finally:
+        await silent.close()
 
 
 async def test_hibernation_wakes_on_a_prompt_and_tag_stream_resumes(
