@@ -82,6 +82,13 @@ class SessionPage(msgspec.Struct, kw_only=True):
     next: str | None
 
 
+class MessagesPage(msgspec.Struct, kw_only=True):
+    """A page of a session's completed messages; ``next`` is the ``after`` to pass back."""
+
+    messages: list[dict[str, Any]]
+    next: int | None
+
+
 class EventsPage(msgspec.Struct, kw_only=True):
     """A page of a session's ledger: envelopes in seq order; ``next`` is the ``after`` to pass
     back (None: no more events yet)."""
@@ -643,7 +650,7 @@ class GatewayService:
     # -- history --
     async def list_messages(
         self, principal: Principal, session_id: str, after: int | None, limit: int | None
-    ) -> dict[str, Any]:
+    ) -> MessagesPage:
         self.authorize(principal, tenancy.SESSIONS, write=False)
         if after is not None and after < 0:
             raise BadRequest("after must be >= 0")
@@ -652,7 +659,7 @@ class GatewayService:
             raise BadRequest(f"limit must be between 1 and {self._settings.messages_page_max}")
         await self.visible_session(principal, session_id)
         data = await self._bus.list_messages(session_id, after, page)
-        return {"messages": list(data.get("messages") or []), "next": data.get("next")}
+        return MessagesPage(messages=list(data.get("messages") or []), next=data.get("next"))
 
     async def list_events(
         self, principal: Principal, session_id: str, after: int | None, limit: int | None
