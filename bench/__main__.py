@@ -1,4 +1,4 @@
-"""``python -m bench [raw|command|all|fanout]``: run the benchmarks and print their tables.
+"""``python -m bench [raw|command|all|fanout|jobs]``: run the benchmarks and print their tables.
 
 See bench/README.md for what each figure means. Progress goes to stderr, tables to stdout.
 """
@@ -17,6 +17,7 @@ from bench.command_path import (
     run_command_path,
 )
 from bench.gateway_fanout import FanoutOptions, FanoutResult, render_fanout, run_fanout
+from bench.jobs import JobsOptions, render_jobs, run_jobs
 from bench.raw_jetstream import RawOptions, RawResult, render_raw, run_raw
 
 FSYNC_MODES = {"always": (True,), "default": (False,), "both": (True, False)}
@@ -29,10 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "which",
         nargs="?",
-        choices=("all", "raw", "command", "fanout"),
+        choices=("all", "raw", "command", "fanout", "jobs"),
         default="all",
         help="raw: the JetStream baseline; command: Shoal's command path; all: both (default); "
-        "fanout: event fan-out through one gateway next to a bare uvicorn broadcast server",
+        "fanout: event fan-out through one gateway next to a bare uvicorn broadcast server; "
+        "jobs: jobs/s with workers and timer lateness, each next to a raw JetStream baseline",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 100 sessions, 3 s per measurement"
@@ -89,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
         help="the gateway (and the baseline server) on a core of its own, every other process "
         "of the run on the rest (what a Kubernetes CPU request gives it); needs >= 2 cores",
     )
+    jobs = parser.add_argument_group("jobs")
+    jobs.add_argument("--jobs", type=int, help="jobs submitted; default 2000")
+    jobs.add_argument("--workers", type=int, default=10, help="SDK workers; default 10")
+    jobs.add_argument("--timers", type=int, help="timers due at once; default 10000")
     fanout.add_argument("--no-baseline", action="store_true", help="skip the uvicorn baseline")
     fanout.add_argument("--no-shoal", action="store_true", help="only the uvicorn baseline")
     return parser
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.which == "fanout":
         return _fanout(args, quick, duration, warmup)
+    if args.which == "jobs":
+        return _jobs(args, quick)
 
     raw: list[RawResult] = []
     shoal: list[CommandResult] = []
@@ -210,6 +218,24 @@ def _fanout(args: argparse.Namespace, quick: bool, duration: float, warmup: floa
     machine = table("Machine", ("what", "value"), machine_info())
     print(f"{machine}\n\n{render_fanout(results)}\n")
     return 1 if any(r.errors and r.delivered == 0 for r in results) else 0
+
+
+def _jobs(args: argparse.Namespace, quick: bool) -> int:
+    options = JobsOptions(
+        jobs=int(_bounded(args.jobs or (300 if quick else 2_000), 1, 100_000, "jobs")),
+        workers=int(_bounded(args.workers, 1, 100, "workers")),
+        timers=int(_bounded(args.timers or (1_000 if quick else 10_000), 1, 100_000, "timers")),
+        sync_always=args.fsync != "default",
+        keep_dir=args.keep_logs,
+    )
+    try:
+        result = run_loop(run_jobs(options))
+    except KeyboardInterrupt:
+        print("interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    machine = table("Machine", ("what", "value"), machine_info())
+    print(f"{machine}\n\n{render_jobs(result)}\n")
+    return 0
 
 
 def render(raw: list[RawResult], shoal: list[CommandResult]) -> str:

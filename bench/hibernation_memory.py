@@ -2,14 +2,15 @@
 
 Starts, on free ports of 127.0.0.1 in a temporary directory: nats-server, PostgreSQL, the
 scheduler and one session replica (``shoal.devtools.supervisor.Fleet``, durable timers on).
-Then, in two rounds of ``sessions`` each, publishes ``session.create`` with ``idle_timeout``
-1 s straight to SESSION_CMD (the gateway's contract) and waits until every session of the
-round announced ``session.status`` ``hibernated`` (on the ledger's live re-publish) and the
-replica reports no session lane left (``shoal_session_lanes`` = 0).
+Then, in two rounds (``warmup`` sessions, then ``sessions``), publishes ``session.create``
+with ``idle_timeout`` 1 s straight to SESSION_CMD (the gateway's contract) and waits until
+every session of the round announced ``session.status`` ``hibernated`` (on the ledger's live
+re-publish) and the replica reports no session lane left (``shoal_session_lanes`` = 0).
 
 The figure is the session process's resident memory (VmRSS) after round 2 minus after round 1,
-per session: round 1 lets the allocator and every cache reach their working size, so what
-round 2 adds is what a hibernated session keeps. Round 1's growth over the idle process is
+per round-2 session: round 1 lets the allocator and every cache reach their working size (the
+peak of commands in flight, not the session count, sets it), so what round 2 adds is what a
+hibernated session keeps. Round 1's growth over the idle process is
 printed too (an upper bound that includes that warm-up).
 
 Example::
@@ -40,7 +41,7 @@ from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from shoal.devtools.supervisor import Fleet, FleetConfig, fleet_specs
 
 DATABASE = "shoal"
-PUBLISH_WINDOW = 512  # creates whose PubAck is awaited together
+WINDOW = 500  # sessions created together; the next window starts once they all hibernated
 
 
 @dataclass(frozen=True)
@@ -68,25 +69,31 @@ async def _metric(client: httpx.AsyncClient, url: str, name: str) -> float:
 async def _round(
     nc: NATS, subjects: Subjects, prefix: str, count: int, session_url: str, pid: int
 ) -> Round:
+    """Create ``count`` sessions a window at a time, each window after the previous one's
+    sessions all hibernated: the peak of sessions awake (lanes, commands in flight) is one
+    window in every round, so a later round's growth is what hibernated sessions keep."""
     js = nc.jetstream()
     hibernated: set[str] = set()
-    done = asyncio.Event()
+    window_done = asyncio.Event()
+    waiting_for = 0
 
     async def on_status(msg: Msg) -> None:
         body = loads(msg.data)
-        if body.get("data", {}).get("status") == "hibernated" and body["subject"].startswith(
-            prefix
-        ):
-            hibernated.add(body["subject"])
-            if len(hibernated) >= count:
-                done.set()
+        sid = body["subject"]
+        if body.get("data", {}).get("status") == "hibernated" and sid.startswith(prefix):
+            hibernated.add(sid)
+            if len(hibernated) >= waiting_for:
+                window_done.set()
 
     sub = await nc.subscribe(f"{subjects.prefix}.live.session.evt.*.session.status", cb=on_status)
     started = time.monotonic()
     try:
-        for first in range(0, count, PUBLISH_WINDOW):
+        for first in range(0, count, WINDOW):
+            last = min(first + WINDOW, count)
+            waiting_for = last
+            window_done.clear()
             acks = []
-            for n in range(first, min(first + PUBLISH_WINDOW, count)):
+            for n in range(first, last):
                 sid = f"{prefix}{n:06d}"
                 command = Envelope(
                     id=f"cmd_{sid}",
@@ -105,7 +112,8 @@ async def _round(
                     )
                 )
             await asyncio.gather(*acks)
-        await asyncio.wait_for(done.wait(), timeout=20 + count / 50)
+            if len(hibernated) < waiting_for:
+                await asyncio.wait_for(window_done.wait(), timeout=120)
         async with httpx.AsyncClient(timeout=5.0) as client:
             # Another process's gauge: polled over HTTP, there is no event to await.
             while await _metric(client, session_url, "shoal_session_lanes") > 0:  # noqa: ASYNC110
@@ -117,7 +125,7 @@ async def _round(
     return Round(count, seconds, _rss_kib(pid))
 
 
-async def run(sessions: int, keep: bool) -> None:
+async def run(sessions: int, warmup: int, keep: bool) -> None:
     home = Path(tempfile.mkdtemp(prefix="shoal-hibernation-"))
     logs = home / "logs"
     logs.mkdir()
@@ -145,15 +153,15 @@ async def run(sessions: int, keep: bool) -> None:
                 subjects = Subjects()
                 idle = _rss_kib(session.pid)
                 print(f"session process idle: {idle} KiB", file=sys.stderr)
-                first = await _round(nc, subjects, "ses_a", sessions, session.url, session.pid)
+                first = await _round(nc, subjects, "ses_a", warmup, session.url, session.pid)
                 print(f"round 1: {first}", file=sys.stderr)
                 second = await _round(nc, subjects, "ses_b", sessions, session.url, session.pid)
                 print(f"round 2: {second}", file=sys.stderr)
             finally:
                 await nc.close()
         per_session = (second.rss_kib - first.rss_kib) * 1024 / sessions
-        warm = (first.rss_kib - idle) * 1024 / sessions
-        print(f"| sessions per round | {sessions:,} |")
+        warm = (first.rss_kib - idle) * 1024 / warmup
+        print(f"| sessions: round 1 (warm-up) / round 2 | {warmup:,} / {sessions:,} |")
         print(f"| round 1: create -> hibernated, lanes gone | {first.seconds:.1f} s |")
         print(f"| round 2: create -> hibernated, lanes gone | {second.seconds:.1f} s |")
         print(
@@ -175,10 +183,11 @@ async def run(sessions: int, keep: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.hibernation_memory")
-    parser.add_argument("--sessions", type=int, default=10_000, help="sessions per round")
+    parser.add_argument("--sessions", type=int, default=10_000, help="sessions measured")
+    parser.add_argument("--warmup", type=int, default=2_000, help="sessions of round 1")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp directory")
     args = parser.parse_args()
-    asyncio.run(run(args.sessions, args.keep_logs))
+    asyncio.run(run(args.sessions, args.warmup, args.keep_logs))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from shoal.client import Event, Job, ShoalClient, Worker, WorkerJob
-from shoal.common.messaging import Subjects, request
+from shoal.common.messaging import Subjects, loads, request
 from shoal.devtools.supervisor import FleetFactory
+from shoal.scheduler.webhooks import verify
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -173,3 +174,96 @@ async def test_schedules_fire_on_time_across_a_scheduler_restart_honouring_catch
 
 def _ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
+
+
+class _Receiver:
+    """A tiny HTTP/1.1 receiver: answers each POST with the next status (then 200)."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses
+        self.received: asyncio.Queue[tuple[dict[str, str], bytes]] = asyncio.Queue()
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")[1:]
+        headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines if ln)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        status = self.statuses.pop(0) if self.statuses else 200
+        writer.write(f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+        await self.received.put((headers, body))
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_cancel_dead_retry_run_and_a_signed_webhook_retried_after_a_500(
+    fleet: FleetFactory,
+) -> None:
+    running = await fleet(env={"SHOAL_SCHEDULER_JOB_BACKOFF_BASE": "0.2"})
+    url, key = running.gateway_url, running.admin_key
+    receiver = _Receiver([500])
+    hook = await receiver.start()
+    started = asyncio.Event()
+    worker = Worker(url, key, max_in_flight=4)
+
+    @worker.handler("slow")
+    async def slow(job: WorkerJob) -> Any:
+        started.set()
+        await asyncio.sleep(60)
+
+    @worker.handler("broken")
+    async def broken(job: WorkerJob) -> Any:
+        raise RuntimeError(f"broken {job.attempt}")
+
+    @worker.handler("quick")
+    async def quick(job: WorkerJob) -> Any:
+        return {"echo": job.input}
+
+    try:
+        async with ShoalClient(url, key) as client:
+            queued = await client.submit_job("nobody-works-this", run_at="2099-01-01T00:00:00Z")
+            assert (await client.cancel_job(queued.id)).status == "cancelled"
+            async with working(worker):
+                slow_job = await client.submit_job("slow")
+                await asyncio.wait_for(started.wait(), 20)
+                assert (await client.cancel_job(slow_job.id)).status == "running"
+                assert (await until(client, slow_job.id, "cancelled")).status == "cancelled"
+
+                dead = await client.submit_job("broken", max_attempts=3, callback_url=hook)
+                ended = await until(client, dead.id, "dead")
+                starts = [datetime.fromisoformat(a.started_at) for a in ended.attempts]
+                gaps = [(b - a).total_seconds() for a, b in zip(starts, starts[1:], strict=False)]
+                assert [a.n for a in ended.attempts] == [1, 2, 3]
+                assert gaps[0] >= 0.2  # backoff 0.2 s, then 0.4 s
+                assert gaps[1] >= 0.4
+                # The callback of the dead job: a 500 first, then the retry gets through.
+                first = await asyncio.wait_for(receiver.received.get(), 30)
+                second = await asyncio.wait_for(receiver.received.get(), 30)
+                assert (await client.retry_job(dead.id)).status == "queued"
+
+                quick_run = await client._http.post(
+                    "/v1/run", json={"kind": "quick", "input": 1, "wait": 20}
+                )
+                slow_run = await client._http.post(
+                    "/v1/run", json={"kind": "slow", "input": 1, "wait": 0.5}
+                )
+            secret = (await client._http.get("/v1/webhooks/signing-secret")).json()["secret"]
+    finally:
+        await receiver.stop()
+    assert quick_run.status_code == 200
+    assert quick_run.json()["output"] == {"echo": 1}
+    assert slow_run.status_code == 202
+    for headers, body in (first, second):
+        assert verify(body, headers["shoal-signature"], secret, now=time.time())
+        assert headers["shoal-job-id"] == dead.id
+    assert [d["status"] for d in loads(second[1])["deliveries"]] == [500]
+    print(f"\ngaps between failed attempts (backoff 0.2 s base): {gaps}")

@@ -73,6 +73,9 @@ FUZZ_EXAMPLES = 100  # per operation, fuzzing phase; examples and coverage phase
 CHAOS_EXAMPLES = 500
 REQUEST_TIMEOUT = 15.0  # seconds; above the gateway's command timeout (10 s) so a 504 shows
 ENDLESS_STREAMS = ["user_event_stream"]  # operation ids that never end with a valid key
+# POST /v1/run waits up to its body's `wait` (max 60 s) for a job no worker here takes: past
+# REQUEST_TIMEOUT by design. Its refusals and answers are tested in services/gateway/tests.
+NOT_FUZZED = [*ENDLESS_STREAMS, "run_job"]
 
 CHECKS = [
     not_a_server_error,
@@ -221,13 +224,11 @@ _SETTINGS: dict[str, Any] = {
     "suppress_health_check": list(HealthCheck),
 }
 
-bounded = schemathesis.pytest.from_fixture("gateway_api").exclude(operation_id=ENDLESS_STREAMS)
-unbounded = schemathesis.pytest.from_fixture("gateway_api_random").exclude(
-    operation_id=ENDLESS_STREAMS
-)
+bounded = schemathesis.pytest.from_fixture("gateway_api").exclude(operation_id=NOT_FUZZED)
+unbounded = schemathesis.pytest.from_fixture("gateway_api_random").exclude(operation_id=NOT_FUZZED)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)  # ~3,500 requests over the API's operations; ~460 s on 2 loaded cores
 @bounded.parametrize()
 @settings(max_examples=FUZZ_EXAMPLES, **_SETTINGS)
 def test_openapi_has_no_5xx_and_no_schema_violation(case: Case, fuzz_target: FuzzTarget) -> None:

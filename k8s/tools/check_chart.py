@@ -6,7 +6,9 @@
 3. ``kubernetes-validate --strict`` of each render for every version in KUBERNETES_VERSIONS;
 4. the "restricted" Pod Security check of every rendered pod spec (``pod_security.py``);
 5. the bundled NATS's rendered config parsed by the real nats-server (``nats-server -t``);
-6. bad values rejected with the schema's or the guards' message (BAD_VALUES).
+6. the PrometheusRule and the Grafana dashboard: PromQL that parses, over metrics the code
+   defines (``monitoring.py``; ``promtool check rules`` too when one is on the PATH);
+7. bad values rejected with the schema's or the guards' message (BAD_VALUES).
 
 Exits non-zero on the first failing step, after printing what failed.
 """
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import yaml
 from get_helm import REPO_ROOT, ensure_helm
+from monitoring import check_documents as check_monitoring
+from monitoring import defined_metrics
 from pod_security import check_documents
 
 CHART = REPO_ROOT / "k8s" / "shoal"
@@ -73,6 +77,35 @@ BAD_VALUES: tuple[tuple[str, Sequence[str], str], ...] = (
         "guard: the keys service without any KEK",
         [*PRODUCTION, "--set", "secrets.keys.kekKey="],
         "the keys service needs a KEK",
+    ),
+    (
+        "schema: an unknown migrations hook",
+        [*PRODUCTION, "--set", "migrations.job.hook=flux"],
+        "at '/migrations/job/hook': value must be one of",
+    ),
+    (
+        "guard: NATS credentials both as a .creds file and as an NKey seed",
+        [
+            *PRODUCTION,
+            "--set",
+            "secrets.nats.files.existingSecret=nats-auth,secrets.nats.files.credsKey=a.creds"
+            ",secrets.nats.files.nkeySeedKey=user.nk",
+        ],
+        "set credsKey or nkeySeedKey, not both",
+    ),
+    (
+        "guard: a NATS client certificate without its key",
+        [
+            *PRODUCTION,
+            "--set",
+            "secrets.nats.files.existingSecret=nats-auth,secrets.nats.files.tlsCertKey=tls.crt",
+        ],
+        "tlsCertKey and tlsKeyKey go together",
+    ),
+    (
+        "guard: a NATS credentials key without its Secret",
+        [*PRODUCTION, "--set", "secrets.nats.files.credsKey=nats.creds"],
+        "secrets.nats.files.existingSecret is required",
     ),
     (
         "guard: a KEK ring without the active KEK's id",
@@ -162,6 +195,19 @@ def main() -> int:
                 if result.returncode != 0:
                     sys.exit(f"FAILED: {name}: {result.stdout}{result.stderr}")
                 print(f"  ok  {name}")
+
+        step("alert rules and dashboard: PromQL over the code's metrics")
+        known = defined_metrics([REPO_ROOT / "libs" / "common" / "src", REPO_ROOT / "services"])
+        monitored = 0
+        for name, path in renders.items():
+            checked, problems = check_monitoring(list(yaml.safe_load_all(path.read_text())), known)
+            if problems:
+                sys.exit("FAILED: " + name + "\n" + "\n".join(problems))
+            if checked:
+                print(f"  ok  {name}: {checked} rules and queries")
+            monitored += checked
+        if not monitored:
+            sys.exit("FAILED: no ci/*.yaml renders the PrometheusRule or the dashboard")
 
         step("bad values are rejected with the expected message")
         for why, bad_args, expected in BAD_VALUES:

@@ -163,6 +163,19 @@ app.kubernetes.io/part-of: shoal
 {{- else if and .Values.nats.enabled (gt (int .Values.config.streamReplicas) 1) }}
 {{- fail "a single bundled NATS server (nats.config.cluster.enabled=false) needs config.streamReplicas=1" }}
 {{- end }}
+{{- $natsFiles := .Values.secrets.nats.files }}
+{{- if and $natsFiles.credsKey $natsFiles.nkeySeedKey }}
+{{- fail "secrets.nats.files: set credsKey or nkeySeedKey, not both (a .creds file holds the seed)" }}
+{{- end }}
+{{- if ne (empty $natsFiles.tlsCertKey) (empty $natsFiles.tlsKeyKey) }}
+{{- fail "secrets.nats.files.tlsCertKey and tlsKeyKey go together (mutual TLS)" }}
+{{- end }}
+{{- if and $natsFiles.existingSecret (not (or $natsFiles.credsKey $natsFiles.nkeySeedKey $natsFiles.tlsCaKey $natsFiles.tlsCertKey)) }}
+{{- fail "secrets.nats.files.existingSecret is set but names no key: set credsKey, nkeySeedKey, tlsCaKey or tlsCertKey" }}
+{{- end }}
+{{- if and (not $natsFiles.existingSecret) (or $natsFiles.credsKey $natsFiles.nkeySeedKey $natsFiles.tlsCaKey $natsFiles.tlsCertKey) }}
+{{- fail "secrets.nats.files.existingSecret is required when a NATS credentials or TLS key is set" }}
+{{- end }}
 {{- if and (eq .Values.environment "production") (hasKey .Values.config.extraEnv "SHOAL_DEV_ADMIN_KEY") }}
 {{- fail "SHOAL_DEV_ADMIN_KEY is for development only; create API keys through the API" }}
 {{- end }}
@@ -176,4 +189,36 @@ app.kubernetes.io/part-of: shoal
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end }}
+
+{{/* NATS credentials and TLS files (secrets.nats.files): env, volumeMounts and volumes of a pod
+that connects to NATS. Each takes the root context; each renders nothing when no Secret is set. */}}
+{{- define "shoal.natsFilesEnv" -}}
+{{- $files := .Values.secrets.nats.files }}
+{{- if $files.existingSecret }}
+{{- range $setting, $key := dict "SHOAL_NATS_CREDS_FILE" $files.credsKey "SHOAL_NATS_NKEY_SEED_FILE" $files.nkeySeedKey "SHOAL_NATS_TLS_CA_FILE" $files.tlsCaKey "SHOAL_NATS_TLS_CERT_FILE" $files.tlsCertKey "SHOAL_NATS_TLS_KEY_FILE" $files.tlsKeyKey }}
+{{- if $key }}
+- name: {{ $setting }}
+  value: /etc/shoal/nats/{{ $key }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "shoal.natsFilesVolumeMount" -}}
+{{- if .Values.secrets.nats.files.existingSecret }}
+- name: nats-files
+  mountPath: /etc/shoal/nats
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "shoal.natsFilesVolume" -}}
+{{- with .Values.secrets.nats.files.existingSecret }}
+- name: nats-files
+  secret:
+    secretName: {{ . }}
+    # Readable by the service's group alone.
+    defaultMode: 0440
+{{- end }}
 {{- end }}

@@ -63,8 +63,50 @@ def test_gateway_from_keeps_scrapes_and_the_helm_test_pod(helm: Path) -> None:
 def test_gateway_open_to_anyone_has_one_rule_without_from(helm: Path) -> None:
     objects = render(helm, "production-values.yaml")
     assert objects["NetworkPolicy", "shoal-gateway"]["spec"]["ingress"] == [
-        {"ports": [{"port": "http", "protocol": "TCP"}]}
+        {"ports": [{"port": "http", "protocol": "TCP"}]},
+        # /metrics is on its own port, open to metricsFrom only.
+        {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": [{"namespaceSelector": {}}]},
     ]
+
+
+def test_metrics_on_their_own_port_by_default(helm: Path) -> None:
+    objects = render(helm, "production-values.yaml")
+    assert objects["ConfigMap", "shoal"]["data"]["SHOAL_METRICS_PORT"] == "9464"
+    for name in ("gateway", "session"):
+        container = objects["Deployment", f"shoal-{name}"]["spec"]["template"]["spec"]
+        ports = {p["name"]: p["containerPort"] for p in container["containers"][0]["ports"]}
+        assert ports["metrics"] == 9464
+        service_ports = {p["name"] for p in objects["Service", f"shoal-{name}"]["spec"]["ports"]}
+        assert service_ports == {"http", "metrics"}
+    session_ingress = objects["NetworkPolicy", "shoal-session"]["spec"]["ingress"]
+    assert session_ingress == [
+        {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": [{"namespaceSelector": {}}]}
+    ]
+    single = render(helm, "single-nats-values.yaml")
+    assert "SHOAL_METRICS_PORT" not in single["ConfigMap", "shoal"]["data"]
+
+
+def test_migrations_job_runs_shoal_migrate_before_the_services(helm: Path) -> None:
+    objects = render(helm, "production-values.yaml")
+    job = objects["Job", "shoal-migrate"]
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["migrate"]
+    assert container_env(job)["SHOAL_DATABASE_URL"] == {
+        "secretKeyRef": {"name": "shoal-database", "key": "database-url"}
+    }
+    policy = objects["NetworkPolicy", "shoal-migrate"]
+    assert policy["metadata"]["annotations"]["helm.sh/hook-weight"] == "-1"
+    assert policy["spec"]["ingress"] == []
+    assert objects["ConfigMap", "shoal"]["data"]["SHOAL_MIGRATE_ON_START"] == "false"
+    plain = render(helm, "single-nats-values.yaml")
+    assert ("Job", "shoal-migrate-1") in plain
+    assert "annotations" not in plain["Job", "shoal-migrate-1"]["metadata"]
+    argocd = render(helm, "external-nats-values.yaml")["Job", "shoal-migrate"]
+    assert argocd["metadata"]["annotations"]["argocd.argoproj.io/hook"] == "PreSync"
+    assert container_env(argocd)["SHOAL_DATABASE_URL"]["secretKeyRef"]["name"] == (
+        "shoal-database-owner"
+    )
 
 
 @pytest.mark.parametrize(

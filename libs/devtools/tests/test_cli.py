@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -624,3 +625,38 @@ def test_services_die_with_their_supervisor(stub_path: Path, tmp_path: Path) -> 
         if supervisor.poll() is None:
             supervisor.kill()
             supervisor.wait()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+@real_services
+def test_up_with_a_nats_cluster_replicates_streams_and_buckets(
+    start_up: Any, tmp_path: Path
+) -> None:
+    up = start_up(tmp_path / "home", _child_env(None), "--nats-cluster", "3")
+    state = up.wait_up(150)
+    servers = state["nats_url"].split(",")
+    assert len(servers) == 3
+    assert {entry["name"] for entry in state["servers"]} >= {"nats-n0", "nats-n1", "nats-n2"}
+
+    async def replicas() -> dict[str, int]:
+        from shoal.common.messaging import Subjects
+
+        subjects = Subjects("shoal")
+        nc = await nats.connect(servers)
+        try:
+            js = nc.jetstream()
+            names = [
+                subjects.session_cmd_stream,
+                subjects.session_evt_stream,
+                f"KV_{subjects.session_state_bucket}",
+            ]
+            return {name: (await js.stream_info(name)).config.num_replicas or 0 for name in names}
+        finally:
+            await nc.close()
+
+    assert set(_run(replicas()).values()) == {3}
+    pids = up.all_pids()
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(90) == 0, up.log()
+    assert _wait_gone(pids, 10) == []

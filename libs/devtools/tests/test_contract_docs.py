@@ -1,8 +1,10 @@
-"""The committed contract documents (docs/openapi.json, docs/asyncapi.json) match the code."""
+"""The committed contract documents (docs/openapi.json, api.md, asyncapi.json, events.md,
+schemas/) match the code, and a changed route or event payload is caught as drift."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from shoal.common.events import EVENT_PAYLOADS
@@ -18,9 +20,14 @@ def test_committed_documents_match_the_code() -> None:
         assert committed == content, f"docs/{name} is stale: run `make docs` and commit it"
 
 
+def _committed_copy(tmp_path: Path) -> Path:
+    copy = tmp_path / "docs"
+    shutil.copytree(DOCS, copy)
+    return copy
+
+
 def test_a_changed_route_is_drift(tmp_path: Path) -> None:
-    for name in ("openapi.json", "asyncapi.json"):
-        (tmp_path / name).write_text((DOCS / name).read_text())
+    tmp_path = _committed_copy(tmp_path)
     assert docs.main(["--check", "--dir", str(tmp_path)]) == 0
     document = json.loads((tmp_path / "openapi.json").read_text())
     document["paths"].pop(next(iter(document["paths"])))  # a route the code still has
@@ -29,8 +36,7 @@ def test_a_changed_route_is_drift(tmp_path: Path) -> None:
 
 
 def test_a_changed_event_payload_is_drift(tmp_path: Path) -> None:
-    (tmp_path / "asyncapi.json").write_text((DOCS / "asyncapi.json").read_text())
-    (tmp_path / "openapi.json").write_text((DOCS / "openapi.json").read_text())
+    tmp_path = _committed_copy(tmp_path)
     from pydantic import create_model
 
     from shoal.common.contracts import Event
@@ -40,6 +46,12 @@ def test_a_changed_event_payload_is_drift(tmp_path: Path) -> None:
     original = EVENT_PAYLOADS[Event.PROMPT_ABORTED]
     EVENT_PAYLOADS[Event.PROMPT_ABORTED] = changed
     try:
+        rendered = docs.documents()
+        assert docs.stale_documents(tmp_path, rendered) == [
+            "asyncapi.json",
+            "events.md",
+            "schemas/prompt.aborted.json",
+        ]
         assert docs.main(["--check", "--dir", str(tmp_path)]) == 1
     finally:
         EVENT_PAYLOADS[Event.PROMPT_ABORTED] = original
@@ -54,3 +66,30 @@ def test_every_event_type_has_a_channel_and_a_schema() -> None:
         assert channel["address"] == f"shoal.session.evt.{{session}}.{event_type}"
     assert "deliver.user" in document["channels"]
     assert document["channels"]["deliver.tag"]["address"] == "shoal.deliver.tag.{owner}.{tag}"
+
+
+def test_a_removed_event_type_leaves_a_stale_schema(tmp_path: Path) -> None:
+    tmp_path = _committed_copy(tmp_path)
+    (tmp_path / "schemas" / "prompt.renamed.json").write_text("{}\n")
+    assert docs.main(["--check", "--dir", str(tmp_path)]) == 1
+    assert docs.main(["--dir", str(tmp_path)]) == 0  # `make docs` removes it
+    assert not (tmp_path / "schemas" / "prompt.renamed.json").exists()
+    assert docs.main(["--check", "--dir", str(tmp_path)]) == 0
+
+
+def test_every_event_type_has_a_json_schema_and_a_catalogue_entry() -> None:
+    catalogue = (DOCS / "events.md").read_text()
+    for event_type in EVENT_PAYLOADS:
+        schema = json.loads((DOCS / "schemas" / f"{event_type}.json").read_text())
+        assert schema["properties"]["type"]["const"] == event_type
+        assert {"id", "type", "source", "time", "subject", "data"} <= set(schema["required"])
+        assert f"### `{event_type}`" in catalogue
+
+
+def test_the_api_reference_names_every_route() -> None:
+    reference = (DOCS / "api.md").read_text()
+    openapi = json.loads((DOCS / "openapi.json").read_text())
+    for path, item in openapi["paths"].items():
+        for method in item:
+            if method in ("get", "put", "post", "patch", "delete"):
+                assert f"### `{method.upper()} {path}`" in reference

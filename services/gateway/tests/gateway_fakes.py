@@ -21,11 +21,12 @@ from nats.js.kv import KeyValue
 
 from shoal.common.contracts import (
     SessionSnapshot,
+    Status,
     decode_snapshot,
     encode_snapshot,
     public_session,
 )
-from shoal.common.errors import NotFound, ShoalError, Unauthorized
+from shoal.common.errors import Conflict, NotFound, ShoalError, Unauthorized
 from shoal.common.messaging import (
     MSG_ID_HEADER,
     REPLY_TO_HEADER,
@@ -199,7 +200,12 @@ class FakeSessionService:
     async def _scripted(
         self, script: Script, snap: SessionSnapshot | None, env: Envelope
     ) -> dict[str, Any]:
-        error = script(snap, env)
+        if snap is None:  # what the rules answer before any command's own rule runs
+            error: ShoalError | None = NotFound("session not found")
+        elif snap.status == Status.TERMINATED:
+            error = Conflict("session is terminated", detail={"session_id": snap.id})
+        else:
+            error = script(snap, env)
         if error is not None:
             return {"ok": False, "error": error.to_dict()}
         assert snap is not None

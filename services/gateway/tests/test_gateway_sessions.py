@@ -279,6 +279,8 @@ async def test_answer_is_202_then_409_and_unknown_is_404(
     assert_problem(
         await http.post(url, json={"answer": "x" * 70_000}, headers=ALICE), 413, "payload_too_large"
     )
+    await http.delete(f"/v1/sessions/{sid}", headers=ALICE)
+    assert_problem(await http.post(url, json={"answer": "x"}, headers=ALICE), 409, "conflict")
 
 
 async def test_runner_question_keeps_the_runners_id_and_refuses_bad_frames(
@@ -362,6 +364,9 @@ async def test_patch_changes_tags_and_refuses_bad_input(
     assert_problem(
         await http.patch(f"/v1/sessions/{sid}", json=big, headers=ALICE), 413, "payload_too_large"
     )
+    await http.delete(f"/v1/sessions/{sid}", headers=ALICE)
+    ended = await http.patch(f"/v1/sessions/{sid}", json={"tags": []}, headers=ALICE)
+    assert_problem(ended, 409, "conflict")
 
 
 # -- events --

@@ -98,6 +98,7 @@ async def test_scope_matrix(
 ) -> None:
     created = await http.post("/v1/sessions", headers=auth("key-alice"), json={})
     sid = created.json()["id"]
+    ended = (await http.post("/v1/sessions", headers=auth("key-alice"), json={})).json()["id"]
     # (method, path, body) -> the keys (of SCOPE_KEYS, plus admin) that may use it.
     matrix: list[tuple[str, str, Any, set[str]]] = [
         ("POST", "/v1/sessions", {}, {"sessions"}),
@@ -109,6 +110,14 @@ async def test_scope_matrix(
         ("DELETE", "/v1/secrets/S1", None, {"secrets"}),
         ("GET", "/v1/keys", None, {"sessions", "read", "secrets", "jobs"}),
         ("DELETE", "/v1/keys/k-missing", None, {"sessions", "secrets", "jobs"}),
+        ("GET", "/v1/sessions", None, {"sessions", "read"}),
+        ("GET", f"/v1/sessions/{sid}/events", None, {"sessions", "read"}),
+        ("PATCH", f"/v1/sessions/{sid}", {"tags": ["t"]}, {"sessions"}),
+        ("POST", f"/v1/sessions/{sid}/abort", None, {"sessions"}),
+        ("POST", f"/v1/sessions/{sid}/questions/q_1/answer", {"answer": "a"}, {"sessions"}),
+        ("GET", "/v1/admin/partitions", None, set()),
+        ("GET", f"/v1/admin/sessions/{sid}", None, set()),
+        ("DELETE", f"/v1/sessions/{ended}", None, {"sessions"}),
     ]
     for method, path, body, allowed in matrix:
         for key in [*SCOPE_KEYS, "key-admin"]:

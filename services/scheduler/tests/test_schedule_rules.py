@@ -66,6 +66,8 @@ def test_at_fires_once() -> None:
         {"cron": "61 * * * *"},
         {"every": 0.5},
         {"every": True},
+        {"every": float("inf")},
+        {"every": float("nan")},
         {"at": "2020-01-01T00:00:00Z"},
         {"at": "2030-01-01T00:00:00"},
         {"every": 5, "timezone": "Mars/Olympus"},

@@ -68,7 +68,7 @@ class Cluster:
         self.env = dict(env or {})
         self.replicas: dict[str, ServiceProcess] = {}
 
-    def _spec(self, name: str) -> ServiceSpec:
+    def _spec(self, name: str, service: str = "session") -> ServiceSpec:
         port = free_port()
         env = {
             "PATH": str(Path(sys.executable).parent),
@@ -77,7 +77,8 @@ class Cluster:
             "SHOAL_SUBJECT_PREFIX": self.prefix,
             "SHOAL_HTTP_PORT": str(port),
             "SHOAL_INSTANCE_ID": name,
-            "SHOAL_SERVICE_NAME": "session",
+            "SHOAL_SERVICE_NAME": service,
+            "SHOAL_SCHEDULER_POLL_INTERVAL": "PT0.1S",
             "SHOAL_ENVIRONMENT": "test",
             "SHOAL_SESSION_PARTITIONS": str(self.partitions),
             "SHOAL_PROJECTION_ENABLED": "false",
@@ -91,7 +92,7 @@ class Cluster:
             "PYTHONUNBUFFERED": "1",
             **self.env,
         }
-        argv = (sys.executable, "-m", "shoal.common.cli", "run", "session")
+        argv = (sys.executable, "-m", "shoal.common.cli", "run", service)
         return ServiceSpec(name=name, argv=argv, env=env, http_port=port)
 
     async def start(self, *names: str, ready_within: float = 60.0) -> None:
@@ -101,6 +102,16 @@ class Cluster:
             self.replicas[name] = proc
             await proc.start()
         await asyncio.gather(*(self.wait_ready(n, ready_within) for n in names))
+
+    async def start_scheduler(self, name: str = "scheduler", ready_within: float = 60.0) -> None:
+        """Start (or start again) the scheduler process that fires the sessions' timers."""
+        proc = self.replicas.get(name)
+        if proc is None:
+            spec = self._spec(name, service="scheduler")
+            proc = ServiceProcess(spec, log_dir=self.log_dir, echo=_quiet)
+            self.replicas[name] = proc
+        await proc.start()
+        await self.wait_ready(name, ready_within)
 
     async def wait_ready(self, name: str, within: float) -> None:
         proc = self.replicas[name]

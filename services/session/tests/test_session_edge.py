@@ -18,7 +18,7 @@ from shoal.common.errors import Fenced
 from shoal.common.messaging import Catalog, Subjects, partition, provision
 from shoal.session.config import SessionSettings
 from shoal.session.handlers import CommandHandler, SessionCache
-from shoal.session.store import EventLedger, Replier, StateStore
+from shoal.session.store import EventLedger, Replier, SchedulerTimers, StateStore
 
 
 class LostAck(Msg):
@@ -225,3 +225,65 @@ async def test_a_stale_writer_cannot_append_events(
     state = await load_state(js, subjects, sid)
     assert [p.prompt_id for p in state.queue] == ["b", "c"]
     assert state.ledger_seq == (await ledger.tip(sid)).seq  # type: ignore[union-attr]
+
+
+class RecordingTimers(SchedulerTimers):
+    """The scheduler's timers as calls recorded here; the first ``failures`` calls fail (the
+    scheduler unreachable right after the commit)."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures_left = failures
+        self.armed: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.cancelled: list[str] = []
+
+    async def set(self, timer_id: str, fire_at: str, subject: str, payload: dict[str, Any]) -> None:
+        self._maybe_fail()
+        self.armed[timer_id] = (fire_at, payload)
+
+    async def cancel(self, timer_id: str) -> None:
+        self._maybe_fail()
+        self.armed.pop(timer_id, None)
+        self.cancelled.append(timer_id)
+
+    def _maybe_fail(self) -> None:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise ConnectionError("simulated: the scheduler did not answer")
+
+
+async def test_a_timer_call_that_fails_after_the_commit_is_retried_until_the_timer_is_set(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    sid = "ses_timerfail"
+    states, ledger, sub = await _setup(nc, js, settings, sid)
+    timers = RecordingTimers(failures=2)
+    handler = CommandHandler(states, ledger, Replier(nc), timers, subjects)
+    await gateway.publish(gateway.command(sid, "session.create", {"idle_timeout": 60}))
+    [msg] = await sub.fetch(1, timeout=2)
+    await handler.handle(SessionCache(sid), msg)
+    assert timers.failures_left == 0
+    [(fire_at, payload)] = timers.armed.values()
+    assert list(timers.armed) == [f"{sid}_idle"]
+    assert (payload["type"], payload["subject"], payload["time"]) == ("timer.fire", sid, fire_at)
+    assert payload["data"] == {"kind": "idle", "ref": "", "armed_seq": 1}
+    assert [e.seq for e in await read_events(js, subjects, sid)] == [1]  # committed once
+
+
+async def test_a_redelivered_command_sets_its_timers_again(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    sid = "ses_timerredo"
+    states, ledger, sub = await _setup(nc, js, settings, sid)
+    await gateway.publish(gateway.command(sid, "session.create", {"idle_timeout": 60}))
+    [msg] = await sub.fetch(1, timeout=2)
+    # Committed by a replica that died before it reached the scheduler (and before the ack).
+    await CommandHandler(states, ledger, Replier(nc), None, subjects).handle(
+        SessionCache(sid), lose_ack(msg)
+    )
+    timers = RecordingTimers()
+    [again] = await sub.fetch(1, timeout=5)
+    await CommandHandler(states, ledger, Replier(nc), timers, subjects).handle(
+        SessionCache(sid), again
+    )
+    assert list(timers.armed) == [f"{sid}_idle"]
+    assert [e.seq for e in await read_events(js, subjects, sid)] == [1]

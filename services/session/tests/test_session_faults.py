@@ -60,8 +60,12 @@ async def cluster(
             prefix=subject_prefix,
             partitions=PARTITIONS,
             log_dir=tmp_path / f"cluster{len(made)}",
+            # With durable timers on: every command also sets or cancels the session's timers
+            # through a scheduler process, and the invariants must hold all the same.
+            env={"SHOAL_SESSION_TIMERS": "true"},
         )
         made.append(c)
+        await c.start_scheduler()
         await c.start(*names)
         return c
 

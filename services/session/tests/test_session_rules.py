@@ -19,6 +19,7 @@ from shoal.session.service import (
     apply,
     messages_page,
     parse_messages_query,
+    timer_changes,
     timer_command,
     timer_id,
     timers_for,
@@ -456,6 +457,8 @@ _ops = st.lists(
         st.tuples(st.just("answer"), st.sampled_from(["q1", "q2"])),
         st.tuples(st.just("error"), st.sampled_from(["cur", ""])),
         st.tuples(st.just("fire"), st.sampled_from(["idle", "wd", "q_q1", "q_q2"])),
+        st.tuples(st.just("heartbeat"), st.just("")),
+        st.tuples(st.just("update"), st.sampled_from(["a", "b"])),
         st.tuples(st.just("terminate"), st.just("")),
     ),
     max_size=40,
@@ -486,6 +489,11 @@ def _run(ops: list[tuple[str, str]]) -> Session:
             conn = s.s.runner_connection_id
             payload = {"connection_id": conn, "prompt_id": running if arg else "", "message": "m"}
             s.send(Command.RUNNER_ERROR, payload)
+        elif op == "heartbeat":
+            beat = {"connection_id": s.s.runner_connection_id or "c0"}
+            s.send(Command.RUNNER_HEARTBEAT, beat)
+        elif op == "update":
+            s.send(Command.SESSION_UPDATE, {"tags": [arg]})
         elif op == "fire":
             if any(spec.id == f"{SID}_{arg}" for spec in timers_for(s.state)):
                 s.fire(f"{SID}_{arg}")
@@ -802,3 +810,21 @@ def test_timer_ids_are_valid_scheduler_ids() -> None:
     assert is_token(odd)
     assert odd == timer_id("ses_1", "q", "question: what?")
     assert is_token(timer_id("s" * 128, "idle"))
+
+
+def test_timer_changes_set_what_is_new_and_cancel_what_is_gone_but_not_what_fired() -> None:
+    s = Session()
+    s.send(Command.SESSION_CREATE, {"idle_timeout": 5})
+    created = s.s
+    to_set, to_cancel = timer_changes(None, created)
+    assert ([t.id for t in to_set], to_cancel) == ([f"{SID}_idle"], [])
+    s.submit("p1")  # queued: not idle any more
+    assert timer_changes(created, s.s) == ([], [f"{SID}_idle"])
+    s2 = Session()
+    s2.send(Command.SESSION_CREATE, {"idle_timeout": 5})
+    firing = timer_command(s2.s, timers_for(s2.s)[0])
+    before = s2.s
+    s2.deliver(firing)
+    assert s2.s.status == Status.HIBERNATED
+    assert timer_changes(before, s2.s, firing) == ([], [])  # fired: nothing to cancel
+    assert timer_changes(before, s2.s) == ([], [f"{SID}_idle"])

@@ -56,6 +56,12 @@ async def session_app(settings: SessionSettings, scheduler: FastAPI) -> AsyncIte
         yield app
 
 
+def advance_past(clock: ManualClock, when: float) -> None:
+    """Move the scheduler's clock just past ``when`` (timers are due from command times, which
+    are wall-clock: the injected clock starts at the wall clock, but set-up takes a while)."""
+    clock.advance(max(0.0, when + 0.5 - clock.now()))
+
+
 async def events_of(js: JetStreamContext, subjects: Subjects, sid: str) -> list[Envelope]:
     return await read_events(js, subjects, sid, settle=0.1)
 
@@ -82,7 +88,7 @@ async def test_an_idle_session_hibernates_leaves_memory_and_wakes_on_a_prompt(
     reply = await gateway.send(sid, "session.create", {"idle_timeout": 5})
     assert reply["ok"]
     assert reply["data"]["session"]["idle_timeout"] == 5
-    clock.advance(6)
+    advance_past(clock, time.time() + 5)
     [hibernated] = await wait_for_event(js, subjects, sid, Event.SESSION_STATUS)
     assert hibernated.data == {"status": "hibernated"}
     worker = session_app.state.session.worker
@@ -113,7 +119,7 @@ async def test_a_question_expires_on_the_scheduler_and_an_answer_after_it_is_ref
         sid, "question.ask", {"question_id": "q1", "content": "ok?", "expires_at": expires}
     )
     assert reply["data"]["session"]["status"] == Status.WAITING_INPUT
-    clock.advance(31)
+    advance_past(clock, time.time() + 30)
     [expired] = await wait_for_event(js, subjects, sid, Event.QUESTION_EXPIRED)
     assert expired.data == {"question_id": "q1"}
     state = await load_state(js, subjects, sid)
@@ -131,7 +137,7 @@ async def test_the_watchdog_fails_a_silent_prompt_and_the_next_one_runs(
     await gateway.send(sid, "runner.connect", {"connection_id": "c1"})
     await gateway.send(sid, "prompt.submit", {"prompt_id": "p1", "content": "a"})
     await gateway.send(sid, "prompt.submit", {"prompt_id": "p2", "content": "b"})
-    clock.advance(61)
+    advance_past(clock, time.time() + 60)
     [failed] = await wait_for_event(js, subjects, sid, Event.PROMPT_FAILED)
     assert failed.data["prompt_id"] == "p1"
     assert failed.data["reason"] == "timeout"

@@ -95,8 +95,10 @@ class TimerKind(StrEnum):
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 # A tag is one token of the eventbus's delivery subject (``<prefix>.deliver.tag.<owner>.<tag>``):
 # no dots, wildcards or whitespace.
-Tag = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_:-]{1,64}$")]
-Tags = Annotated[list[Tag], msgspec.Meta(max_length=32)]
+TAG_PATTERN = r"^[A-Za-z0-9_:-]{1,64}$"
+MAX_TAGS = 32
+Tag = Annotated[str, msgspec.Meta(pattern=TAG_PATTERN)]
+Tags = Annotated[list[Tag], msgspec.Meta(max_length=MAX_TAGS)]
 # Timeouts in seconds; 0 = the session service's default (DEFAULT_IDLE_TIMEOUT / ...).
 IDLE_TIMEOUT_MAX = 7 * 24 * 3600
 PROMPT_TIMEOUT_MAX = 24 * 3600

@@ -86,14 +86,26 @@ def setup_tracing(service: str, settings: CommonSettings) -> TracerProvider:
     )
     if settings.otel_exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    elif settings.otel_exporter == "otlp":  # pragma: no cover - needs an exporter package
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
-            OTLPSpanExporter,
-        )
+    elif settings.otel_exporter == "otlp":
+        # OTLP over HTTP/protobuf; endpoint, headers and timeouts from the standard
+        # OTEL_EXPORTER_OTLP_* variables (default http://localhost:4318).
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    if _recording:
+        _instrument_clients()
     return provider
+
+
+def _instrument_clients() -> None:
+    """Client spans for SQL (SQLAlchemy: each statement sent through asyncpg) and S3 (botocore
+    and aiobotocore: each API call); only when spans are exported."""
+    from opentelemetry.instrumentation.botocore import BotocoreInstrumentor
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    SQLAlchemyInstrumentor().instrument()
+    BotocoreInstrumentor().instrument()  # type: ignore[no-untyped-call]  # untyped __init__
 
 
 def inject_trace(headers: dict[str, str]) -> dict[str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import math
 import os
 import socket
@@ -30,7 +31,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.common.observability import setup_logging, setup_tracing, start_span
@@ -40,29 +47,79 @@ Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 ShutdownHook = Callable[[], Awaitable[None]]
 
 
-class TraceRequests:
-    """A server span per HTTP request, continuing the caller's W3C ``traceparent``: commands the
-    request publishes carry it on to NATS, the session service and the events it emits.
+HTTP_REQUESTS = Counter(
+    "shoal_http_requests_total",
+    "HTTP requests answered, by method, route template and status code",
+    ["method", "route", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "shoal_http_request_duration_seconds",
+    "Time from a request's arrival to the end of its response, by method and route template",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+# The route label of a request no route matched (404s): paths themselves would be unbounded.
+UNMATCHED_ROUTE = "unmatched"
+
+access_log = logging.getLogger("shoal.access")
+
+
+def observe_request(method: str, route: str, status: int, seconds: float) -> None:
+    """Count one answered request (for handlers that answer ahead of :class:`ObserveRequests`)."""
+    HTTP_REQUESTS.labels(method, route, str(status)).inc()
+    HTTP_REQUEST_SECONDS.labels(method, route).observe(seconds)
+
+
+class ObserveRequests:
+    """Per HTTP request: a server span continuing the caller's W3C ``traceparent`` (commands
+    the request publishes carry it on to NATS, the session service and the events it emits),
+    the request metrics by route template, and with ``access_log`` one log line.
     Plain ASGI (not BaseHTTPMiddleware), so streamed bodies and responses pass untouched."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, access_log: bool = False) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         method, path = scope["method"], scope["path"]
         attributes = {"http.request.method": method, "url.path": path}
+        status = 500  # what the client sees if the app raises before it answers
         with start_span(f"{method} {path}", headers, **attributes) as span:
 
             async def send_with_status(message: Message) -> None:
+                nonlocal status
                 if message["type"] == "http.response.start":
-                    span.set_attribute("http.response.status_code", message["status"])
+                    status = message["status"]
+                    span.set_attribute("http.response.status_code", status)
                 await send(message)
 
-            await self.app(scope, receive, send_with_status)
+            try:
+                await self.app(scope, receive, send_with_status)
+            finally:
+                # The router leaves the matched route in the scope: its template is the label.
+                route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+                seconds = time.perf_counter() - started
+                observe_request(method, route, status, seconds)
+                if self.access_log:
+                    access_log.info(
+                        "%s %s %s",
+                        method,
+                        path,
+                        status,
+                        extra={
+                            "method": method,
+                            "path": path,
+                            "route": route,
+                            "status": status,
+                            "duration_ms": round(seconds * 1000, 3),
+                            "client": (scope.get("client") or ("", 0))[0],
+                        },
+                    )
 
 
 class PolledCheck:
@@ -136,25 +193,33 @@ def create_service_app(
     app_class: type[FastAPI] = FastAPI,
     **fastapi_kwargs: Any,
 ) -> FastAPI:
-    """A FastAPI app (an ``app_class``) with ``/healthz``, ``/readyz`` and ``/metrics``, logging
-    and tracing set up."""
+    """A FastAPI app (an ``app_class``) with ``/healthz``, ``/readyz`` and ``/metrics`` (on
+    ``SHOAL_METRICS_PORT`` when set, instead), request metrics, logging and tracing set up."""
     setup_logging(settings)
     setup_tracing(name, settings)
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
-        async with lifespan(app):
-            yield
-            readiness.draining = True  # stop taking traffic before the service drains
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.metrics_port is not None:
+                # /metrics on a port of its own (not the public one); a thread, like the
+                # Prometheus client's other exposition servers.
+                server, thread = start_http_server(settings.metrics_port, settings.http_host)
+                stack.callback(thread.join, 5)
+                stack.callback(server.server_close)
+                stack.callback(server.shutdown)
+            async with lifespan(app):
+                yield
+                readiness.draining = True  # stop taking traffic before the service drains
 
-    # FastAPI's own OpenTelemetry instrumentation is off: TraceRequests makes the one server
+    # FastAPI's own OpenTelemetry instrumentation is off: ObserveRequests makes the one server
     # span and continues the caller's traceparent. Both together cost about 160 us per request.
     fastapi_kwargs.setdefault("telemetry", {"tracing": False, "metrics": False, "logs": False})
     app = app_class(title=f"Shoal {name}", lifespan=run, **fastapi_kwargs)
     app.state.before_server_shutdown = []
     app.state.uvicorn_options = {}
 
-    app.add_middleware(TraceRequests)
+    app.add_middleware(ObserveRequests, access_log=settings.access_log)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -170,9 +235,11 @@ def create_service_app(
             status_code=200 if ok else 503,
         )
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    if settings.metrics_port is None:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def metrics() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

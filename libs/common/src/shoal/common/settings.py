@@ -34,6 +34,14 @@ class CommonSettings(BaseSettings):
 
     nats_url: str = "nats://127.0.0.1:14222"
     nats_connect_timeout: timedelta = timedelta(seconds=5)
+    # NATS authentication and TLS, each a file (a mounted Secret): a ``.creds`` file (user JWT +
+    # NKey seed) or a bare NKey seed; a CA bundle to trust the server by; a client certificate
+    # and key for mutual TLS. Any TLS file turns TLS on (``tls://`` in the URL does too).
+    nats_creds_file: Path | None = None
+    nats_nkey_seed_file: Path | None = None
+    nats_tls_ca_file: Path | None = None
+    nats_tls_cert_file: Path | None = None
+    nats_tls_key_file: Path | None = None
     subject_prefix: str = Field(default="shoal", pattern=r"^[A-Za-z0-9_-]+$")
     # Number of session partitions. Fixed when SESSION_CMD is first created: changing it later
     # would move sessions between partitions, so provisioning refuses a different value.
@@ -44,6 +52,10 @@ class CommonSettings(BaseSettings):
 
     database_url: SecretStr = SecretStr("postgresql+asyncpg://postgres@127.0.0.1:15432/shoal")
     database_pool_size: int = 5
+    # Migrate the service's schema at start-up (``shoal up``). Off, the service only checks the
+    # schema is at head and refuses to start if not: ``shoal migrate`` (the chart's Job) migrates,
+    # and the runtime role needs no DDL rights.
+    migrate_on_start: bool = True
 
     object_store: Literal["fs", "s3"] = "fs"
     object_store_path: Path = Path(".shoal/objects")
@@ -55,6 +67,11 @@ class CommonSettings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=0, ge=0, le=65535)
+    # Serve /metrics on this port (on http_host) instead of the HTTP port: keeps it off the
+    # gateway's public port. Unset: /metrics on the HTTP port (``shoal up``).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # One log line per HTTP request (logger ``shoal.access``: method, route, status, duration).
+    access_log: bool = False
     shutdown_grace: timedelta = timedelta(seconds=10)
     # The garbage collector's clock (shoal.common.service.GcPacer): young passes every
     # gc_young_interval (a gen1 pass every 10th), a full pass every gc_full_interval (0: when
@@ -82,6 +99,19 @@ class CommonSettings(BaseSettings):
             except ValueError:
                 return value
         return value
+
+    @model_validator(mode="after")
+    def _nats_auth_is_coherent(self) -> CommonSettings:
+        if self.nats_creds_file is not None and self.nats_nkey_seed_file is not None:
+            raise ValueError(
+                "set SHOAL_NATS_CREDS_FILE or SHOAL_NATS_NKEY_SEED_FILE, not both: "
+                "a .creds file already holds the NKey seed"
+            )
+        if (self.nats_tls_cert_file is None) != (self.nats_tls_key_file is None):
+            raise ValueError(
+                "SHOAL_NATS_TLS_CERT_FILE and SHOAL_NATS_TLS_KEY_FILE go together (mutual TLS)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholders_in_production(self) -> CommonSettings:

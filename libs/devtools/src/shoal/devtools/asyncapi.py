@@ -32,19 +32,23 @@ def _model_name(event_type: str) -> str:
     return "".join(part.capitalize() for part in event_type.replace(".", "_").split("_")) + "Event"
 
 
+def event_message_model(event_type: str) -> type[EventMessage]:
+    """The envelope of ``event_type`` with its payload model as ``data``."""
+    return create_model(
+        _model_name(event_type),
+        __base__=EventMessage,
+        type=(Literal[event_type], ...),  # type: ignore[arg-type]  # a Literal made at run time
+        data=(EVENT_PAYLOADS[event_type], ...),
+    )
+
+
 def asyncapi_document(prefix: str = "shoal", version: str = "1.0.0") -> dict[str, Any]:
     """The AsyncAPI 3.0 document of the public subjects under ``prefix``."""
     broker = NatsBroker()
-    for event_type, payload in sorted(EVENT_PAYLOADS.items()):
-        message = create_model(  # the envelope with this type's payload as ``data``
-            _model_name(event_type),
-            __base__=EventMessage,
-            type=(Literal[event_type], ...),  # type: ignore[arg-type]  # a Literal made at run time
-            data=(payload, ...),
-        )
+    for event_type in sorted(EVENT_PAYLOADS):
         broker.publisher(
             f"{prefix}.session.evt.{{session}}.{event_type}",
-            schema=message,
+            schema=event_message_model(event_type),
             title=event_type,
             description=f"Stream {prefix.upper()}_SESSION_EVT: the session ledger, `{event_type}`.",
         )

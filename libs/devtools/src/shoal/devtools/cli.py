@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="its HTTP monitoring port (default: %(default)s)",
     )
     parser.add_argument(
+        "--nats-cluster",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="start N nats-servers with routes between them (free ports; streams and KV at "
+        "R3, or R1 for N < 3) instead of one (default: 1)",
+    )
+    parser.add_argument(
         "--postgres-port",
         type=_port,
         default=_up.DEFAULT_POSTGRES_PORT,
@@ -113,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run the whole fleet on this machine (embedded NATS and PostgreSQL)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.nats_cluster > 1 and args.nats_url:
+        parser.error("--nats-cluster starts its own servers: drop --nats-url (or SHOAL_NATS_URL)")
     from shoal.devtools.up import UpOptions, up
 
     return up(
@@ -123,6 +134,7 @@ def main(argv: list[str]) -> int:
             database_url=args.database_url,
             nats_port=args.nats_port,
             nats_monitor_port=args.nats_monitor_port,
+            nats_cluster=args.nats_cluster,
             postgres_port=args.postgres_port,
             gateway_port=args.gateway_port,
             session_replicas=args.session_replicas,

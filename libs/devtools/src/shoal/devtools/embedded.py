@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from shoal.common.errors import BadRequest, Conflict, Unavailable
@@ -92,7 +93,9 @@ def _stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> No
 
 
 class EmbeddedNats:
-    """A nats-server child with JetStream and a store directory of its own."""
+    """A nats-server child with JetStream and a store directory of its own; with
+    ``cluster_port`` and ``routes`` (the other servers' cluster ports) a member of a cluster
+    (see :class:`NatsCluster`)."""
 
     def __init__(
         self,
@@ -103,6 +106,10 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         sync_always: bool = False,
         log_file: Path | None = None,
+        server_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[int] = (),
+        cluster_name: str = "shoal",
     ) -> None:
         self.port = port
         self.host = host
@@ -110,6 +117,10 @@ class EmbeddedNats:
         self.monitor_port = monitor_port
         self.sync_always = sync_always
         self.log_file = log_file
+        self.server_name = server_name
+        self.cluster_port = cluster_port
+        self.routes = tuple(routes)
+        self.cluster_name = cluster_name
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -127,9 +138,16 @@ class EmbeddedNats:
         # sync_interval "always" fsyncs before every ack: slower, but no acknowledged write is
         # lost in a power cut (the default of 2 min lost writes under Jepsen's faults).
         sync = 'sync_interval: "always"' if self.sync_always else ""
-        config.write_text(
-            f'jetstream {{\n  store_dir: "{self.store_dir}"\n  {sync}\n}}\nmax_payload: 8MB\n'
-        )
+        text = f'jetstream {{\n  store_dir: "{self.store_dir}"\n  {sync}\n}}\nmax_payload: 8MB\n'
+        if self.server_name:
+            text += f'server_name: "{self.server_name}"\n'
+        if self.cluster_port:
+            routes = ", ".join(f'"nats-route://{self.host}:{p}"' for p in self.routes)
+            text += (
+                f'cluster {{\n  name: "{self.cluster_name}"\n'
+                f'  listen: "{self.host}:{self.cluster_port}"\n  routes: [{routes}]\n}}\n'
+            )
+        config.write_text(text)
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-c", str(config)]
         if self.monitor_port:
             args += ["-m", str(self.monitor_port)]
@@ -152,6 +170,71 @@ class EmbeddedNats:
     def restart(self, timeout: float = 15.0) -> None:
         self.stop()
         self.start(timeout)
+
+
+class NatsCluster:
+    """``size`` nats-servers with routes between them (one JetStream cluster), each with its
+    own store, client, cluster and monitoring ports: for replicated streams (R3) on one
+    machine. ``url`` lists every server (comma-separated), as ``SHOAL_NATS_URL`` takes it."""
+
+    def __init__(
+        self, *, size: int, root: Path, sync_always: bool = False, host: str = "127.0.0.1"
+    ) -> None:
+        if size < 1:
+            raise BadRequest("a NATS cluster needs at least one server")
+        cluster_ports = [free_port(host) for _ in range(size)]
+        self.nodes = [
+            EmbeddedNats(
+                port=free_port(host),
+                monitor_port=free_port(host),
+                store_dir=root / f"n{i}",
+                log_file=root / f"n{i}.log",
+                host=host,
+                sync_always=sync_always,
+                server_name=f"n{i}",
+                cluster_port=cluster_ports[i],
+                routes=[p for j, p in enumerate(cluster_ports) if j != i],
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every server and wait until each reports JetStream healthy (a meta leader
+        elected and the server caught up with it)."""
+        for node in self.nodes:
+            node.start(timeout)
+        self.wait_healthy(timeout)
+
+    def wait_healthy(
+        self, timeout: float = 30.0, nodes: Sequence[EmbeddedNats] | None = None
+    ) -> None:
+        """Wait until ``nodes`` (default: all) answer 200 on the monitoring ``/healthz``."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        for node in nodes or self.nodes:
+            url = f"http://{node.host}:{node.monitor_port}/healthz"
+            while True:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - http to our own child
+                        if answer.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"nats-server {node.server_name} not healthy within {timeout:.0f}s"
+                    )
+                time.sleep(0.1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
 
 
 class EmbeddedPostgres:

@@ -28,7 +28,13 @@ from typing import Any
 
 from shoal.common.errors import Conflict, ShoalError, Unavailable
 from shoal.common.settings import CommonSettings
-from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port, port_in_use
+from shoal.devtools.embedded import (
+    EmbeddedNats,
+    EmbeddedPostgres,
+    NatsCluster,
+    free_port,
+    port_in_use,
+)
 from shoal.devtools.supervisor import (
     Fleet,
     FleetConfig,
@@ -59,6 +65,8 @@ class UpOptions:
     database_url: str | None = None
     nats_port: int = DEFAULT_NATS_PORT
     nats_monitor_port: int = DEFAULT_NATS_MONITOR_PORT
+    # More than 1: a cluster of this many nats-servers on free ports, streams at R3 (R1 below 3).
+    nats_cluster: int = 1
     postgres_port: int = DEFAULT_POSTGRES_PORT
     gateway_port: int = DEFAULT_GATEWAY_PORT
     session_replicas: int = 1
@@ -163,6 +171,7 @@ class _Up:
         self.lock_fd: int | None = None
         self.watchdog: Watchdog | None = None
         self.nats: EmbeddedNats | None = None
+        self.nats_cluster: NatsCluster | None = None
         self.postgres: EmbeddedPostgres | None = None
         self.fleet: Fleet | None = None
         self.nats_url = ""
@@ -214,6 +223,7 @@ class _Up:
             gateway_host=os.environ.get("SHOAL_HTTP_HOST", "127.0.0.1"),
             session_replicas=self.options.session_replicas,
             object_store_path=object_store,
+            extra_env=self._cluster_env(),
         )
         self.fleet = Fleet(
             fleet_specs(config),
@@ -242,6 +252,12 @@ class _Up:
         await self.stop_requested.wait()
         return 0
 
+    def _cluster_env(self) -> dict[str, str]:
+        """Streams and KV replicated over the embedded cluster (R3, or its size below 3)."""
+        if self.nats_cluster is None or "SHOAL_STREAM_REPLICAS" in os.environ:
+            return {}
+        return {"SHOAL_STREAM_REPLICAS": str(min(3, len(self.nats_cluster.nodes)))}
+
     def _choose_ports(self) -> _Ports:
         """Resolve 0 to free ports; refuse ports something else already listens on."""
         options = self.options
@@ -252,7 +268,7 @@ class _Up:
             gateway=options.gateway_port or free_port(),
         )
         wanted: list[tuple[int, str, str | None]] = []
-        if options.nats_url is None:
+        if options.nats_url is None and options.nats_cluster == 1:
             wanted.append((ports.nats, "--nats-port", "--nats-url"))
             wanted.append((ports.nats_monitor, "--nats-monitor-port", None))
         if options.database_url is None:
@@ -274,7 +290,14 @@ class _Up:
     async def _start_servers(self, ports: _Ports) -> None:
         starting: list[Coroutine[Any, Any, None]] = []
         logs: list[str] = []
-        if self.options.nats_url is None:
+        if self.options.nats_url is None and self.options.nats_cluster > 1:
+            self.nats_cluster = NatsCluster(
+                size=self.options.nats_cluster, root=self.home / "nats-cluster"
+            )
+            _say(f"starting a cluster of {self.options.nats_cluster} nats-servers")
+            starting.append(asyncio.to_thread(self.nats_cluster.start))
+            logs.append("../nats-cluster/n0.log")
+        elif self.options.nats_url is None:
             self.nats = EmbeddedNats(
                 port=ports.nats,
                 monitor_port=ports.nats_monitor,
@@ -299,16 +322,19 @@ class _Up:
         if self.postgres is not None and self.postgres.proc is not None:
             pid = self.postgres.proc.pid
             self.watchdog.watch(pid, stage=1, sig=signal.SIGINT, grace=_POSTGRES_GRACE)
-        if self.nats is not None and self.nats.proc is not None:
-            pid = self.nats.proc.pid
-            self.watchdog.watch(pid, stage=2, sig=signal.SIGTERM, grace=_NATS_GRACE)
+        nats_servers = [self.nats] if self.nats else []
+        nats_servers += self.nats_cluster.nodes if self.nats_cluster else []
+        for server in nats_servers:
+            if server.proc is not None:
+                self.watchdog.watch(server.proc.pid, stage=2, sig=signal.SIGTERM, grace=_NATS_GRACE)
         for result, log_name in zip(results, logs, strict=True):
             if isinstance(result, Unavailable):  # it exited or never listened: say why
                 tail = _log_tail(self.logs / log_name)
                 raise Unavailable(f"{result.message}\n{tail}") from result
             if isinstance(result, BaseException):
                 raise result
-        self.nats_url = self.options.nats_url or (self.nats.url if self.nats else "")
+        embedded = self.nats or self.nats_cluster
+        self.nats_url = self.options.nats_url or (embedded.url if embedded else "")
         self.database_url = self.options.database_url or (
             self.postgres.url(DATABASE_NAME) if self.postgres else ""
         )
@@ -356,9 +382,15 @@ class _Up:
 
     def _write_state(self) -> None:
         assert self.fleet is not None
+        named: list[tuple[str, EmbeddedNats | EmbeddedPostgres | None]] = [
+            ("nats", self.nats),
+            ("postgres", self.postgres),
+        ]
+        if self.nats_cluster is not None:
+            named += [(f"nats-{node.server_name}", node) for node in self.nats_cluster.nodes]
         servers = [
             {"name": name, "pid": server.proc.pid}
-            for name, server in (("nats", self.nats), ("postgres", self.postgres))
+            for name, server in named
             if server is not None and server.proc is not None
         ]
         _write_private_json(
@@ -389,6 +421,9 @@ class _Up:
         if self.nats is not None:
             _say("stopping nats-server")
             await asyncio.to_thread(self.nats.stop)
+        if self.nats_cluster is not None:
+            _say("stopping the nats-servers")
+            await asyncio.to_thread(self.nats_cluster.stop)
         if self.watchdog is not None:
             self.watchdog.close()
         if self.ready:

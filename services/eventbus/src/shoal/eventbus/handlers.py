@@ -21,6 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from shoal.common.errors import BadRequest
 from shoal.common.messaging import Subjects
 from shoal.common.messaging.pull import ContinuousPull
+from shoal.common.observability import start_span
 from shoal.eventbus.config import EventbusSettings
 from shoal.eventbus.metrics import DELIVERIES, DUPLICATES, EVENTS
 from shoal.eventbus.service import DeliveryStore, EventFanout, Fanout
@@ -137,7 +138,11 @@ class EventConsumer:
         planned: list[tuple[Msg, Fanout]] = []
         for msg in msgs:
             try:
-                planned.append((msg, self._fanout.prepare(msg.data, msg.headers or {})))
+                # The event's trace (from the session that emitted it) covers its fan-out.
+                with start_span(
+                    "eventbus.fanout", msg.headers, **{"messaging.source": msg.subject}
+                ):
+                    planned.append((msg, self._fanout.prepare(msg.data, msg.headers or {})))
             except BadRequest as exc:
                 # It can never be delivered; redelivering it forever would only block the stream.
                 seq = msg.metadata.sequence.stream if msg.metadata else None

@@ -39,6 +39,7 @@ from shoal.common.messaging import (
     Envelope,
     Subjects,
     decode,
+    dumps,
     encode,
     loads,
     request,
@@ -372,7 +373,15 @@ class Bus:
         )
 
     async def subscribe_broadcast(
-        self, topic: str, callback: Callable[[Msg], Awaitable[None]]
+        self, topic: str, callback: Callable[[Msg], Awaitable[None]], *, queue: str = ""
     ) -> Subscription:
-        """A core-NATS subscription to ``bcast.<topic>`` (the caller unsubscribes)."""
-        return await self._nc.subscribe(self._subjects.broadcast(topic), cb=callback)
+        """A core-NATS subscription to ``bcast.<topic>`` (the caller unsubscribes); with a
+        ``queue`` group, each message reaches one member of the group."""
+        return await self._nc.subscribe(self._subjects.broadcast(topic), queue=queue, cb=callback)
+
+    async def publish_broadcast(self, topic: str, body: dict[str, Any]) -> None:
+        """A core-NATS publish to ``bcast.<topic>`` (best effort)."""
+        try:
+            await self._nc.publish(self._subjects.broadcast(topic), dumps(body))
+        except NatsError:
+            pass

@@ -51,6 +51,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from shoal.common.errors import Unavailable
 from shoal.common.messaging import Envelope
+from shoal.common.observability import start_span
 from shoal.gateway import metrics
 from shoal.gateway.service import Gap, SessionEventMsg
 
@@ -307,11 +308,13 @@ class LiveHub:
                 # Malformed: it has no place in the order; the feeds skip it in the ledger too.
                 log.warning("skipping malformed live event on %s", msg.subject)
                 return
-            for tap in taps:
-                try:
-                    tap.push(event)  # may write to the socket (Tap.sink)
-                except Exception:  # one socket's failure must not cost the others the event
-                    log.exception("live delivery to a socket failed")
+            # The event's trace (prompt -> session -> here) ends with its delivery to sockets.
+            with start_span("gateway.deliver", msg.headers, **{"shoal.sockets": len(taps)}):
+                for tap in taps:
+                    try:
+                        tap.push(event)  # may write to the socket (Tap.sink)
+                    except Exception:  # one socket's failure must not cost the others the event
+                        log.exception("live delivery to a socket failed")
 
         # The callback only hands references to the taps: it cannot fall behind for long.
         return await self._nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000)

@@ -46,8 +46,10 @@ class SchedulerBus(Protocol):
     ) -> Any: ...
 
     async def subscribe_broadcast(
-        self, topic: str, callback: Callable[[Msg], Awaitable[None]]
+        self, topic: str, callback: Callable[[Msg], Awaitable[None]], *, queue: str = ""
     ) -> Subscription: ...
+
+    async def publish_broadcast(self, topic: str, body: dict[str, Any]) -> None: ...
 
 
 def reader(principal: Principal) -> str | None:

@@ -27,8 +27,13 @@ import msgspec
 
 from shoal.common.clock import Clock, SystemClock, iso
 from shoal.common.contracts import (
+    IDLE_TIMEOUT_MAX,
+    MAX_TAGS,
+    PROMPT_TIMEOUT_MAX,
     Command,
+    MessageComplete,
     PromptAbort,
+    PromptSubmit,
     QuestionAnswer,
     QuestionAsk,
     RunnerConnect,
@@ -60,10 +65,6 @@ RUNNER_TOKEN_PREFIX = "srt_"  # noqa: S105 - a recognisable prefix, not a secret
 ADMIN_SCOPE = "admin"
 SOURCE = "gateway"
 
-# Bounds of what a client sets on a session (seconds, counts); docs/CONTRACTS.md lists them.
-IDLE_TIMEOUT_MAX = 30 * 24 * 3600
-PROMPT_TIMEOUT_MAX = 24 * 3600
-MAX_TAGS = 32
 # What a runner's question may carry: it lives in the session's hot state until answered.
 MAX_QUESTION_BYTES = 16 * 1024
 MAX_QUESTION_OPTIONS = 32
@@ -105,8 +106,9 @@ class CommandReceipt(msgspec.Struct, kw_only=True):
     question_id: str | None = None
 
 
-class QuestionFrame(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    """A runner's ``question`` frame (DESIGN §5): the gateway stamps what it leaves out."""
+class QuestionFrame(msgspec.Struct, kw_only=True):
+    """A runner's ``question`` frame (DESIGN §5; unknown members ignored): the gateway stamps
+    what it leaves out."""
 
     type: str = "question"
     question_id: str | None = None
@@ -491,10 +493,7 @@ class GatewayService:
         )
         rows = list(data.get("sessions") or []) if isinstance(data, dict) else []
         snapshots = await asyncio.gather(*(self._bus.read_session(str(r["id"])) for r in rows))
-        sessions = [
-            public_session(snap) if snap is not None else dict(row)
-            for row, snap in zip(rows, snapshots, strict=True)
-        ]
+        sessions = [public_session(snap) for snap in snapshots if snap is not None]
         next_cursor = data.get("next") if isinstance(data, dict) else None
         return SessionPage(
             sessions=sessions, next=next_cursor if isinstance(next_cursor, str) else None
@@ -634,7 +633,7 @@ class GatewayService:
             Command.PROMPT_SUBMIT,
             session_id,
             owner,
-            {"prompt_id": prompt_id, "content": content},
+            PromptSubmit(prompt_id=prompt_id, content=content),
             command_id=command_id,
         )
         outcome = await self._bus.send_command(envelope, wait=True)
@@ -798,7 +797,7 @@ class GatewayService:
             Command.MESSAGE_COMPLETE,
             snapshot.id,
             snapshot.owner,
-            {"prompt_id": prompt_id, "message_id": message_id, "content": content},
+            MessageComplete(prompt_id=prompt_id, message_id=message_id, content=content),
             # Same message id -> same command id: a re-sent completion is dropped by JetStream.
             command_id=derived_id("cmd", snapshot.id, "complete", message_id),
         )
@@ -846,7 +845,7 @@ def _checked_tags(tags: list[str]) -> list[str]:
         checked = msgspec.convert(tags, list[Tag])
     except msgspec.ValidationError as exc:
         raise BadRequest(
-            "tags must be a list of 1..64 characters of A-Z a-z 0-9 _ . : -",
+            "tags must be a list of 1..64 characters of A-Z a-z 0-9 _ : -",
             detail={"error": str(exc)},
         ) from None
     unique = list(dict.fromkeys(checked))

@@ -19,7 +19,7 @@ from shoal.common.clock import Clock, SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
 from shoal.common.messaging.catalog import provision_stream
 from shoal.common.service import PolledCheck, Readiness, create_service_app
-from shoal.common.storage import Database
+from shoal.common.storage import Database, Schema
 from shoal.keys.audit import audit_stream_config
 from shoal.keys.config import KeysSettings
 from shoal.keys.handlers import serve_keys
@@ -29,6 +29,7 @@ from shoal.keys.vault import SecretService
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_keys"
+SCHEMA = Schema("keys", MIGRATIONS, VERSION_TABLE)
 _DB_PROBE_INTERVAL = timedelta(seconds=5)
 
 
@@ -46,7 +47,7 @@ def create_app(settings: KeysSettings | None = None, *, clock: Clock | None = No
                 settings.database_url.get_secret_value(), pool_size=settings.database_pool_size
             )
             stack.push_async_callback(db.close)
-            await db.migrate(MIGRATIONS, VERSION_TABLE)
+            await db.prepare_schema(SCHEMA, migrate=settings.migrate_on_start)
 
             nc = await connect_nats(settings, name="keys")
             stack.push_async_callback(nc.drain)

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from shoal.common.clock import Clock, SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
 from shoal.common.service import PolledCheck, Readiness, create_service_app
-from shoal.common.storage import Database
+from shoal.common.storage import Database, Schema
 from shoal.scheduler.config import SchedulerSettings
 from shoal.scheduler.handlers import TimerLoop, serve_scheduler
 from shoal.scheduler.job_handlers import NatsJobSignals, serve_jobs
@@ -37,6 +37,7 @@ from shoal.scheduler.webhooks import check_callback_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_scheduler"
+SCHEMA = Schema("scheduler", MIGRATIONS, VERSION_TABLE)
 _DB_PROBE_INTERVAL = timedelta(seconds=5)
 _SWEEP_BATCH = 500  # rows per sweep transaction
 _SCHEDULE_BATCH = 100  # schedules fired per transaction
@@ -56,7 +57,7 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
                 settings.database_url.get_secret_value(), pool_size=settings.database_pool_size
             )
             stack.push_async_callback(db.close)
-            await db.migrate(MIGRATIONS, VERSION_TABLE)
+            await db.prepare_schema(SCHEMA, migrate=settings.migrate_on_start)
 
             nc = await connect_nats(settings, name="scheduler")
             stack.push_async_callback(nc.drain)
@@ -149,7 +150,7 @@ def create_app(settings: SchedulerSettings | None = None, *, clock: Clock | None
             readiness.add("webhooks", lambda: delivering.running)
 
             await serve_scheduler(nc, subjects, service)
-            await serve_jobs(nc, subjects, jobs)
+            await serve_jobs(nc, subjects, jobs, concurrency=settings.scheduler_rpc_concurrency)
             await serve_schedules(nc, subjects, schedules)
             await serve_webhooks(nc, subjects, webhooks)
             app.state.scheduler = service

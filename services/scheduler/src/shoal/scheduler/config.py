@@ -21,6 +21,9 @@ class SchedulerSettings(CommonSettings):
     scheduler_publish_timeout: timedelta = timedelta(seconds=2)
     # A timer whose publish fails is retried after 1, 2, 4 ... s, at most this long apart.
     scheduler_retry_max_delay: timedelta = timedelta(seconds=60)
+    # Jobs RPCs answered at once per process (queue-group members; each holds a DB connection
+    # while it runs, so keep it at or below the pool: SHOAL_DATABASE_POOL_SIZE + 10 overflow).
+    scheduler_rpc_concurrency: int = Field(default=8, ge=1, le=64)
     # Jobs: how often expired leases are redriven (and due schedules and webhooks looked for).
     scheduler_sweep_interval: timedelta = timedelta(seconds=1)
     # A job's input (and a worker's output) as JSON is at most this many bytes.

@@ -24,6 +24,7 @@ from nats.errors import Error as NatsError
 from shoal.common.clock import iso
 from shoal.common.errors import BadRequest
 from shoal.common.messaging import Subjects, dumps, serve
+from shoal.common.messaging.rpc import Handler
 from shoal.scheduler.job_service import JobService
 from shoal.scheduler.jobs import Job
 
@@ -87,7 +88,20 @@ def _int(body: dict[str, Any], name: str) -> int:
     return value
 
 
-async def serve_jobs(nc: NATS, subjects: Subjects, service: JobService) -> list[Subscription]:
+async def serve_concurrently(
+    nc: NATS, subject: str, handler: Handler, concurrency: int
+) -> list[Subscription]:
+    """``concurrency`` members of the queue group on ``subject`` in this process.
+
+    nats-py runs one subscription's callbacks one after another; the server spreads a queue
+    group's requests over its members, so N members answer up to N requests at once.
+    """
+    return [await serve(nc, subject, QUEUE, handler) for _ in range(concurrency)]
+
+
+async def serve_jobs(
+    nc: NATS, subjects: Subjects, service: JobService, *, concurrency: int = 1
+) -> list[Subscription]:
     """Answer the ``jobs.*`` RPCs (see the module docstring)."""
 
     async def submit(body: dict[str, Any]) -> Any:
@@ -155,4 +169,8 @@ async def serve_jobs(nc: NATS, subjects: Subjects, service: JobService) -> list[
         "jobs.complete": complete,
         "jobs.fail": fail,
     }
-    return [await serve(nc, subjects.rpc("scheduler", m), QUEUE, h) for m, h in routes.items()]
+    subscriptions: list[Subscription] = []
+    for method, handler in routes.items():
+        subject = subjects.rpc("scheduler", method)
+        subscriptions += await serve_concurrently(nc, subject, handler, concurrency)
+    return subscriptions

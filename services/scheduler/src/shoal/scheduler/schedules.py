@@ -29,6 +29,7 @@ CatchUp = Literal["once", "all", "skip"]
 CATCH_UPS: tuple[CatchUp, ...] = ("once", "all", "skip")
 MAX_CATCH_UP = 1000  # firings one late pass may fire with catch_up "all"
 MAX_PROMPT_BYTES = 256 * 1024
+MAX_EVERY_S = 10 * 366 * 86_400  # ten years
 SPEC_FIELDS = frozenset({"cron", "every", "at", "timezone", "catch_up", "target"})
 
 
@@ -92,8 +93,12 @@ def parse_spec(body: dict[str, Any], *, now: datetime) -> Spec:
             raise BadRequest(f"malformed cron expression: {exc}") from exc
         return Spec(cron=cron, timezone=timezone, catch_up=catch_up)
     if every is not None:
-        if not isinstance(every, int | float) or isinstance(every, bool) or every < 1:
-            raise BadRequest("every must be a number of seconds, at least 1")
+        if (
+            not isinstance(every, int | float)
+            or isinstance(every, bool)
+            or not 1 <= every <= MAX_EVERY_S  # NaN fails both bounds
+        ):
+            raise BadRequest(f"every must be a number of seconds from 1 to {MAX_EVERY_S}")
         return Spec(every_s=float(every), timezone=timezone, catch_up=catch_up, anchor=now)
     if not isinstance(at, str):
         raise BadRequest("at must be an RFC 3339 time")

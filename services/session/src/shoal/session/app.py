@@ -28,7 +28,7 @@ from nats.aio.subscription import Subscription
 from shoal.common.clock import SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision, serve
 from shoal.common.service import PolledCheck, Readiness, create_service_app
-from shoal.common.storage import Database
+from shoal.common.storage import Database, Schema
 from shoal.session.config import SessionSettings
 from shoal.session.coordinator import Coordinator
 from shoal.session.handlers import (
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_session"
+SCHEMA = Schema("session", MIGRATIONS_DIR, VERSION_TABLE)
 _DB_PING_INTERVAL_S = 5.0
 
 
@@ -84,7 +85,7 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
         try:
             js = nc.jetstream()
             await provision(js, Catalog.from_settings(settings))
-            await db.migrate(MIGRATIONS_DIR, VERSION_TABLE)
+            await db.prepare_schema(SCHEMA, migrate=settings.migrate_on_start)
 
             history = HistoryStore(db)
             states = StateStore(await js.key_value(subjects.session_state_bucket))

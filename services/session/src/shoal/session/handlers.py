@@ -282,16 +282,21 @@ class CommandHandler:
                 new_state = msgspec.structs.replace(new_state, ledger_seq=last)
             revision = await self._states.save(new_state, revision)
             cache.remember(new_state, revision)
-            await self._sync_timers(state, new_state)
+            await self._sync_timers(state, new_state, command)
             return dataclasses.replace(result, new_state=new_state)
         if result.already_applied:
             await self._sync_timers(None, state)
         return result
 
-    async def _sync_timers(self, old: SessionSnapshot | None, new: SessionSnapshot | None) -> None:
+    async def _sync_timers(
+        self,
+        old: SessionSnapshot | None,
+        new: SessionSnapshot | None,
+        command: Envelope | None = None,
+    ) -> None:
         if self._timers is None or new is None:
             return
-        to_set, to_cancel = timer_changes(old, new)
+        to_set, to_cancel = timer_changes(old, new, command)
         if not to_set and not to_cancel:
             return
         subject = self._subjects.session_command(new.id)

@@ -28,6 +28,7 @@ wants exactly that timer.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol, TypeVar
@@ -165,7 +166,7 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
         specs.append(
             TimerSpec(
                 timer_id(state.id, "idle"),
-                _after(state.updated_at, state.idle_timeout),
+                _after(state.updated_at, state.idle_timeout or DEFAULT_IDLE_TIMEOUT),
                 TimerFire(kind=TimerKind.IDLE, armed_seq=state.event_seq),
             )
         )
@@ -174,7 +175,7 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
         specs.append(
             TimerSpec(
                 timer_id(state.id, "wd"),
-                _after(state.prompt_active_at, state.prompt_timeout),
+                _after(_active_since(state), _prompt_timeout(state)),
                 TimerFire(kind=TimerKind.WATCHDOG, ref=state.current_prompt.prompt_id),
             )
         )
@@ -190,18 +191,42 @@ def timers_for(state: SessionSnapshot | None) -> list[TimerSpec]:
     return specs
 
 
+def _active_since(state: SessionSnapshot) -> str:
+    """The running prompt's last recorded runner activity (a snapshot written before the
+    watchdog existed has none: its last change stands in)."""
+    return state.prompt_active_at or state.updated_at
+
+
+def _prompt_timeout(state: SessionSnapshot) -> int:
+    return state.prompt_timeout or DEFAULT_PROMPT_TIMEOUT
+
+
 def timer_changes(
-    old: SessionSnapshot | None, new: SessionSnapshot | None
+    old: SessionSnapshot | None, new: SessionSnapshot | None, command: Envelope | None = None
 ) -> tuple[list[TimerSpec], list[str]]:
-    """What moving from ``old`` to ``new`` asks of the scheduler: the timers to set (new or
-    changed) and the ids to cancel. ``old=None`` sets every timer ``new`` wants (a redelivered
-    command re-sets them: setting is replace-by-id)."""
+    """What moving from ``old`` to ``new`` (by ``command``) asks of the scheduler: the timers
+    to set (new or changed) and the ids to cancel. ``old=None`` sets every timer ``new`` wants
+    (a redelivered command re-sets them: setting is replace-by-id). The timer whose firing
+    ``command`` is has fired: the scheduler has no such timer left to cancel."""
     before = {spec.id: spec for spec in timers_for(old)}
     after = timers_for(new)
     wanted = {spec.id for spec in after}
+    fired = _fired(before.values(), command)
     return [spec for spec in after if before.get(spec.id) != spec], [
-        timer_id for timer_id in before if timer_id not in wanted
+        timer_id for timer_id in before if timer_id not in wanted and timer_id != fired
     ]
+
+
+def _fired(specs: Iterable[TimerSpec], command: Envelope | None) -> str | None:
+    if command is None or command.type != Command.TIMER_FIRE:
+        return None
+    try:
+        fire = msgspec.convert(command.data, TimerFire)
+    except msgspec.ValidationError:
+        return None
+    return next(
+        (spec.id for spec in specs if spec.fire == fire and spec.fire_at == command.time), None
+    )
 
 
 def timer_command(state: SessionSnapshot, spec: TimerSpec) -> Envelope:
@@ -330,7 +355,10 @@ class _Transition:
             self._unannounced = False
             self.emit(Event.SESSION_STATUS, {"status": s.status})
         s.applied_seq = self.stream_seq
-        s.updated_at = self.command.time
+        # A timer firing carries its due time, which a late firing (the scheduler was down)
+        # puts before the last change: updated_at never goes back. Same format, so max is
+        # chronological.
+        s.updated_at = max(s.updated_at, self.command.time)
         return Result(s, self.events, ok_reply(s), changed=True)
 
     def reject(self, error: ShoalError) -> Result:
@@ -573,8 +601,8 @@ def _runner_heartbeat(t: _Transition) -> Result:
         return _unchanged(s)
     if data.prompt_id and data.prompt_id != current.prompt_id:
         return _unchanged(s)
-    since = _time(t.command.time, "time") - _time(s.prompt_active_at, "prompt_active_at")
-    if since < timedelta(seconds=s.prompt_timeout / 2):
+    since = _time(t.command.time, "time") - _time(_active_since(s), "prompt_active_at")
+    if since < timedelta(seconds=_prompt_timeout(s) / 2):
         return _unchanged(s)
     s.prompt_active_at = t.command.time
     t.emit(Event.PROMPT_PROGRESS, {"prompt_id": current.prompt_id})
@@ -714,10 +742,7 @@ def _question_answer(t: _Transition) -> Result:
 def _timer_fire(t: _Transition) -> Result:
     data = _parse(t.command.data, TimerFire, t.command.type)
     s = t.state
-    wanted = any(
-        spec.fire == data and spec.fire_at == t.command.time for spec in timers_for(t.original)
-    )
-    if not wanted:
+    if _fired(timers_for(t.original), t.command) is None:
         return _unchanged(s)  # re-armed, or made moot by what happened since
     match data.kind:
         case TimerKind.IDLE:
@@ -727,7 +752,7 @@ def _timer_fire(t: _Transition) -> Result:
             t.emit(Event.QUESTION_EXPIRED, {"question_id": data.ref})
             t.settle_status()
         case TimerKind.WATCHDOG:
-            _fail_current(t, f"no runner activity for {s.prompt_timeout} s", "timeout")
+            _fail_current(t, f"no runner activity for {_prompt_timeout(s)} s", "timeout")
     return t.commit()
 
 

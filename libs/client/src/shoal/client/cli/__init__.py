@@ -1,4 +1,4 @@
-"""The client CLI: ``shoal sessions|keys|secrets|runner …`` (typer + rich).
+"""The client CLI: ``shoal sessions|keys|secrets|jobs|runner …`` (typer + rich).
 
 Each group is also an entry point of the ``shoal.cli`` group (``main(argv) -> int``), which the
 ``shoal`` command dispatches to; ``python -m shoal.client <group> …`` runs the same commands
@@ -12,18 +12,19 @@ import sys
 import stamina.instrumentation
 import typer
 
-from shoal.client.cli import _keys, _secrets, _sessions
+from shoal.client.cli import _jobs, _keys, _secrets, _sessions
 from shoal.client.cli._output import EXIT_USAGE
 from shoal.client.cli._runner import runner
 
 app = typer.Typer(
-    help="Shoal's client commands: sessions, API keys, secrets and the runner bridge.",
+    help="Shoal's client commands: sessions, API keys, secrets, jobs and the runner bridge.",
     no_args_is_help=True,
     add_completion=False,
 )
 app.add_typer(_sessions.app, name="sessions")
 app.add_typer(_keys.app, name="keys")
 app.add_typer(_secrets.app, name="secrets")
+app.add_typer(_jobs.app, name="jobs")
 app.command("runner")(runner)
 
 runner_app = typer.Typer(add_completion=False)
@@ -65,6 +66,11 @@ def keys_main(argv: list[str]) -> int:
 def secrets_main(argv: list[str]) -> int:
     """Secrets: set, list, rm."""
     return _invoke(_secrets.app, argv, "shoal secrets")
+
+
+def jobs_main(argv: list[str]) -> int:
+    """Jobs: submit, show, list, cancel, retry."""
+    return _invoke(_jobs.app, argv, "shoal jobs")
 
 
 def runner_main(argv: list[str]) -> int:

@@ -1,11 +1,12 @@
-"""The ``shoal`` command: ``shoal run <service>`` serves one service, ``shoal admin …`` asks a
-running fleet; any other subcommand comes from the ``shoal.cli`` entry points of the installed
-distributions (``shoal up`` from shoal-devtools), each a ``main(argv: list[str]) -> int``
-given the arguments after its name.
+"""The ``shoal`` command: ``shoal run <service>`` serves one service, ``shoal migrate`` migrates
+the services' schemas, ``shoal admin …`` asks a running fleet; any other subcommand comes from
+the ``shoal.cli`` entry points of the installed distributions (``shoal up`` from shoal-devtools),
+each a ``main(argv: list[str]) -> int`` given the arguments after its name.
 
 Example::
 
     shoal run gateway                   # SHOAL_HTTP_PORT=8470 SHOAL_NATS_URL=... in the env
+    shoal migrate --service keys        # SHOAL_DATABASE_URL in the env; --status only reads
     shoal admin partitions --up .shoal/up.json
     shoal up --home .shoal              # with shoal-devtools installed
     python -m shoal.common.cli run keys # the same without the console script
@@ -25,7 +26,7 @@ from pathlib import Path
 __all__ = ["COMMAND_ENTRY_POINT_GROUP", "build_parser", "command_entry_points", "main"]
 
 COMMAND_ENTRY_POINT_GROUP = "shoal.cli"
-BUILTIN_COMMANDS = ("run", "admin")
+BUILTIN_COMMANDS = ("run", "migrate", "admin")
 # Commands users know from the README, and the distribution that provides each.
 KNOWN_PROVIDERS = {"up": "shoal-devtools"}
 EXIT_FAILED = 1
@@ -68,6 +69,26 @@ def build_parser(
         "SHOAL_HTTP_HOST:SHOAL_HTTP_PORT until SIGTERM/SIGINT.",
     )
     run.add_argument("service", help="a name from the shoal.services entry points, e.g. gateway")
+
+    migrate = subparsers.add_parser(
+        "migrate",
+        help="migrate the services' PostgreSQL schemas to this version's head",
+        description="Migrate the installed services' schemas in SHOAL_DATABASE_URL (each under "
+        "an advisory lock, so concurrent runs are safe) and print each one's revision as JSON. "
+        "Exit 1 when one is not at head afterwards (with --status: when one is behind).",
+    )
+    migrate.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this service's schema (repeatable; default: every installed service)",
+    )
+    migrate.add_argument(
+        "--status",
+        action="store_true",
+        help="only read each schema's revision and the head this version needs",
+    )
 
     admin = subparsers.add_parser(
         "admin",
@@ -132,6 +153,10 @@ def main(
 
     # `shoal run` starts every service process: it does not import the plugins for their help.
     parsed = build_parser(installed, describe=name not in BUILTIN_COMMANDS).parse_args(args)
+    if parsed.command == "migrate":
+        from shoal.common.cli._migrate import run_migrate
+
+        return run_migrate(parsed.service, status_only=parsed.status)
     if parsed.command == "admin":
         from shoal.common.cli._admin import run_admin
 

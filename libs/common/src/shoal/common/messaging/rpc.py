@@ -23,6 +23,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from shoal.common.errors import ShoalError, Timeout, Unavailable, error_from_dict
 from shoal.common.messaging.envelope import dumps, loads
+from shoal.common.observability import inject_trace, start_span
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,10 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 async def request(nc: NATS, subject: str, body: dict[str, Any], *, timeout: float = 5.0) -> Any:  # noqa: ASYNC109 - passed to nc.request, which cleans up its inbox
-    """Call ``subject`` and return the reply's data, or raise the error it carried."""
+    """Call ``subject`` and return the reply's data, or raise the error it carried. The
+    current trace goes along as ``traceparent``: the handler's span joins the caller's trace."""
     try:
-        msg = await nc.request(subject, dumps(body), timeout=timeout)
+        msg = await nc.request(subject, dumps(body), timeout=timeout, headers=inject_trace({}))
     except NoRespondersError as exc:
         raise Unavailable(f"no service answers {subject}") from exc
     except NatsTimeout as exc:
@@ -47,16 +49,21 @@ async def serve(nc: NATS, subject: str, queue: str, handler: Handler) -> Subscri
     """Answer requests on ``subject`` in queue group ``queue`` (one replica answers each)."""
 
     async def on_request(msg: Msg) -> None:
-        try:
-            body = loads(msg.data)
-            if not isinstance(body, dict):
-                raise error_from_dict({"code": "bad_request", "message": "body must be an object"})
-            reply: dict[str, Any] = {"ok": True, "data": await handler(body)}
-        except ShoalError as exc:
-            reply = {"ok": False, "error": exc.to_dict()}
-        except Exception:
-            log.exception("rpc handler for %s failed", subject)
-            reply = {"ok": False, "error": {"code": "internal", "message": "internal error"}}
+        with start_span(f"rpc {subject}", msg.headers, **{"rpc.system": "nats"}) as span:
+            try:
+                body = loads(msg.data)
+                if not isinstance(body, dict):
+                    raise error_from_dict(
+                        {"code": "bad_request", "message": "body must be an object"}
+                    )
+                reply: dict[str, Any] = {"ok": True, "data": await handler(body)}
+            except ShoalError as exc:
+                reply = {"ok": False, "error": exc.to_dict()}
+                span.set_attribute("error.type", exc.code)
+            except Exception:
+                log.exception("rpc handler for %s failed", subject)
+                reply = {"ok": False, "error": {"code": "internal", "message": "internal error"}}
+                span.set_attribute("error.type", "internal")
         if msg.reply:
             await msg.respond(dumps(reply))
 

@@ -18,7 +18,16 @@ from shoal.common.storage.objects import (
     object_storage_from_settings,
     validate_key,
 )
-from shoal.common.storage.sql import Database, DatabaseClient, ensure_database, migrate_database
+from shoal.common.storage.sql import (
+    Database,
+    DatabaseClient,
+    Schema,
+    SchemaOutOfDate,
+    SchemaVersion,
+    ensure_database,
+    migrate_database,
+    schema_versions,
+)
 
 __all__ = [
     "Database",
@@ -30,6 +39,10 @@ __all__ = [
     "StoredObject",
     "ensure_database",
     "migrate_database",
+    "Schema",
+    "SchemaOutOfDate",
+    "SchemaVersion",
+    "schema_versions",
     "object_storage_from_settings",
     "validate_key",
 ]

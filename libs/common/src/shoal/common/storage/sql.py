@@ -5,10 +5,15 @@ Each service keeps plain Alembic revision files (``<service>/migrations/0001_ini
 :meth:`Database.migrate` drives Alembic itself, under a PostgreSQL advisory lock, and records
 the revision in a version table of the service's own, so services own their schema apart.
 
+A service declares its :class:`Schema` and lists it under the ``shoal.migrations`` entry points,
+so ``shoal migrate`` finds it. At start-up the service either migrates (``SHOAL_MIGRATE_ON_START``,
+``shoal up``) or only checks that the schema is at head (a role without DDL rights, the chart).
+
 Example::
 
+    SCHEMA = Schema("session", Path(__file__).parent / "migrations", "alembic_version_session")
     db = Database("postgresql+asyncpg://postgres@127.0.0.1:15432/shoal")
-    await db.migrate(Path(__file__).parent / "migrations", "alembic_version_session")
+    await db.prepare_schema(SCHEMA, migrate=settings.migrate_on_start)
     async with db.session() as s, s.begin():
         await s.execute(text("INSERT INTO sessions (id) VALUES (:id)"), {"id": sid})
     await db.close()
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +33,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, make_url, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext import asyncio as sqlalchemy_asyncio
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -36,9 +43,14 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import NullPool
 
+from shoal.common.errors import Unavailable
+
 __all__ = [
     "Database",
     "DatabaseClient",
+    "Schema",
+    "SchemaOutOfDate",
+    "SchemaVersion",
     "ensure_database",
     "migrate_database",
 ]
@@ -47,6 +59,45 @@ log = logging.getLogger(__name__)
 
 # A ping that waits longer than this reports the database as down rather than hanging a probe.
 _PING_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Schema:
+    """One service's schema: its Alembic revisions and the version table it records them in."""
+
+    service: str
+    migrations_dir: Path
+    version_table: str
+
+    def heads(self) -> tuple[str, ...]:
+        """The newest revisions in ``migrations_dir``: what the code needs."""
+        return tuple(sorted(_script(self.migrations_dir).get_heads()))
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    """Where a database's schema is (``current``) against what the code needs (``head``)."""
+
+    service: str
+    current: tuple[str, ...]
+    head: tuple[str, ...]
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "current": list(self.current),
+            "head": list(self.head),
+            "up_to_date": self.up_to_date,
+        }
+
+
+class SchemaOutOfDate(Unavailable):
+    """The database's schema is not the one this code needs and the service may not migrate."""
+
+    code = "schema_out_of_date"
 
 
 class DatabaseClient(Protocol):
@@ -75,7 +126,9 @@ class Database:
     """An async SQLAlchemy engine over asyncpg with a session factory. Connects lazily."""
 
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
-        self.engine: AsyncEngine = create_async_engine(
+        # Through the module: OpenTelemetry's SQLAlchemy instrumentation wraps the module's
+        # create_async_engine when tracing starts, after this module was imported.
+        self.engine: AsyncEngine = sqlalchemy_asyncio.create_async_engine(
             _async_url(url),
             pool_size=pool_size,
             # A replica outlives PostgreSQL restarts and failovers: check a pooled connection
@@ -92,6 +145,28 @@ class Database:
         """Upgrade the schema to the newest revision in ``migrations_dir`` (a no-op if there)."""
         async with self.engine.begin() as conn:
             await conn.run_sync(_upgrade_to_head, Path(migrations_dir), version_table)
+
+    async def schema_version(self, schema: Schema) -> SchemaVersion:
+        """The schema's current revision here and the head the code needs (reads only: a role
+        without DDL rights can ask, given SELECT on the version table)."""
+        async with self.engine.connect() as conn:
+            current = await conn.run_sync(_current_heads, schema.version_table)
+        return SchemaVersion(schema.service, tuple(sorted(current)), schema.heads())
+
+    async def prepare_schema(self, schema: Schema, *, migrate: bool) -> SchemaVersion:
+        """Migrate to head (``migrate``), or check that the schema is at head and raise
+        :class:`SchemaOutOfDate`, naming the command to run, when it is not."""
+        if migrate:
+            await self.migrate(schema.migrations_dir, schema.version_table)
+        version = await self.schema_version(schema)
+        if not version.up_to_date:
+            raise SchemaOutOfDate(
+                f"the {schema.service} schema is at {','.join(version.current) or 'nothing'}, "
+                f"this code needs {','.join(version.head)}: run `shoal migrate --service "
+                f"{schema.service}` (the chart's migrations Job) with a role that may change the "
+                "schema, or set SHOAL_MIGRATE_ON_START=true"
+            )
+        return version
 
     async def ping(self) -> bool:
         """Whether ``SELECT 1`` succeeds now; never raises."""
@@ -117,16 +192,25 @@ def _lock_key(version_table: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def _script(migrations_dir: Path) -> ScriptDirectory:
+    if not migrations_dir.is_dir():
+        raise FileNotFoundError(f"migrations directory {migrations_dir} does not exist")
+    return ScriptDirectory(str(migrations_dir), version_locations=[str(migrations_dir)])
+
+
+def _current_heads(connection: Connection, version_table: str) -> tuple[str, ...]:
+    context = MigrationContext.configure(connection, opts={"version_table": version_table})
+    return tuple(context.get_current_heads())
+
+
 def _upgrade_to_head(connection: Connection, migrations_dir: Path, version_table: str) -> None:
     """Run inside ``AsyncConnection.run_sync`` within one transaction (PostgreSQL DDL is
     transactional, so a failed revision leaves neither schema nor version row behind)."""
-    if not migrations_dir.is_dir():
-        raise FileNotFoundError(f"migrations directory {migrations_dir} does not exist")
+    script = _script(migrations_dir)
     # Held until the transaction ends: a replica starting at the same moment waits here, then
     # reads the version this one committed and finds nothing to do.
     lock = text("SELECT pg_advisory_xact_lock(:key)")
     connection.execute(lock, {"key": _lock_key(version_table)})
-    script = ScriptDirectory(str(migrations_dir), version_locations=[str(migrations_dir)])
 
     def upgrade(revision: Any, context: MigrationContext) -> Any:
         return script._upgrade_revs("head", revision)
@@ -186,7 +270,7 @@ async def ensure_database(url: str) -> bool:
 async def migrate_database(
     url: str, migrations_dir: Path, version_table: str, *, create: bool = False
 ) -> None:
-    """Migrate one service's schema to head and disconnect: what ``shoal migrate`` runs.
+    """Migrate one service's schema to head and disconnect.
 
     With ``create``, first create the database if the server lacks it (``shoal up``).
     """
@@ -195,5 +279,19 @@ async def migrate_database(
     db = Database(url, pool_size=1)
     try:
         await db.migrate(migrations_dir, version_table)
+    finally:
+        await db.close()
+
+
+async def schema_versions(url: str, schemas: list[Schema], *, migrate: bool) -> list[SchemaVersion]:
+    """Each schema's version after migrating it (``migrate``) or as it is: ``shoal migrate``."""
+    db = Database(url, pool_size=1)
+    try:
+        versions = []
+        for schema in schemas:
+            if migrate:
+                await db.migrate(schema.migrations_dir, schema.version_table)
+            versions.append(await db.schema_version(schema))
+        return versions
     finally:
         await db.close()

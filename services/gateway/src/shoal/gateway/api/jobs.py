@@ -233,7 +233,9 @@ class CreateSchedule(BaseModel):
     cron: str | None = Field(
         default=None, max_length=200, description="5 fields (or 6, seconds first)"
     )
-    every: float | None = Field(default=None, ge=1, description="Seconds, from creation")
+    every: float | None = Field(
+        default=None, ge=1, le=316_224_000, description="Seconds (at most ten years), from creation"
+    )
     at: str | None = Field(default=None, description="RFC 3339, in the future: fires once")
     timezone: str | None = Field(default=None, description="IANA name for cron (default UTC)")
     catch_up: Literal["once", "all", "skip"] | None = Field(

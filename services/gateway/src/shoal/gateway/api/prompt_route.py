@@ -2,13 +2,13 @@
 
 A plain ASGI handler that does for this one route what the framework's stack does (most of a
 prompt request's CPU in the gateway was that stack; bench/README.md): the request id, the body
-cap (413), a server span continuing ``traceparent``, the key (the service checks its scope, once),
-the body validated by the route's own model, the receipt as the service shapes it, errors as the
-app's handlers answer them. What it does not handle goes to the app untouched: a request with
-an ``Origin`` (CORS is the framework's), a non-JSON content type, a ``root_path``, and every body
-that fails validation (replayed to the FastAPI route, so a 400's ``errors`` come from one place).
-``tests/test_gateway_http.py`` proves both answer alike; ``tests/test_gateway_fast_paths.py``
-pins the middleware stack this skips.
+cap (413), a server span continuing ``traceparent`` and the request metrics, the key (the
+service checks its scope, once), the body validated by the route's own model, the receipt as
+the service shapes it, errors as the app's handlers answer them. What it does not handle goes
+to the app untouched: a request with an ``Origin`` (CORS is the framework's), a non-JSON
+content type, a ``root_path``, and every body that fails validation (replayed to the FastAPI
+route, so a 400's ``errors`` come from one place). ``tests/test_gateway_http.py`` proves both
+answer alike; ``tests/test_gateway_fast_paths.py`` pins the middleware stack this skips.
 
 Installed as the app's outermost middleware::
 
@@ -18,6 +18,7 @@ Installed as the app's outermost middleware::
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shoal.common.errors import ShoalError
 from shoal.common.observability import start_span
+from shoal.common.service import observe_request
 from shoal.gateway.api.deps import gateway_state
 from shoal.gateway.api.limits import body_too_large
 from shoal.gateway.api.problems import problem, shoal_problem
@@ -37,6 +39,9 @@ from shoal.gateway.api.request_id import (
 )
 from shoal.gateway.api.routes import SubmitPrompt
 from shoal.gateway.service import bearer_token
+
+# The route template the framework's own route has (the request metrics' label).
+PROMPT_ROUTE = "/v1/sessions/{session_id}/prompts"
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ class PromptRoute:
             k.decode(): v.decode("latin-1") for k, v in headers.items() if k in _TRACE_HEADERS
         }
         attributes = {"http.request.method": "POST", "url.path": path}
+        started = time.perf_counter()
         with start_span(f"POST {path}", carrier, **attributes) as span:
             receipt = await self._submit(scope, headers, session_id, prompt, request_id)
             status = receipt.status_code if isinstance(receipt, Response) else 202
@@ -107,6 +113,7 @@ class PromptRoute:
             await receipt(scope, receive, send)
         else:
             await _accepted(send, receipt, request_id)
+        observe_request("POST", PROMPT_ROUTE, status, time.perf_counter() - started)
 
     async def _submit(
         self,

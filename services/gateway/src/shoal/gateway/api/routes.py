@@ -8,17 +8,18 @@ import msgspec
 from fastapi import APIRouter, Path, Query, WebSocket
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoal.common.contracts import SessionUpdate, Status
+from shoal.common.contracts import (
+    IDLE_TIMEOUT_MAX,
+    MAX_TAGS,
+    PROMPT_TIMEOUT_MAX,
+    TAG_PATTERN,
+    SessionUpdate,
+    Status,
+)
 from shoal.gateway.api import admin, keys, secrets
 from shoal.gateway.api.deps import Caller, Service, gateway_state
 from shoal.gateway.api.problems import problem_responses
-from shoal.gateway.service import (
-    IDLE_TIMEOUT_MAX,
-    MAX_ANSWER_BYTES,
-    MAX_CURSOR_CHARS,
-    MAX_TAGS,
-    PROMPT_TIMEOUT_MAX,
-)
+from shoal.gateway.service import MAX_ANSWER_BYTES, MAX_CURSOR_CHARS
 from shoal.gateway.ws import serve_client, serve_runner
 
 router = APIRouter(prefix="/v1")
@@ -26,12 +27,9 @@ router.include_router(keys.router)  # API keys and secrets live in their own mod
 router.include_router(secrets.router)
 router.include_router(admin.router)
 
-TAG_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # the contract's Tag
 Tags = Annotated[
     list[Annotated[str, Field(pattern=TAG_PATTERN)]],
-    Field(
-        max_length=MAX_TAGS, description=f"At most {MAX_TAGS}; each 1..64 of A-Z a-z 0-9 _ . : -"
-    ),
+    Field(max_length=MAX_TAGS, description=f"At most {MAX_TAGS}; each 1..64 of A-Z a-z 0-9 _ : -"),
 ]
 
 # Seqs are int64 in the ledger and in PostgreSQL: a larger ``after`` is a 400 here, not a

@@ -6,7 +6,9 @@ Claims are ``SKIP LOCKED`` row locks in PostgreSQL, so any number of sockets on 
 gateways take disjoint jobs, and nothing has to be pushed to a gateway that may be gone. A
 claim is tried when the socket opens, when a job of one of its kinds is announced
 (``bcast.jobs.ready.<kind>``), when the worker finishes one, and every ``POLL_INTERVAL_S``
-(jobs whose ``run_at`` or backoff came due).
+(jobs whose ``run_at`` or backoff came due). The sockets of a kind share a queue group on the
+announcement, so one job wakes one socket, not all of them; a socket without room passes the
+announcement on (at most ``MAX_READY_HOPS`` times).
 
 Frames, server -> worker: ``{"type": "job", "job_id", "kind", "input", "attempt",
 "lease_expires_at", "timeout"}``, ``{"type": "cancel", "job_id"}`` (stop: the job was
@@ -47,6 +49,11 @@ router = APIRouter(prefix="/v1")
 MAX_KINDS = 32
 MAX_IN_FLIGHT = 1000
 POLL_INTERVAL_S = 1.0
+# After a wake-up, wait this long before claiming: a burst of submits (each announced to every
+# socket of its kind) or of completions becomes one claim query instead of one per signal.
+CLAIM_COALESCE_S = 0.005
+MAX_READY_HOPS = 3
+READY_GROUP = "workers"
 CLOSE_UNSUPPORTED = 1003
 CLOSE_TRY_LATER = 1013
 CLOSE_BAD_REQUEST = 4400
@@ -103,11 +110,16 @@ class WorkerSocket:
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._subs: list[Subscription] = []
+        self._relays: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         bus = self._jobs.bus
         for kind in self._kinds:
-            self._subs.append(await bus.subscribe_broadcast(f"jobs.ready.{kind}", self._on_ready))
+            self._subs.append(
+                await bus.subscribe_broadcast(
+                    f"jobs.ready.{kind}", self._on_ready, queue=READY_GROUP
+                )
+            )
         self._subs.append(await bus.subscribe_broadcast("jobs.cancel", self._on_cancel))
         claimer = asyncio.create_task(self._claim_loop(), name="worker-claims")
         try:
@@ -116,6 +128,8 @@ class WorkerSocket:
             claimer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await claimer
+            # Reports already read are still relayed (a completion must not be lost).
+            await asyncio.gather(*self._relays, return_exceptions=True)
             for sub in self._subs:
                 with contextlib.suppress(NatsError):
                     await sub.unsubscribe()
@@ -125,8 +139,18 @@ class WorkerSocket:
         async with self._send_lock:
             await self._ws.send_text(json.dumps(frame))
 
-    async def _on_ready(self, _msg: Msg) -> None:
-        self._wake.set()
+    async def _on_ready(self, msg: Msg) -> None:
+        if len(self._held) < self._max:
+            self._wake.set()
+            return
+        try:
+            body = loads(msg.data)
+            hops = int(body.get("hops", 0))
+        except (ShoalError, AttributeError, TypeError, ValueError):
+            return
+        if hops < MAX_READY_HOPS:  # full: let another socket of this kind have it
+            topic = "jobs.ready." + msg.subject.rsplit(".", 1)[-1]
+            await self._jobs.bus.publish_broadcast(topic, {**body, "hops": hops + 1})
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -164,6 +188,7 @@ class WorkerSocket:
                 continue  # full: look again once the worker reports
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL_S)
+                await asyncio.sleep(CLAIM_COALESCE_S)
 
     async def _read_loop(self) -> None:
         while True:
@@ -178,10 +203,19 @@ class WorkerSocket:
             except ValueError:
                 await self._ws.close(CLOSE_UNSUPPORTED, "frames are JSON objects")
                 return
-            try:
-                await self._handle(frame)
-            except ShoalError as exc:
+            # Reports are relayed concurrently: one slow RPC does not hold up the next frame.
+            task = asyncio.create_task(self._relay(frame))
+            self._relays.add(task)
+            task.add_done_callback(self._relays.discard)
+
+    async def _relay(self, frame: dict[str, Any]) -> None:
+        try:
+            await self._handle(frame)
+        except ShoalError as exc:
+            with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
                 await self._send({"type": "error", "message": exc.message})
+        except (RuntimeError, OSError, WebSocketDisconnect):
+            pass  # the socket went away while relaying
 
     async def _handle(self, frame: dict[str, Any]) -> None:
         kind, job_id = frame.get("type"), frame.get("job_id")
