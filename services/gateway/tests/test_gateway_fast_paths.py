@@ -33,14 +33,14 @@ def test_middleware_stack_is_pinned(settings: GatewaySettings, cors: bool) -> No
     so whoever adds it decides what the direct paths do about it (and updates this list)."""
     from fastapi.middleware.cors import CORSMiddleware
 
-    from shoal.common.service import TraceRequests
+    from shoal.common.service import ObserveRequests
 
     if cors:
         settings = settings.model_copy(update={"cors_allow_origins": ["https://app.example"]})
     app = create_app(settings)
     expected: list[type[Any]] = [PromptRoute, RequestIdMiddleware]
     expected += [CORSMiddleware] if cors else []
-    expected += [BodySizeLimit, TraceRequests]
+    expected += [BodySizeLimit, ObserveRequests]  # the prompt route observes itself
     assert [m.cls for m in app.user_middleware] == expected
 
 

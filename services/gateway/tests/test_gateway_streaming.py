@@ -178,6 +178,50 @@ async def test_user_stream_resumes_by_deliver_position(
     assert got == [5, 6]
 
 
+async def test_tag_stream_follows_the_owners_tag_and_resumes(
+    keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, gateway: RunningGateway
+) -> None:
+    subjects = sessions.subjects
+    js = sessions.js
+
+    async def deliver(owner: str, tag: str, n: int) -> None:
+        env = Envelope(id=f"e{owner}{tag}{n}", type="x.y", source="t", time="t", owner=owner, seq=n)
+        subject = subjects.deliver_tag(owner, tag)
+        await js.publish(subject, encode(env), stream=subjects.deliver_stream)
+
+    for n in range(1, 5):
+        await deliver("alice", "team-a", n)
+        await deliver("alice", "team-b", n)  # another tag
+        await deliver("bob", "team-a", n)  # another owner's tag of the same name
+    conn = await ws(f"{gateway.ws_url}/v1/events/ws?tag=team-a", ALICE)
+    frames = [await recv_json(conn) for _ in range(4)]
+    assert [f["event"]["id"] for f in frames] == [f"ealiceteam-a{n}" for n in range(1, 5)]
+    await conn.close()
+    conn = await ws(f"{gateway.ws_url}/v1/events/ws?tag=team-a&since={frames[1]['seq']}", ALICE)
+    assert [(await recv_json(conn))["event"]["seq"] for _ in range(2)] == [3, 4]
+    await deliver("alice", "team-a", 5)  # live
+    assert (await recv_json(conn))["event"]["seq"] == 5
+    await conn.close()
+    refused = await ws(f"{gateway.ws_url}/v1/events/ws?tag=no.dots", ALICE)
+    assert (await close_of(refused))[0] == 4400
+
+    url = f"{gateway.base_url}/v1/events/stream?tag=team-a"
+    async with httpx.AsyncClient(timeout=10) as http:
+        headers = {**ALICE, "Last-Event-ID": str(frames[2]["seq"])}
+        async with http.stream("GET", url, headers=headers) as response:
+            assert response.status_code == 200
+            seqs: list[int] = []
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    seqs.append(json.loads(line[6:])["event"]["seq"])
+                if len(seqs) == 2:
+                    break
+        assert seqs == [4, 5]
+        bad = await http.get(f"{gateway.base_url}/v1/events/stream?tag=a%20b", headers=ALICE)
+        assert bad.status_code == 400
+        assert bad.headers["content-type"].startswith("application/problem+json")
+
+
 async def test_sse_session_stream_resumes_with_last_event_id(
     keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, gateway: RunningGateway
 ) -> None:

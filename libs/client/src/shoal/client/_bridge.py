@@ -52,7 +52,8 @@ class RunnerBridge:
     """Runs ``command`` (or, with ``command=None``, echoes every prompt) as the session's runner.
 
     ``run()`` returns the agent's exit code, or 1 when the gateway refuses the runner for good
-    (a bad token 4401, an unknown session 4404, a terminated one 4409).
+    (a bad token 4401, an unknown session 4404, a terminated one 4409 or 4410, replaced by
+    another runner 4409).
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 Both reconnect on their own after a drop, a gateway restart (1012) or a lag cut-off (4408);
 the event stream resumes from the last seq it yielded, so the caller sees every event once,
-in order. Closes that reconnecting cannot fix (4400, 4401, 4404, 4409, 1008, 1009) raise
+in order. Closes that reconnecting cannot fix (4400, 4401, 4404, 4409, 4410, 1008, 1009) raise
 :class:`ShoalConnectionClosed`.
 """
 
@@ -35,7 +35,7 @@ from shoal.client._streaming import (
 log = logging.getLogger(__name__)
 
 # Closes after which reconnecting with the same credentials cannot help.
-FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 4400, 4401, 4403, 4404, 4409})
+FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 4400, 4401, 4403, 4404, 4409, 4410})
 FATAL_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 MAX_FRAME_BYTES = 1024 * 1024
 

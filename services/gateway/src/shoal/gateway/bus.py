@@ -348,6 +348,18 @@ class Bus:
             contiguous=False,
         )
 
+    async def follow_tag(self, owner: str, tag: str, since: int) -> LiveFeed:
+        """``owner``'s tag subject after DELIVER stream sequence ``since`` (0: all kept)."""
+        return await LiveFeed.open(
+            self._live,
+            self._deliver_ledger,
+            live=self._subjects.deliver_live_tag(owner, tag),
+            ledger=self._subjects.deliver_tag(owner, tag),
+            last=since,
+            pos=since + 1,
+            contiguous=False,
+        )
+
     async def first_sequence(self, stream: str) -> int:
         """The oldest sequence ``stream`` still holds (what retention left)."""
         try:

@@ -126,6 +126,13 @@ class GatewaySettings(CommonSettings):
     # A runner streams deltas at full rate: its socket gets its own, higher limit.
     ws_runner_rate_limit: float = Field(default=2000.0, gt=0)
     ws_runner_rate_burst: int = Field(default=4000, ge=1)
+    # Heartbeat grace: a runner socket with no frame from its runner this long (a ``ping``,
+    # ``heartbeat`` or any other frame counts; ``shoal.client`` pings every 30 s) is declared
+    # gone: closed with 1001 and ``runner.disconnect`` {reason: "heartbeat"} (0 turns it off).
+    ws_runner_idle_timeout: timedelta = timedelta(seconds=60)
+    # A runner's activity (``heartbeat`` frames, deltas) becomes at most one ``runner.heartbeat``
+    # command per connection this often (and at least every quarter of its prompt_timeout).
+    ws_runner_heartbeat_interval: timedelta = Field(default=timedelta(seconds=5), gt=timedelta(0))
     # A socket whose peer sent no frame (a ``{"type":"ping"}`` counts) for this long is closed
     # with 1001 (0 turns it off). Protocol-level pings (uvicorn) detect dead peers separately.
     ws_idle_timeout: timedelta = timedelta(seconds=120)

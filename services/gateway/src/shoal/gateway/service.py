@@ -39,6 +39,7 @@ from shoal.common.contracts import (
     RunnerConnect,
     RunnerDisconnect,
     RunnerError,
+    RunnerHeartbeat,
     SessionCreate,
     SessionSnapshot,
     SessionTerminate,
@@ -702,11 +703,9 @@ class GatewayService:
         return snapshot, await self._bus.follow_session(session_id, since=since)
 
     # -- runner --
-    async def follow_dispatches(self, session_id: str) -> EventFeed:
-        """New ``prompt.dispatched`` events (subscribe before announcing the runner)."""
-        return await self._bus.follow_session(
-            session_id, new_only=True, event_type="prompt.dispatched"
-        )
+    async def follow_runner_events(self, session_id: str) -> EventFeed:
+        """The session's new events, for its runner socket (subscribe before announcing it)."""
+        return await self._bus.follow_session(session_id, new_only=True)
 
     async def runner_connect(self, snapshot: SessionSnapshot, connection_id: str) -> None:
         payload = RunnerConnect(connection_id=connection_id)
@@ -722,6 +721,17 @@ class GatewayService:
         """The runner socket ``connection_id`` is gone (``reason``: closed, replaced, ...)."""
         payload = RunnerDisconnect(connection_id=connection_id, reason=reason)
         envelope = self._command(Command.RUNNER_DISCONNECT, snapshot.id, snapshot.owner, payload)
+        await self._bus.send_command(envelope, wait=False)
+
+    async def runner_heartbeat(
+        self, snapshot: SessionSnapshot, connection_id: str, prompt_id: str = ""
+    ) -> None:
+        """The runner is alive and working (on ``prompt_id``): keeps the prompt watchdog away.
+        Not awaited by the session (``wait=False``); the socket throttles how often it is sent."""
+        if prompt_id and not is_token(prompt_id):
+            raise BadRequest("prompt_id must be an id")
+        payload = RunnerHeartbeat(connection_id=connection_id, prompt_id=prompt_id)
+        envelope = self._command(Command.RUNNER_HEARTBEAT, snapshot.id, snapshot.owner, payload)
         await self._bus.send_command(envelope, wait=False)
 
     async def runner_question(

@@ -1,9 +1,9 @@
 """Streaming routes: the user socket, server-sent events, WebSocket tickets (transport only).
 
-User socket ``/v1/events/ws?since=<N>``: declared here, served by ``ws.serve_user``.
+User socket ``/v1/events/ws?since=<N>[&tag=<t>]``: declared here, served by ``ws.serve_user``.
 
-SSE ``GET /v1/sessions/{id}/events/stream`` and ``GET /v1/events/stream`` — the same frames as
-``data:`` lines (one JSON per event), ``id:`` = seq, resume with ``Last-Event-ID`` (or
+SSE ``GET /v1/sessions/{id}/events/stream`` and ``GET /v1/events/stream[?tag=<t>]`` — the same
+frames as ``data:`` lines (one JSON per event), ``id:`` = seq, resume with ``Last-Event-ID`` (or
 ``?since=``), a ``: keepalive`` comment every ``sse_keepalive``; auth by Bearer header or
 ``?ticket=`` (``EventSource`` cannot send headers). A stream that falls behind for
 ``ws_lag_grace`` ends with ``event: lagging`` (``data: {"type":"lagging","seq":N}``): reconnect
@@ -207,9 +207,13 @@ async def user_event_stream(
     since: Annotated[int | None, Query(ge=0)] = None,
     ticket: Annotated[str | None, Query(description="from POST /v1/ws-tickets")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
+    tag: Annotated[
+        str | None, Query(description="Only the caller's sessions with this tag")
+    ] = None,
 ) -> StreamingResponse:
-    """Every event of the caller's sessions as server-sent events (``id:`` = DELIVER seq)."""
+    """Every event of the caller's sessions (``?tag=``: those tagged so) as server-sent events
+    (``id:`` = DELIVER seq)."""
     position = _position(last_event_id, since)
     _, streaming, principal = await _stream_caller(request)
-    feed, gap = await streaming.streams.follow_user(principal, position)
+    feed, gap = await streaming.streams.follow_user(principal, position, tag)
     return _sse_response(request, feed, position, gap)

@@ -3,12 +3,14 @@
 Client socket ``/v1/sessions/{id}/ws?since=<seq>`` — server -> client: ``event`` frames for every
 event after ``since`` (the ledger's history, then live, in order, no gap, no duplicate), ``gap``
 for what retention took, ``delta`` (the runner's streaming output, best-effort), ``pong``,
-``prompt.accepted``, ``error``. Client -> server: ``ping``; ``prompt`` (as
-``POST /v1/sessions/{id}/prompts``).
+``prompt.accepted``, ``answer.accepted``, ``abort.accepted``, ``error``. Client -> server:
+``ping``; ``prompt`` (as ``POST /v1/sessions/{id}/prompts``); ``answer`` {question_id, answer}
+(as ``POST …/questions/{question_id}/answer``); ``abort`` {prompt_id?} (as ``POST …/abort``).
 
 User stream ``/v1/events/ws?since=<N>`` — every event of the key owner's sessions, positioned by
-the DELIVER stream sequence (increasing, not contiguous: the stream is shared). Client frames:
-``ping`` only.
+the DELIVER stream sequence (increasing, not contiguous: the stream is shared); with ``&tag=<t>``
+only those of the owner's sessions tagged ``t`` (same positions, same resume rules). Client
+frames: ``ping`` only.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import msgspec
 from starlette.websockets import WebSocket
 
 from shoal.common.errors import BadRequest, ShoalError, Unavailable
@@ -59,20 +62,35 @@ class ClientSocket(ResumableSocket):
             await unwatch()
 
     async def on_frame(self, frame: Frame) -> None:
-        if frame["type"] != "prompt":
-            await self.reply_error(frame, "bad_request", f"unknown frame type {frame['type']!r}")
-            return
-        content, key = frame.get("content"), frame.get("idempotency_key")
-        if not isinstance(content, str) or not (key is None or isinstance(key, str)):
-            await self.reply_error(frame, "bad_request", "content must be a string")
-            return
+        kind = frame["type"]
         try:
-            receipt = await self.service.submit_prompt(
-                self.principal, self.session_id, content, key
-            )
+            if kind == "prompt":
+                await self.prompt(frame)
+            elif kind == "answer":
+                question_id, answer = frame.get("question_id"), frame.get("answer")
+                if not isinstance(question_id, str) or not isinstance(answer, str):
+                    raise BadRequest("an answer frame has a question_id and an answer string")
+                receipt = await self.service.answer_question(
+                    self.principal, self.session_id, question_id, answer
+                )
+                await self.reply(frame, frames.answer_accepted(msgspec.to_builtins(receipt)))
+            elif kind == "abort":
+                prompt_id = frame.get("prompt_id")
+                if not (prompt_id is None or isinstance(prompt_id, str)):
+                    raise BadRequest("prompt_id must be an id")
+                receipt = await self.service.abort(self.principal, self.session_id, prompt_id)
+                await self.reply(frame, frames.abort_accepted(msgspec.to_builtins(receipt)))
+            else:
+                await self.reply_error(frame, "bad_request", f"unknown frame type {kind!r}")
         except ShoalError as exc:
             await self.reply_error(frame, exc.code, exc.message)
-            return
+
+    async def prompt(self, frame: Frame) -> None:
+        """``prompt``: as ``POST /v1/sessions/{id}/prompts``."""
+        content, key = frame.get("content"), frame.get("idempotency_key")
+        if not isinstance(content, str) or not (key is None or isinstance(key, str)):
+            raise BadRequest("content must be a string")
+        receipt = await self.service.submit_prompt(self.principal, self.session_id, content, key)
         await self.reply(frame, frames.prompt_accepted(receipt))
 
 
@@ -128,7 +146,8 @@ async def _admit_client(
 def serve_user(
     websocket: WebSocket, service: GatewayService, hub: SocketHub
 ) -> Coroutine[Any, Any, None]:
-    """The user stream's life (await it): every event of the owner's sessions after ``since``."""
+    """The user stream's life (await it): every event of the owner's sessions after ``since``
+    (``?tag=``: of those tagged so)."""
     return handshake(websocket, hub, _admit_user(websocket, service, hub))
 
 
@@ -140,6 +159,7 @@ async def _admit_user(
     if streaming is None:
         raise Unavailable("gateway is starting")
     principal = await upgrade_principal(websocket, service, streaming.tickets)
-    feed, dropped = await streaming.streams.follow_user(principal, since)
+    tag = websocket.query_params.get("tag")
+    feed, dropped = await streaming.streams.follow_user(principal, since, tag)
     gap = Gap(*dropped) if dropped is not None else None
     return UserSocket(websocket, service, hub, principal, since, gap), feed

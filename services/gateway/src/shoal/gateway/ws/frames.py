@@ -48,6 +48,14 @@ CLOSE_FORBIDDEN = 4403  # the key lacks the scope, or the Origin is not allowed
 CLOSE_NOT_FOUND = 4404  # unknown session, or one the key may not see
 CLOSE_LAGGING = 4408  # fell behind the bounded outbox: resume from the seq in the reason
 CLOSE_CONFLICT = 4409  # the session refused the runner (e.g. terminated)
+# Runner sockets, as the session's ledger decides:
+CLOSE_HIBERNATED = 1000  # after {"type":"hibernate"}: release the sandbox; connect to wake it
+CLOSE_REPLACED = 4409  # another runner connection took over the session: do not reconnect
+CLOSE_TERMINATED = 4410  # after {"type":"terminated"}: the session is over, do not reconnect
+
+REPLACED_REASON = "replaced"
+TERMINATED_REASON = "session terminated"
+HIBERNATED_REASON = "hibernated: connect again to resume"
 
 RESTART_RECONNECT = "service restart: reconnect"
 
@@ -140,6 +148,54 @@ def hello_ack(session_id: str, connection_id: str) -> Frame:
 def runner_prompt(prompt_id: object, content: object) -> Frame:
     """A dispatched prompt, to the session's runner."""
     return {"type": "prompt", "prompt_id": prompt_id, "content": content}
+
+
+def runner_abort(prompt_id: object, reason: str | None = None) -> Frame:
+    """Stop working on ``prompt_id`` (aborted by the user; ``reason`` "timeout": the watchdog)."""
+    frame: Frame = {"type": "abort", "prompt_id": prompt_id}
+    if reason is not None:
+        frame["reason"] = reason
+    return frame
+
+
+def runner_answer(question_id: object, answer: object) -> Frame:
+    """The user answered the runner's question."""
+    return {"type": "answer", "question_id": question_id, "answer": answer}
+
+
+def question_expired(question_id: object) -> Frame:
+    """The runner's question will not be answered (it expired, or its prompt ended)."""
+    return {"type": "question.expired", "question_id": question_id}
+
+
+def terminated(reason: object) -> Frame:
+    """The session was terminated; the socket closes next (CLOSE_TERMINATED)."""
+    return {"type": "terminated", "reason": reason}
+
+
+def hibernate() -> Frame:
+    """The session hibernated: release the sandbox; the socket closes next (CLOSE_HIBERNATED)."""
+    return {"type": "hibernate"}
+
+
+def question_accepted(question_id: str, expires_at: str | None) -> Frame:
+    """The runner's ``question`` was recorded (``question.asked``) under ``question_id``."""
+    return {"type": "question.accepted", "question_id": question_id, "expires_at": expires_at}
+
+
+def error_accepted(prompt_id: str) -> Frame:
+    """The runner's ``error`` was recorded (``prompt_id`` "": the session's own failure)."""
+    return {"type": "error.accepted", "prompt_id": prompt_id}
+
+
+def answer_accepted(receipt: dict[str, Any]) -> Frame:
+    """A client's ``answer`` was recorded: the receipt ``POST …/questions/{id}/answer`` answers."""
+    return {"type": "answer.accepted", **receipt}
+
+
+def abort_accepted(receipt: dict[str, Any]) -> Frame:
+    """A client's ``abort`` was applied: the receipt ``POST …/abort`` answers."""
+    return {"type": "abort.accepted", **receipt}
 
 
 def message_accepted(accepted: dict[str, Any]) -> Frame:
