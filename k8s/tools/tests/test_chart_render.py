@@ -177,3 +177,21 @@ def test_session_service_is_a_deployment_by_default(helm: Path) -> None:
     objects = render(helm, "production-values.yaml")
     assert ("Deployment", "shoal-session") in objects
     assert ("StatefulSet", "shoal-session") in render(helm, "single-nats-values.yaml")
+
+
+def test_api_limits_reach_the_gateway_only(helm: Path) -> None:
+    objects = render(
+        helm, "production-values.yaml", "apiLimits.ratePerKey=20", "apiLimits.burst=30"
+    )
+    gateway = container_env(objects["Deployment", "shoal-gateway"])
+    assert gateway["SHOAL_RATE_LIMIT_PER_KEY"] == "20"
+    assert gateway["SHOAL_RATE_LIMIT_BURST"] == "30"
+    assert gateway["SHOAL_MAX_SOCKETS_PER_OWNER"] == "1000"
+    assert gateway["SHOAL_MAX_SESSIONS_PER_OWNER"] == "1000"
+    assert "SHOAL_RATE_LIMIT_PER_KEY" not in container_env(objects["Deployment", "shoal-keys"])
+
+
+def test_api_limits_are_checked_by_the_schema(helm: Path) -> None:
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        render(helm, "production-values.yaml", "apiLimits.burst=0")
+    assert "apiLimits" in caught.value.stderr

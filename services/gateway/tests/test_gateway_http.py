@@ -259,6 +259,9 @@ async def test_unexpected_errors_are_500_without_internals() -> None:
     assert body["detail"] == "internal error"
 
 
+@pytest.mark.parametrize(
+    "settings_overrides", [{"rate_limit_per_key": 0.01, "rate_limit_burst": 40}]
+)
 async def test_direct_prompt_route_answers_as_the_framework_route(
     keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, http: httpx.AsyncClient
 ) -> None:
@@ -281,10 +284,11 @@ async def test_direct_prompt_route_answers_as_the_framework_route(
         assert direct.headers["x-request-id"].startswith("req_")
         assert routed.headers["x-request-id"].startswith("req_")
         a, b = direct.json(), routed.json()
-        for volatile in ("prompt_id", "request_id", "seq"):
+        for volatile in ("prompt_id", "request_id", "seq", "retry_after"):
             a.pop(volatile, None), b.pop(volatile, None)
         assert a == b
         assert direct.headers.get("www-authenticate") == routed.headers.get("www-authenticate")
+        assert ("retry-after" in direct.headers) == ("retry-after" in routed.headers)
 
     direct, routed = await both(ALICE, {"content": "hi", "idempotency_key": "k-direct"})
     same_shape(direct, routed)
@@ -304,3 +308,12 @@ async def test_direct_prompt_route_answers_as_the_framework_route(
     )
     assert echoed.headers["x-request-id"] == "r-1"
     assert echoed.json()["request_id"] == "r-1"
+
+    # 429 once alice's key has spent its burst (a bucket that barely refills here).
+    for _ in range(40):
+        if (await http.post(path, json={"content": "x"}, headers=ALICE)).status_code == 429:
+            break
+    direct, routed = await both(ALICE, {"content": "x"})
+    same_shape(direct, routed)
+    assert direct.status_code == 429
+    assert int(direct.headers["retry-after"]) >= 1

@@ -61,7 +61,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway app (``shoal run gateway`` calls this with ``settings=None``)."""
     settings = settings or GatewaySettings()
     readiness = Readiness()
-    hub = SocketHub()
+    hub = SocketHub(settings.max_sockets_per_owner)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -59,6 +59,7 @@ from shoal.common.errors import (
 from shoal.common.messaging import Envelope, dumps, is_token, new_id
 from shoal.gateway import tenancy
 from shoal.gateway.config import GatewaySettings
+from shoal.gateway.quotas import KeyBuckets, SessionQuota
 from shoal.gateway.tenancy import Tenancy
 
 RUNNER_TOKEN_PREFIX = "srt_"  # noqa: S105 - a recognisable prefix, not a secret
@@ -73,6 +74,7 @@ QUESTION_EXPIRES_MAX = 7 * 24 * 3600
 MAX_ERROR_CHARS = 4096  # a runner's error message, cut beyond
 # A list cursor is opaque to the gateway; the session service decodes and checks it.
 MAX_CURSOR_CHARS = 512
+LIST_PAGE_MAX = 100  # the session index's largest page
 
 
 class SessionPage(msgspec.Struct, kw_only=True):
@@ -80,6 +82,13 @@ class SessionPage(msgspec.Struct, kw_only=True):
 
     sessions: list[dict[str, Any]]
     next: str | None
+
+
+class MessagesPage(msgspec.Struct, kw_only=True):
+    """A page of a session's completed messages; ``next`` is the ``after`` to pass back."""
+
+    messages: list[dict[str, Any]]
+    next: int | None
 
 
 class EventsPage(msgspec.Struct, kw_only=True):
@@ -284,6 +293,18 @@ class GatewayService:
         # never deleted (only terminated, which the session service enforces itself), so a
         # prompt needs no state read after the first: one round trip less per prompt.
         self._owners: OrderedDict[str, str] = OrderedDict()
+        self._buckets = KeyBuckets(
+            settings.rate_limit_per_key,
+            settings.rate_limit_burst,
+            settings.rate_limit_keys,
+            self._clock,
+        )
+        self._session_quota = SessionQuota(
+            settings.max_sessions_per_owner,
+            settings.session_count_ttl.total_seconds(),
+            self._count_live_sessions,
+            self._clock,
+        )
 
     @property
     def settings(self) -> GatewaySettings:
@@ -291,12 +312,16 @@ class GatewayService:
 
     # -- auth --
     async def authenticate(self, api_key: str | None) -> Principal:
-        """The principal of an API key (cached ``auth_cache_ttl``), else :class:`Unauthorized`."""
+        """The principal of an API key (cached ``auth_cache_ttl``), else :class:`Unauthorized`.
+
+        Every route and socket upgrade authenticates here, so this is where a request is charged
+        to its key's rate limit (:class:`RateLimited` past it)."""
         if not api_key:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         key_hash = sha256_hex(api_key)
         cached = self._keys.get(key_hash)
         if cached is not None:
+            self._buckets.charge(cached.key_id)
             return cached
         data = await self._bus.verify_key(api_key)
         try:
@@ -311,6 +336,7 @@ class GatewayService:
         if self._keys.is_revoked(principal.key_id):
             raise Unauthorized("invalid API key")  # verified just before its revocation
         self._keys.put(key_hash, principal, self._seconds_left(data.get("expires_at")))
+        self._buckets.charge(principal.key_id)
         return principal
 
     def _seconds_left(self, expires_at: object) -> float | None:
@@ -363,6 +389,7 @@ class GatewayService:
         """
         self.authorize(principal, tenancy.SESSIONS, write=True)
         metadata = self._checked_metadata(metadata or {})
+        await self._session_quota.check(principal.owner)
         payload = SessionCreate(
             metadata=metadata,
             tags=_checked_tags(tags or []),
@@ -380,6 +407,7 @@ class GatewayService:
         runner_token = RUNNER_TOKEN_PREFIX + secrets.token_urlsafe(32)
         payload.runner_token_hash = sha256_hex(runner_token)
         envelope = self._command(Command.SESSION_CREATE, session_id, principal.owner, payload)
+        self._session_quota.created(principal.owner)  # a create that times out still applies
         try:
             outcome = await self._bus.send_command(envelope, wait=True)
         except Timeout as exc:
@@ -402,6 +430,26 @@ class GatewayService:
             }
         session["runner_token"] = runner_token
         return session
+
+    async def _count_live_sessions(self, owner: str, cap: int) -> int:
+        """``owner``'s sessions that are not terminated, from the session index, counted up to
+        ``cap`` (one status at a time, so terminated sessions are never paged through)."""
+        live = 0
+        for status in Status:
+            if status == Status.TERMINATED:
+                continue
+            cursor: str | None = None
+            while live < cap:
+                data = await self._bus.session_rpc(
+                    "list",
+                    {"owner": owner, "status": status, "cursor": cursor, "limit": LIST_PAGE_MAX},
+                )
+                rows = data.get("sessions") if isinstance(data, dict) else None
+                live += len(rows) if isinstance(rows, list) else 0
+                cursor = data.get("next") if isinstance(data, dict) else None
+                if not isinstance(cursor, str):
+                    break
+        return live
 
     def _checked_metadata(self, metadata: dict[str, Any]) -> dict[str, Any]:
         tenancy.check_session_metadata(metadata)
@@ -602,7 +650,7 @@ class GatewayService:
     # -- history --
     async def list_messages(
         self, principal: Principal, session_id: str, after: int | None, limit: int | None
-    ) -> dict[str, Any]:
+    ) -> MessagesPage:
         self.authorize(principal, tenancy.SESSIONS, write=False)
         if after is not None and after < 0:
             raise BadRequest("after must be >= 0")
@@ -611,7 +659,7 @@ class GatewayService:
             raise BadRequest(f"limit must be between 1 and {self._settings.messages_page_max}")
         await self.visible_session(principal, session_id)
         data = await self._bus.list_messages(session_id, after, page)
-        return {"messages": list(data.get("messages") or []), "next": data.get("next")}
+        return MessagesPage(messages=list(data.get("messages") or []), next=data.get("next"))
 
     async def list_events(
         self, principal: Principal, session_id: str, after: int | None, limit: int | None

@@ -19,6 +19,8 @@ import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import msgspec
+
 from shoal.common.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from shoal.common.messaging import is_token
 
@@ -159,6 +161,40 @@ def check_session_metadata(metadata: dict[str, Any]) -> None:
         check_secret_name(name)
 
 
+class IssuedKey(msgspec.Struct, kw_only=True):
+    """A key just issued: ``key`` is the secret, shown this once."""
+
+    id: str | None = None
+    key: str | None = None
+    name: str | None = None
+    owner: str | None = None
+    scopes: list[str] | None = None
+    created_at: str | None = None
+    expires_at: str | None = None
+
+
+class KeyView(msgspec.Struct, kw_only=True):
+    """A key as listed: no secret, its dates (RFC 3339) and whether it was revoked."""
+
+    id: str
+    name: str
+    owner: str
+    scopes: list[str]
+    created_at: str
+    expires_at: str | None = None
+    last_used_at: str | None = None
+    revoked_at: str | None = None
+
+
+class SecretView(msgspec.Struct, kw_only=True):
+    """A secret as listed: its name, version and dates, never its value."""
+
+    name: str | None = None
+    version: int | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
 class KeysBus(Protocol):
     """The keys service's RPCs (``bus.Bus.keys_rpc`` in production)."""
 
@@ -185,7 +221,7 @@ class Tenancy:
         scopes: list[str],
         owner: str | None = None,
         expires_in_seconds: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> IssuedKey:
         """Issue a key (shown once). A non-admin key issues only for its owner, only its scopes."""
         owner = acting_owner(principal, owner)
         unknown = sorted(set(scopes) - SCOPES)
@@ -200,23 +236,15 @@ class Tenancy:
         if expires_in_seconds is not None:
             body["expires_in_seconds"] = expires_in_seconds
         data = await self._bus.keys_rpc("create", body)
-        return {
-            "id": data.get("id"),
-            "key": data.get("key"),
-            "name": data.get("name"),
-            "owner": data.get("owner"),
-            "scopes": data.get("scopes"),
-            "created_at": data.get("created_at"),
-            "expires_at": data.get("expires_at"),
-        }
+        return msgspec.convert(data, IssuedKey)
 
-    async def list_keys(self, principal: Scoped, owner: str | None) -> list[dict[str, Any]]:
+    async def list_keys(self, principal: Scoped, owner: str | None) -> list[KeyView]:
         """The owner's keys; an admin key without ``owner`` lists every key."""
         if ADMIN in principal.scopes and owner is None:
             data = await self._bus.keys_rpc("list", {"owner": None})
         else:
             data = await self._bus.keys_rpc("list", {"owner": acting_owner(principal, owner)})
-        return [dict(k) for k in data.get("keys") or [] if isinstance(k, dict)]
+        return [msgspec.convert(k, KeyView) for k in data.get("keys") or [] if isinstance(k, dict)]
 
     async def revoke_key(self, principal: Scoped, key_id: str) -> None:
         """Revoke a key of the caller's owner (any key for admin); another owner's is 404."""
@@ -244,15 +272,11 @@ class Tenancy:
         }
         await self._bus.keys_rpc("secrets.put", body)
 
-    async def list_secrets(
-        self, principal: Scoped, owner: str | None = None
-    ) -> list[dict[str, Any]]:
+    async def list_secrets(self, principal: Scoped, owner: str | None = None) -> list[SecretView]:
         """Names, versions and dates of the owner's secrets, never values."""
         data = await self._bus.keys_rpc("secrets.list", {"owner": acting_owner(principal, owner)})
         return [
-            {k: s.get(k) for k in ("name", "version", "created_at", "updated_at")}
-            for s in data.get("secrets") or []
-            if isinstance(s, dict)
+            msgspec.convert(s, SecretView) for s in data.get("secrets") or [] if isinstance(s, dict)
         ]
 
     async def delete_secret(self, principal: Scoped, name: str, owner: str | None = None) -> None:

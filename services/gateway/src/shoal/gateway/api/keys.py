@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import msgspec
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,13 +86,15 @@ class KeyList(BaseModel):
 )
 async def create_key(body: CreateKey, caller: Caller, service: Service) -> dict[str, Any]:
     """Issue a key; the answer's ``key`` is shown this once and never again."""
-    return await service.tenancy.create_key(
+    issued = await service.tenancy.create_key(
         caller,
         name=body.name,
         scopes=body.scopes,
         owner=body.owner,
         expires_in_seconds=body.expires_in_seconds,
     )
+    answer: dict[str, Any] = msgspec.to_builtins(issued)
+    return answer
 
 
 @router.get("", response_model=KeyList, responses=problem_responses(400, 401, 403, 503))
@@ -101,7 +104,7 @@ async def list_keys(
     owner: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
 ) -> dict[str, Any]:
     """The caller's owner's keys (no secrets); an admin key: every key, or ``?owner=``."""
-    return {"keys": await service.tenancy.list_keys(caller, owner)}
+    return {"keys": msgspec.to_builtins(await service.tenancy.list_keys(caller, owner))}
 
 
 @router.delete(

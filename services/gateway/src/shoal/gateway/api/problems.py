@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shoal.common.errors import ShoalError
+from shoal.common.errors import RateLimited, ShoalError
 from shoal.gateway.api.request_id import request_id_of
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,13 @@ def problem(
 
 
 def shoal_problem(exc: ShoalError, instance: str, request_id: str | None = None) -> JSONResponse:
-    return problem(exc.status, exc.code, exc.title, exc.message, instance, exc.detail, request_id)
+    response = problem(
+        exc.status, exc.code, exc.title, exc.message, instance, exc.detail, request_id
+    )
+    retry_after = exc.detail.get("retry_after")
+    if isinstance(exc, RateLimited) and isinstance(retry_after, int):
+        response.headers["Retry-After"] = str(retry_after)  # whole seconds, as the member says
+    return response
 
 
 async def _on_shoal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -458,7 +458,7 @@ async def list_messages(
     limit: Annotated[int | None, Query(ge=1, description="Page size (default 50, max 200)")] = None,
 ) -> dict[str, Any]:
     """Completed messages after event seq ``after``; pass ``next`` back as ``after`` to page."""
-    return await service.list_messages(caller, session_id, after, limit)
+    return _plain(await service.list_messages(caller, session_id, after, limit))
 
 
 @router.websocket("/sessions/{session_id}/ws")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import msgspec
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,7 +81,7 @@ async def put_secret(
 @router.get("", response_model=SecretList, responses=problem_responses(400, 401, 403, 503))
 async def list_secrets(caller: Caller, service: Service, owner: Owner = None) -> dict[str, Any]:
     """Names, versions and dates of the owner's secrets — never values."""
-    return {"secrets": await service.tenancy.list_secrets(caller, owner)}
+    return {"secrets": msgspec.to_builtins(await service.tenancy.list_secrets(caller, owner))}
 
 
 @router.delete(

@@ -21,11 +21,12 @@ from nats.errors import Error as NatsError
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from shoal.common.errors import ShoalError
+from shoal.common.errors import RateLimited, ShoalError
 from shoal.common.messaging import dumps, loads
 from shoal.gateway import metrics
 from shoal.gateway.config import GatewaySettings
 from shoal.gateway.fanout import LiveEvent, LiveFeed
+from shoal.gateway.quotas import OwnerCounts
 from shoal.gateway.service import EventFeed, Gap, GatewayService, Principal, SessionEventMsg
 from shoal.gateway.ws import frames
 from shoal.gateway.ws.frames import (
@@ -94,6 +95,12 @@ async def handshake(
         return
     del admit  # done: an idle socket keeps no reference to it
     try:
+        owner = hub.claim_owner_slot(socket)
+    except RateLimited as exc:  # the owner's socket cap
+        await feed.close()
+        await refuse(websocket, frames.close_code_for(exc), exc.message)
+        return
+    try:
         try:
             await websocket.accept()
         except (RuntimeError, OSError, WebSocketDisconnect):
@@ -106,14 +113,16 @@ async def handshake(
         finally:
             await socket.stopped()
     finally:
+        hub.release_owner_slot(owner)
         await feed.close()
 
 
 class SocketHub:
     """Every open socket of this gateway, so shutdown can close them with 1012 and a resume hint."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_per_owner: int = 0) -> None:
         self._sockets: set[ManagedSocket] = set()
+        self._per_owner = OwnerCounts(max_per_owner, "sockets")
         self._empty = asyncio.Event()
         self._empty.set()
         self.closing = False
@@ -130,6 +139,19 @@ class SocketHub:
 
     def __len__(self) -> int:
         return len(self._sockets)
+
+    def claim_owner_slot(self, socket: ManagedSocket) -> str | None:
+        """Count an admitted socket against its owner's cap (:class:`RateLimited` past it).
+        Sockets opened with a runner token have no principal: one runner per session."""
+        principal = getattr(socket, "principal", None)
+        if not isinstance(principal, Principal):
+            return None
+        self._per_owner.claim(principal.owner)
+        return principal.owner
+
+    def release_owner_slot(self, owner: str | None) -> None:
+        if owner is not None:
+            self._per_owner.release(owner)
 
     def key_revoked(self, key_id: str) -> None:
         """A ``keys.revoked`` broadcast: close every socket opened with that key (4401)."""
