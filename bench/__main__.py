@@ -106,8 +106,17 @@ def _bounded(value: float, low: float, high: float, name: str) -> float:
     return value
 
 
+# The benches load the fleet with one key and one owner: the gateway's quotas would measure
+# themselves. Off unless --fleet-env sets them.
+_QUOTAS_OFF = (
+    ("SHOAL_RATE_LIMIT_PER_KEY", "0"),
+    ("SHOAL_MAX_SOCKETS_PER_OWNER", "0"),
+    ("SHOAL_MAX_SESSIONS_PER_OWNER", "0"),
+)
+
+
 def _fleet_env(pairs: list[str]) -> tuple[tuple[str, str], ...]:
-    env = []
+    env = list(_QUOTAS_OFF)
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.startswith("SHOAL_"):

@@ -186,8 +186,8 @@ def test_api_limits_reach_the_gateway_only(helm: Path) -> None:
     gateway = container_env(objects["Deployment", "shoal-gateway"])
     assert gateway["SHOAL_RATE_LIMIT_PER_KEY"] == "20"
     assert gateway["SHOAL_RATE_LIMIT_BURST"] == "30"
-    assert gateway["SHOAL_MAX_SOCKETS_PER_OWNER"] == "1000"
-    assert gateway["SHOAL_MAX_SESSIONS_PER_OWNER"] == "1000"
+    assert gateway["SHOAL_MAX_SOCKETS_PER_OWNER"] == "10000"
+    assert gateway["SHOAL_MAX_SESSIONS_PER_OWNER"] == "10000"
     assert "SHOAL_RATE_LIMIT_PER_KEY" not in container_env(objects["Deployment", "shoal-keys"])
 
 

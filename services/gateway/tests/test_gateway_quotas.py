@@ -205,3 +205,10 @@ async def test_session_quota_caps_nothing_when_the_index_cannot_be_asked() -> No
     await quota.check("alice")
     quota.created("alice")
     await quota.check("alice")
+
+
+def test_a_rate_of_zero_is_no_limit() -> None:
+    buckets = KeyBuckets(rate=0.0, burst=1, max_keys=10, clock=ManualClock())
+    for _ in range(1_000):
+        buckets.charge("key_1")
+    assert len(buckets) == 0

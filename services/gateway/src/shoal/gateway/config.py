@@ -52,18 +52,20 @@ class GatewaySettings(CommonSettings):
     # Requests per API key, HTTP routes and socket upgrades alike: a token bucket refilled at
     # ``rate_limit_per_key`` per second up to ``rate_limit_burst``. Buckets of this many keys
     # are kept (least recently used dropped: such a key starts again with a full bucket).
-    rate_limit_per_key: float = Field(default=50.0, gt=0)
-    rate_limit_burst: int = Field(default=100, ge=1)
+    # A platform's backend often acts for all its users with one key: the default is sized
+    # for that, not for one end user (0: no limit).
+    rate_limit_per_key: float = Field(default=500.0, ge=0)
+    rate_limit_burst: int = Field(default=1000, ge=1)
     rate_limit_keys: int = Field(default=100_000, ge=1)
     # Open sockets per owner on this gateway (client and user sockets; 0: no cap).
-    max_sockets_per_owner: int = Field(default=1000, ge=0)
+    max_sockets_per_owner: int = Field(default=10_000, ge=0)
     # Live (not terminated) sessions per owner; POST /v1/sessions beyond gets 429 (0: no cap).
     # Counted from the session index and trusted for ``session_count_ttl``.
-    max_sessions_per_owner: int = Field(default=1000, ge=0)
+    max_sessions_per_owner: int = Field(default=10_000, ge=0)
     session_count_ttl: timedelta = Field(default=timedelta(seconds=5), gt=timedelta(0))
 
     # -- session defaults (POST /v1/sessions without them) --
-    # Idle this long (nothing running or queued) the session hibernates; bounds 1 s..30 days.
+    # Idle this long (nothing running or queued) the session hibernates; bounds 1 s..7 days.
     session_idle_timeout: timedelta = Field(
         default=timedelta(seconds=900), ge=timedelta(seconds=1), le=timedelta(days=30)
     )

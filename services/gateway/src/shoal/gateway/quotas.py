@@ -64,7 +64,9 @@ class KeyBuckets:
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def charge(self, key_id: str) -> None:
-        """One request of ``key_id``; :class:`RateLimited` when its bucket is empty."""
+        """One request of ``key_id``: :class:`RateLimited` when its bucket is dry (rate 0: none)."""
+        if self._rate <= 0:
+            return
         bucket = self._buckets.get(key_id)
         if bucket is None:
             bucket = self._buckets[key_id] = TokenBucket(self._rate, self._burst, self._clock)
