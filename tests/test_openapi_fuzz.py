@@ -103,8 +103,11 @@ class FuzzTarget:
         """Every other case of a ``{session_id}`` route goes to the live session."""
         if "session_id" not in (case.path_parameters or {}):
             return
-        if case.operation.definition.raw.get("operationId") == "session_event_stream":
+        operation = case.operation.definition.raw.get("operationId")
+        if operation == "session_event_stream":
             return  # a live session's stream never ends
+        if operation == "terminate_session":
+            return  # it would end the live session (its runner is closed): other ids only
         self.steered += 1
         if self.steered % 2 == 0:
             case.path_parameters["session_id"] = self.live_session
