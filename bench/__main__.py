@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import sys
+from pathlib import Path
+from typing import Any
 
 from bench._report import fmt, latency_cell, machine_info, run_loop, table
 from bench.command_path import (
@@ -18,6 +22,7 @@ from bench.command_path import (
 )
 from bench.gateway_fanout import FanoutOptions, FanoutResult, render_fanout, run_fanout
 from bench.jobs import JobsOptions, render_jobs, run_jobs
+from bench.peer import run_peer
 from bench.raw_jetstream import RawOptions, RawResult, render_raw, run_raw
 
 FSYNC_MODES = {"always": (True,), "default": (False,), "both": (True, False)}
@@ -64,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the fleet's temporary directory and logs"
+    )
+    parser.add_argument(
+        "--peer",
+        choices=("restate",),
+        help="command: also run ../shared/peers/<peer>/run_peer.sh (same keys and concurrency) "
+        "and print it beside Shoal with the ratio",
+    )
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="command: also write the figures to FILE"
     )
     fanout = parser.add_argument_group("fanout")
     fanout.add_argument("--open", type=int, help="client sockets receiving events; default 5000")
@@ -147,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
     raw: list[RawResult] = []
     shoal: list[CommandResult] = []
+    peer: dict[str, Any] | None = None
     failed = False
     try:
+        if args.peer and args.which in ("all", "command"):
+            peer = run_peer(args.peer, keys=sessions, concurrency=concurrency)
         if args.which in ("all", "raw"):
             raw = run_loop(
                 run_raw(
@@ -187,7 +204,65 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; everything started was stopped", file=sys.stderr)
         return 130
     print(render(raw, shoal))
+    if args.peer:
+        print(render_peer(peer, shoal))
+    if args.json:
+        args.json.write_text(json.dumps(figures_json(shoal, peer), indent=2) + "\n")
     return 1 if failed else 0
+
+
+def _number(value: float, digits: int) -> float | None:
+    return None if math.isnan(value) else round(value, digits)
+
+
+def figures_json(shoal: list[CommandResult], peer: dict[str, Any] | None) -> dict[str, Any]:
+    """The command path's figures in a shape that compares across commits."""
+    results = []
+    for s in shoal:
+        path = s.queued
+        results.append(
+            {
+                "fsync": "always" if s.sync_always else "default",
+                "runners": s.options.runners,
+                "prompts_per_s": _number(path.rate, 1),
+                "p50_ms": _number(path.latency.p50, 2),
+                "p99_ms": _number(path.latency.p99, 2),
+                "cpu_ms_per_prompt": _number(path.cpu_ms_per_command, 3),
+                "nats_msgs_per_prompt": round(sum(a + b for a, b in s.traffic.values()), 2),
+            }
+        )
+    if peer is not None:
+        peer = {k: v for k, v in peer.items() if k != "raw"}
+    return {"results": results, "peer": peer}
+
+
+def render_peer(peer: dict[str, Any] | None, shoal: list[CommandResult]) -> str:
+    """Shoal beside the peer measured in the same run, with the ratio."""
+    if peer is None:
+        return "peer: not measured (see stderr)\n"
+    rate = float(peer["prompts_per_s"] or 0)
+    rows = [
+        (
+            f"peer {peer['name']} (verified: {peer['verified']})",
+            fmt(rate, 0),
+            f"{fmt(peer['p50_ms'], 2)} / {fmt(peer['p99_ms'], 2)} ms",
+            "1.00x",
+        )
+    ]
+    for s in shoal:
+        mode = "always" if s.sync_always else "default"
+        runners = "" if s.options.runners else ", no runners"
+        ratio = f"{s.queued.rate / rate:.2f}x" if rate else "-"
+        rows.append(
+            (
+                f"Shoal, fsync {mode}{runners}",
+                fmt(s.queued.rate, 0),
+                f"{fmt(s.queued.latency.p50, 2)} / {fmt(s.queued.latency.p99, 2)} ms",
+                ratio,
+            )
+        )
+    headers = ("path", "prompts/s", "p50 / p99", "vs peer")
+    return table("Beside the peer (same run)", headers, rows) + "\n"
 
 
 def _fanout(args: argparse.Namespace, quick: bool, duration: float, warmup: float) -> int:

@@ -38,7 +38,8 @@ from shoal.common.messaging import (
 )
 from shoal.devtools.embedded import free_port
 from shoal.devtools.supervisor import ServiceProcess, ServiceSpec
-from shoal.session.store import LeaseRecord, LeaseStore, PartitionConsumers
+from shoal.session.service import replay
+from shoal.session.store import EventLedger, LeaseRecord, LeaseStore, PartitionConsumers
 
 _ids = itertools.count(1)
 
@@ -357,6 +358,7 @@ async def read_ledger(js: JetStreamContext, subjects: Subjects) -> dict[str, lis
 async def audit(js: JetStreamContext, subjects: Subjects, sent: dict[str, list[str]]) -> Audit:
     """Compare what was sent with the ledger and the state bucket, per session."""
     ledger = await read_ledger(js, subjects)
+    ledger_commands = EventLedger(js, subjects)
     kv = await js.key_value(subjects.session_state_bucket)
     total = applied = lost = duplicated = reordered = bad = 0
     for sid, prompts in sent.items():
@@ -371,7 +373,11 @@ async def audit(js: JetStreamContext, subjects: Subjects, sent: dict[str, list[s
             reordered += 1
         created = [e for e in events if e.type == Event.SESSION_CREATED]
         entry = await kv.get(sid)
-        state = decode_snapshot(entry.value or b"{}")
+        snapshot = decode_snapshot(entry.value or b"{}")
+        # What a replica recovers: the snapshot plus the ledger's commands after it (with lazy
+        # snapshots the bucket may trail the ledger when its writer was killed).
+        tail = await ledger_commands.commands_after(sid, snapshot.ledger_seq)
+        state = replay(snapshot, tail) or snapshot
         if (
             [e.seq for e in events] != list(range(1, len(events) + 1))
             or len(created) != 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -62,7 +63,13 @@ async def cluster(
             log_dir=tmp_path / f"cluster{len(made)}",
             # With durable timers on: every command also sets or cancels the session's timers
             # through a scheduler process, and the invariants must hold all the same.
-            env={"SHOAL_SESSION_TIMERS": "true"},
+            # SHOAL_SESSION_SNAPSHOT_MODE in the test's environment runs them with that mode.
+            env={
+                "SHOAL_SESSION_TIMERS": "true",
+                "SHOAL_SESSION_SNAPSHOT_MODE": os.environ.get(
+                    "SHOAL_SESSION_SNAPSHOT_MODE", "eager"
+                ),
+            },
         )
         made.append(c)
         await c.start_scheduler()
@@ -129,6 +136,32 @@ async def test_sigkill_one_of_three_then_add_a_fourth(
     )
     report = await audit(js, subjects, load.sent)
     print(report.line("sigkill+scale", failover=failover, drain=drain))
+    _assert_exact(report)
+
+
+async def test_sigkill_one_of_three_with_150_sessions_prompted_concurrently(
+    cluster: ClusterFactory, nc: NATS, js: JetStreamContext, subjects: Subjects
+) -> None:
+    """150 sessions x 20 prompts, every session prompting at once, a replica SIGKILLed at 40%:
+    the killed replica's commits whose snapshots never landed are recovered from the ledger."""
+    c = await cluster("s-a", "s-b", "s-c")
+    await wait_owners(js, subjects, PARTITIONS, condition=settled("s-a", "s-b", "s-c"))
+    load = Load(nc, js, subjects, _sessions(150, "c"), 21, pace=0.0)  # create + 20 prompts
+    sending = asyncio.create_task(load.run())
+    try:
+        await load.wait_sent(0.4)
+        c.replicas["s-b"].kill()
+        await c.replicas["s-b"].wait()
+        _, failover = await wait_owners(
+            js, subjects, PARTITIONS, condition=all_owned_by({"s-a", "s-c"}, PARTITIONS)
+        )
+        await sending
+    finally:
+        if not sending.done():
+            sending.cancel()
+    drain = await wait_drained(js, subjects)
+    report = await audit(js, subjects, load.sent)
+    print(report.line("sigkill 150x20", failover=failover, drain=drain))
     _assert_exact(report)
 
 

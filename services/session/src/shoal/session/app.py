@@ -104,7 +104,12 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
             ]
             timers = SchedulerTimers(nc, subjects) if settings.session_timers else None
             handler = CommandHandler(
-                states, EventLedger(js, subjects), Replier(nc), timers, subjects
+                states,
+                EventLedger(js, subjects),
+                Replier(nc),
+                timers,
+                subjects,
+                lazy_snapshots=settings.session_snapshot_mode == "lazy",
             )
             clock = SystemClock()
             worker = CommandWorker(settings, nc, handler, consumers, clock)

@@ -40,6 +40,16 @@ on two resources, so consider who wins each:
   a legitimate, in-order write (it applied the next command to the latest state); the new
   owner later reads it and skips the command as applied.
 
+Lazy snapshots (``SHOAL_SESSION_SNAPSHOT_MODE=lazy``): the ledger is the truth. The command's
+last event then carries the command and its SESSION_CMD sequence (``store.command_headers``), so
+step 3 leaves the hot path: the reply and the ack follow the ledger write, and the snapshot is
+written right after, by :class:`SnapshotWriter` (at most one write in flight per session, the
+newest state each time; a write that loses its CAS is benign: the cache is dropped and the
+next command recovers). A session is recovered as its snapshot plus ``service.replay`` of the
+ledger's commands after the snapshot's ``ledger_seq``, so a redelivered command whose events
+landed is ``already_applied`` though no state write followed. Creation, hibernation and
+termination still write the snapshot before the reply: other services read the bucket.
+
 A fenced write (either check) is counted in ``shoal_session_fenced_writes_total`` and raised:
 the worker drops the whole partition at once, unacked, because every cached snapshot of it is
 suspect; its next owner (this replica again, if the lease is still ours to re-grant) starts a
@@ -52,6 +62,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -71,6 +82,7 @@ from shoal.session.service import (
     messages_page,
     parse_messages_query,
     parse_session_query,
+    replay,
     session_introspection,
     timer_changes,
     timer_command,
@@ -83,6 +95,7 @@ from shoal.session.store import (
     Replier,
     SchedulerTimers,
     StateStore,
+    command_headers,
 )
 
 log = logging.getLogger(__name__)
@@ -91,11 +104,15 @@ log = logging.getLogger(__name__)
 _RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
+Loader = Callable[[str], Awaitable[tuple[SessionSnapshot | None, int]]]
+
+
 class SessionCache:
-    """A lane's view of its session: the state and KV revision it last read or wrote.
+    """A lane's view of its session: its latest state and the KV revision of its snapshot.
 
     Valid because this replica is the session's only writer; any doubt (a lost CAS, an I/O
-    error) drops it and the next attempt reads the bucket again.
+    error) drops it and the next attempt reads the bucket (and the ledger's tail) again.
+    ``dirty``: the state is ahead of the snapshot in the bucket (lazy snapshots).
     """
 
     def __init__(self, session_id: str) -> None:
@@ -103,18 +120,24 @@ class SessionCache:
         self.state: SessionSnapshot | None = None
         self.revision = 0
         self.loaded = False
+        self.dirty = False
 
-    async def get(self, states: StateStore) -> tuple[SessionSnapshot | None, int]:
+    async def get(self, load: Loader) -> tuple[SessionSnapshot | None, int]:
         if not self.loaded:
-            self.state, self.revision = await states.load(self.session_id)
+            self.state, self.revision = await load(self.session_id)
             self.loaded = True
         return self.state, self.revision
 
     def remember(self, state: SessionSnapshot | None, revision: int) -> None:
-        self.state, self.revision, self.loaded = state, revision, True
+        self.state, self.revision, self.loaded, self.dirty = state, revision, True, False
+
+    def advance(self, state: SessionSnapshot) -> None:
+        """A state committed to the ledger but not yet to the bucket (revision unchanged)."""
+        if self.loaded:
+            self.state, self.dirty = state, True
 
     def forget(self) -> None:
-        self.state, self.revision, self.loaded = None, 0, False
+        self.state, self.revision, self.loaded, self.dirty = None, 0, False, False
 
     @property
     def dormant(self) -> bool:
@@ -124,6 +147,60 @@ class SessionCache:
             Status.HIBERNATED,
             Status.TERMINATED,
         )
+
+
+class SnapshotWriter:
+    """Writes lazily kept snapshots to the bucket off the hot path.
+
+    At most one write in flight per session; each writes the session's newest state, and
+    another follows if the state moved meanwhile. A write that fails (a lost CAS: someone
+    wrote the key since; or I/O) drops the cache: the next command recovers the session from
+    the bucket and the ledger, which holds every committed command either way.
+    """
+
+    def __init__(self, states: StateStore) -> None:
+        self._states = states
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+
+    def schedule(self, cache: SessionCache) -> None:
+        if cache.session_id not in self._in_flight:
+            self._in_flight[cache.session_id] = asyncio.create_task(
+                self._write(cache), name=f"snapshot:{cache.session_id}"
+            )
+
+    async def settled(self, session_id: str) -> None:
+        """Wait for the session's write in flight, if any (before reading or writing its key)."""
+        task = self._in_flight.get(session_id)
+        if task is not None:
+            await asyncio.wait({task})
+
+    async def settle_all(self) -> None:
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight.values()))
+
+    async def _write(self, cache: SessionCache) -> None:
+        try:
+            while cache.dirty and cache.loaded and cache.state is not None:
+                state, revision = cache.state, cache.revision
+                cache.dirty = False
+                try:
+                    written = await self._states.save(state, revision)
+                except Exception as exc:
+                    metrics.SNAPSHOT_WRITES.labels(
+                        "lost" if isinstance(exc, Fenced) else "failed"
+                    ).inc()
+                    log.info(
+                        "lazy snapshot not written: %r",
+                        exc,
+                        extra={"session_id": cache.session_id, "expected_revision": revision},
+                    )
+                    cache.forget()
+                    return
+                metrics.SNAPSHOT_WRITES.labels("written").inc()
+                if cache.loaded and cache.revision == revision:
+                    cache.revision = written
+        finally:
+            self._in_flight.pop(cache.session_id, None)
 
 
 class CommandHandler:
@@ -136,6 +213,8 @@ class CommandHandler:
         replier: Replier,
         timers: SchedulerTimers | None,
         subjects: Subjects,
+        *,
+        lazy_snapshots: bool = False,
     ) -> None:
         self._states = states
         self._ledger = ledger
@@ -143,6 +222,19 @@ class CommandHandler:
         self._timers = timers  # None: no scheduler in this deployment (timers never fire)
         self._subjects = subjects
         self._stopping = False
+        self._lazy = lazy_snapshots
+        self.snapshots = SnapshotWriter(states)
+
+    async def load(self, session_id: str) -> tuple[SessionSnapshot | None, int]:
+        """The session's state and its snapshot's KV revision: with lazy snapshots, the
+        snapshot plus the ledger's commands after it (``service.replay``)."""
+        if not self._lazy:
+            return await self._states.load(session_id)
+        await self.snapshots.settled(session_id)
+        snapshot, revision = await self._states.load(session_id)
+        after = snapshot.ledger_seq if snapshot is not None else 0
+        tail = await self._ledger.commands_after(session_id, after)
+        return replay(snapshot, tail), revision
 
     def stop_retrying(self) -> None:
         """At shutdown: a command whose I/O fails is left unacked instead of retried."""
@@ -265,7 +357,7 @@ class CommandHandler:
         stream_seq: int,
         trace_headers: dict[str, str],
     ) -> Result:
-        state, revision = await cache.get(self._states)
+        state, revision = await cache.get(self.load)
         try:
             result = apply(state, command, stream_seq)
         except Exception as exc:
@@ -278,15 +370,33 @@ class CommandHandler:
                     result.events,
                     {**trace_headers, **tags_header(new_state.tags)},
                     after=state.ledger_seq if state is not None else 0,
+                    last_headers=command_headers(command, stream_seq) if self._lazy else None,
                 )
                 new_state = msgspec.structs.replace(new_state, ledger_seq=last)
-            revision = await self._states.save(new_state, revision)
-            cache.remember(new_state, revision)
+            if self._lazy and result.events and _lazy_snapshot_ok(state, new_state):
+                cache.advance(new_state)
+                self.snapshots.schedule(cache)
+            else:
+                revision = await self._save_now(cache, new_state, revision)
+                cache.remember(new_state, revision)
             await self._sync_timers(state, new_state, command)
             return dataclasses.replace(result, new_state=new_state)
         if result.already_applied:
             await self._sync_timers(None, state)
+            if self._lazy and state is not None:
+                # Recovered from the ledger: the bucket may trail it (its writer was killed).
+                cache.advance(state)
+                self.snapshots.schedule(cache)
         return result
+
+    async def _save_now(self, cache: SessionCache, state: SessionSnapshot, revision: int) -> int:
+        if self._lazy:
+            # A lazy write in flight moves the revision: wait for it, then write on top.
+            await self.snapshots.settled(cache.session_id)
+            if not cache.loaded:
+                raise _CacheDropped("the session's snapshot write failed; recovering")
+            revision = cache.revision
+        return await self._states.save(state, revision)
 
     async def _sync_timers(
         self,
@@ -324,6 +434,16 @@ class CommandHandler:
 
 class _ApplyFailed(Exception):
     pass
+
+
+class _CacheDropped(Exception):
+    """Retried like I/O: the command is run again on the recovered state."""
+
+
+def _lazy_snapshot_ok(old: SessionSnapshot | None, new: SessionSnapshot) -> bool:
+    """Whether the snapshot may follow the reply: not when the session is created (the
+    gateway and runners read the bucket at once), nor when it goes dormant (its lane leaves)."""
+    return old is not None and new.status not in (Status.HIBERNATED, Status.TERMINATED)
 
 
 def _outcome(result: Result) -> str:

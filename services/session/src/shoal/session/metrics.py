@@ -49,6 +49,11 @@ LEASES_GRANTED = Counter(
 LEASES_RELEASED = Counter(
     "shoal_session_leases_released_total", "Partition leases handed off after a drain"
 )
+SNAPSHOT_WRITES = Counter(
+    "shoal_session_snapshot_writes_total",
+    "Lazy snapshot writes after the reply, by outcome (written, lost: CAS lost, failed: I/O)",
+    ["outcome"],
+)
 LANES = Gauge("shoal_session_lanes", "Session lanes alive in this replica")
 IN_FLIGHT = Gauge("shoal_session_commands_in_flight", "Commands fetched and not yet finished")
 PROJECTED = Counter(

@@ -867,3 +867,34 @@ def session_introspection(
         "status": state.status,
         "session_owner": state.owner,
     }
+
+
+# -- recovery: snapshot + the ledger's tail --
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerCommand:
+    """A command recorded in the ledger: on the last event it produced (at ``ledger_seq``),
+    the command's envelope and its sequence in SESSION_CMD travel as headers."""
+
+    ledger_seq: int
+    command: Envelope
+    stream_seq: int
+
+
+def replay(state: SessionSnapshot | None, tail: Iterable[LedgerCommand]) -> SessionSnapshot | None:
+    """The state after re-applying the ledger's commands that follow ``state``'s ``ledger_seq``.
+
+    Pure: the rules are deterministic, so applying the same commands to the same snapshot gives
+    the state their writer had. Commands at or below ``applied_seq`` (already in the snapshot)
+    are skipped. ``ledger_seq`` ends at the last command's last event: a command cut short
+    after some of its events (a crash mid-append) is not in ``tail`` and is redelivered, so its
+    re-run finds its own events at the ledger's tip and resumes after them.
+    """
+    for entry in tail:
+        if state is not None and entry.ledger_seq <= state.ledger_seq:
+            continue
+        result = apply(state, entry.command, entry.stream_seq)
+        if result.changed and result.new_state is not None:
+            state = msgspec.structs.replace(result.new_state, ledger_seq=entry.ledger_seq)
+    return state

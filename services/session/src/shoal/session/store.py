@@ -12,6 +12,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,9 +49,18 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from shoal.common.clock import iso
 from shoal.common.contracts import Event, SessionSnapshot, Status, decode_snapshot, encode_snapshot
-from shoal.common.errors import Fenced
-from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, dumps, encode, request
+from shoal.common.errors import BadRequest, Fenced
+from shoal.common.messaging import (
+    MSG_ID_HEADER,
+    Envelope,
+    Subjects,
+    decode,
+    dumps,
+    encode,
+    request,
+)
 from shoal.common.storage import DatabaseClient
+from shoal.session.service import LedgerCommand
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +106,20 @@ EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
+# On the last event of a command: the command itself (base64 of its envelope) and its sequence
+# in SESSION_CMD, so the ledger alone can rebuild the state (service.replay).
+COMMAND_HEADER = "Shoal-Command"
+COMMAND_SEQ_HEADER = "Shoal-Command-Seq"
+
+
+def command_headers(command: Envelope, stream_seq: int) -> dict[str, str]:
+    """The headers recording ``command`` on its last event."""
+    return {
+        COMMAND_HEADER: base64.b64encode(encode(command)).decode("ascii"),
+        COMMAND_SEQ_HEADER: str(stream_seq),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerTip:
     """The last event of one session in SESSION_EVT: its stream sequence and event id."""
@@ -129,16 +154,41 @@ class EventLedger:
             return None
         return LedgerTip(int(msg.seq or 0), (msg.headers or {}).get(MSG_ID_HEADER, ""))
 
+    async def commands_after(self, session_id: str, after: int) -> list[LedgerCommand]:
+        """The commands recorded in the session's ledger after sequence ``after``, in order
+        (one read per event of the tail; events without a command header are skipped)."""
+        ledger_filter = self._subjects.session_events(session_id)
+        found: list[LedgerCommand] = []
+        seq = after + 1
+        while True:
+            try:
+                msg = await self._js.get_msg(
+                    self._subjects.session_evt_stream, seq, subject=ledger_filter, next=True
+                )
+            except NotFoundError:
+                return found
+            at = int(msg.seq or 0)
+            headers = msg.headers or {}
+            if COMMAND_HEADER in headers and COMMAND_SEQ_HEADER in headers:
+                try:
+                    command = decode(base64.b64decode(headers[COMMAND_HEADER]))
+                    found.append(LedgerCommand(at, command, int(headers[COMMAND_SEQ_HEADER])))
+                except (BadRequest, ValueError, binascii.Error):
+                    log.warning("unreadable command header at ledger seq %d; skipped", at)
+            seq = at + 1
+
     async def publish(
         self,
         events: Sequence[Envelope],
         headers: Mapping[str, str],
         *,
         after: int,
+        last_headers: Mapping[str, str] | None = None,
     ) -> int:
         """Append ``events`` (one command's, in order) right after ledger sequence ``after``.
 
-        ``after`` is the sequence the snapshot recorded (0: the session has no event yet).
+        ``after`` is the sequence the snapshot recorded (0: the session has no event yet);
+        ``last_headers`` go on the last event only (the command, :func:`command_headers`).
         Returns the sequence of the last event. Raises :class:`Fenced` when someone else
         appended to this session's ledger.
         """
@@ -159,6 +209,7 @@ class EventLedger:
                     stream=self._subjects.session_evt_stream,
                     headers={
                         **headers,
+                        **((last_headers or {}) if i == len(events) - 1 else {}),
                         MSG_ID_HEADER: event.id,
                         EXPECTED_LAST_SUBJECT_SEQ: str(expected),
                         EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: ledger_filter,

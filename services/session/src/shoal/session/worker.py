@@ -267,6 +267,8 @@ class CommandWorker:
             log.warning("partition %d: lanes did not finish within %.1fs; cancelling", p, limit)
             part.dropped = True
             self._budget.release(len(await part.lanes.cancel()))
+        # Lazy snapshots in flight land before the lease goes, so the next owner reads them.
+        await self._handler.snapshots.settle_all()
         if self._partitions.get(p) is part:
             del self._partitions[p]
         metrics.PARTITIONS.set(len(self._partitions))
