@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,26 @@ async def test_cancel_dead_retry_run_and_a_signed_webhook_retried_after_a_500(
         assert headers["shoal-job-id"] == dead.id
     assert [d["status"] for d in loads(second[1])["deliveries"]] == [500]
     print(f"\ngaps between failed attempts (backoff 0.2 s base): {gaps}")
+
+
+async def test_two_scheduler_replicas_fire_a_timer_once(fleet: FleetFactory) -> None:
+    running = await fleet(scheduler_replicas=2, env={"SHOAL_SCHEDULER_SWEEP_INTERVAL": "0.2"})
+    assert {"scheduler-0", "scheduler-1"} <= set(running)
+    async with ShoalClient(running.gateway_url, running.admin_key) as client:
+        session = await client.create_session({"purpose": "replicas"})
+        at = datetime.fromtimestamp(time.time() + 2, UTC).isoformat()
+        schedule = await client.create_schedule(
+            {"prompt": {"session_id": session.id, "content": "once"}}, at=at
+        )
+        queued: list[Event] = []
+        async with client.connect_session(session.id, since=0) as events:
+            with contextlib.suppress(TimeoutError):
+                # The first prompt within 20 s; then 2 s more, in which a double firing would show.
+                async with asyncio.timeout(20) as deadline:
+                    async for event in events:
+                        if event.type == "prompt.queued":
+                            queued.append(event)
+                            deadline.reschedule(asyncio.get_running_loop().time() + 2)
+        fired = await client.get_schedule(schedule.id)
+    assert [e.data["content"] for e in queued] == ["once"]
+    assert len(fired.firings or []) == 1

@@ -74,6 +74,11 @@ BAD_VALUES: tuple[tuple[str, Sequence[str], str], ...] = (
         "services.gateway.terminationGracePeriodSeconds (10) must exceed",
     ),
     (
+        "guard: the scheduler without its webhook secrets key",
+        [*PRODUCTION, "--set", "secrets.scheduler.existingSecret="],
+        "secrets.scheduler.existingSecret is required",
+    ),
+    (
         "guard: the keys service without any KEK",
         [*PRODUCTION, "--set", "secrets.keys.kekKey="],
         "the keys service needs a KEK",

@@ -150,6 +150,9 @@ app.kubernetes.io/part-of: shoal
 {{- if and $ring.existingSecret (not $ring.activeKek) }}
 {{- fail "secrets.keys.kekRing.activeKek is required with a KEK ring: the id of the KEK new data keys are wrapped with (SHOAL_KEYS_ACTIVE_KEK)" }}
 {{- end }}
+{{- if and .Values.services.scheduler.enabled (not .Values.secrets.scheduler.existingSecret) }}
+{{- fail "secrets.scheduler.existingSecret is required: a Secret whose key (secrets.scheduler.webhookSecretsKey) holds the base64 of 32 random bytes (SHOAL_SCHEDULER_WEBHOOK_SECRETS_KEY)" }}
+{{- end }}
 {{- if not .Values.objectStore.bucket }}
 {{- fail "objectStore.bucket is required: the S3 bucket Shoal stores files and artifacts in" }}
 {{- end }}

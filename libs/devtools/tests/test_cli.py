@@ -137,7 +137,12 @@ def test_run_unknown_service_exits_2_naming_the_known_ones() -> None:
 
 
 def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in ([], ["up", "--nats-port", "70000"], ["up", "--session-replicas", "0"]):
+    for argv in (
+        [],
+        ["up", "--nats-port", "70000"],
+        ["up", "--session-replicas", "0"],
+        ["up", "--scheduler-replicas", "0"],
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
@@ -362,16 +367,18 @@ def _round_trip(start_up: Any, home: Path, env: dict[str, str], services: list[s
 def test_up_runs_the_fleet_and_stops_it_on_sigint(
     start_up: Any, stub_path: Path, tmp_path: Path
 ) -> None:
-    services = ["keys", "eventbus", "session-0", "session-1", "scheduler", "gateway"]
+    services = ["keys", "eventbus", "session-0", "session-1", "scheduler-0", "scheduler-1"]
+    services.append("gateway")
     env = _child_env(stub_path)
     home = tmp_path / "home"
-    first = start_up(home, env, "--session-replicas", "2")
+    first = start_up(home, env, "--session-replicas", "2", "--scheduler-replicas", "2")
     state = first.wait_up()
     assert [entry["name"] for entry in state["services"]] == services
     log = first.log()
     for name in services:
         assert f"\n{name} | {{" in log, f"no prefixed output from {name}"
     assert '"instance":"session-1","replica":"1"' in log
+    assert '"instance":"scheduler-1"' in log
     first.close()
     assert first.proc.returncode == 0
     assert _wait_gone(first.all_pids(), 10) == []

@@ -245,6 +245,7 @@ async def test_health_readiness_and_metrics(settings: EventbusSettings) -> None:
             assert ready.json()["checks"] == {"nats": True, "consumer": True}
             metrics = (await client.get("/metrics")).text
             assert "shoal_eventbus_events_total" in metrics
+            assert "shoal_eventbus_consumer_pending " in metrics  # sampled at start
 
 
 async def tagged(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -10,11 +11,12 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from shoal.common.clock import ManualClock
 from shoal.common.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
-from shoal.common.messaging import Subjects, loads, request
+from shoal.common.messaging import Subjects, loads, new_id, request
 from shoal.scheduler.app import create_app
 from shoal.scheduler.config import SchedulerSettings
 
@@ -158,3 +160,23 @@ async def test_cancel_and_retry(rpc: Any) -> None:
     assert (await rpc("jobs.get", owner="alice", id=running["id"]))["status"] == "cancelled"
     with pytest.raises(Conflict):
         await rpc("jobs.retry", owner="alice", id=revived["id"])
+
+
+async def test_terminal_jobs_are_counted_by_outcome_and_dead_letters_by_kind(rpc: Any) -> None:
+    kind = new_id("counted")
+
+    def ended(outcome: str) -> float:
+        labels = {"kind": kind, "outcome": outcome}
+        return REGISTRY.get_sample_value("shoal_jobs_ended_total", labels) or 0.0
+
+    doomed = await rpc("jobs.submit", owner="alice", job={"kind": kind, "max_attempts": 1})
+    await rpc("jobs.claim", kinds=[kind], owner=None, worker="w", limit=1)
+    await rpc("jobs.fail", job_id=doomed["id"], attempt=1, error="boom")
+    assert (await rpc("jobs.get", owner="alice", id=doomed["id"]))["status"] == "dead"
+    queued = await rpc("jobs.submit", owner="alice", job={"kind": kind})
+    await rpc("jobs.cancel", owner="alice", id=queued["id"])
+    with contextlib.suppress(Conflict):  # a second cancel changes nothing
+        await rpc("jobs.cancel", owner="alice", id=queued["id"])
+
+    assert REGISTRY.get_sample_value("shoal_jobs_dead_total", {"kind": kind}) == 1.0
+    assert (ended("dead"), ended("cancelled"), ended("succeeded")) == (1.0, 1.0, 0.0)

@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="session processes; named session-0.. when N > 1 (default: 1)",
     )
     parser.add_argument(
+        "--scheduler-replicas",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="scheduler processes sharing the timers (each fires once); named scheduler-0.. "
+        "when N > 1 (default: 1)",
+    )
+    parser.add_argument(
         "--ready-timeout",
         type=float,
         default=60.0,
@@ -138,6 +146,7 @@ def main(argv: list[str]) -> int:
             postgres_port=args.postgres_port,
             gateway_port=args.gateway_port,
             session_replicas=args.session_replicas,
+            scheduler_replicas=args.scheduler_replicas,
             ready_timeout=args.ready_timeout,
         )
     )

@@ -150,6 +150,7 @@ class FleetConfig:
     gateway_port: int = 0  # 0: a free port chosen when the specs are built
     gateway_host: str = "127.0.0.1"
     session_replicas: int = 1
+    scheduler_replicas: int = 1  # replicas share the timers table; SKIP LOCKED claims each once
     subject_prefix: str | None = None
     object_store_path: Path | None = None  # sets SHOAL_OBJECT_STORE=fs and its path
     extra_env: Mapping[str, str] = field(default_factory=dict)
@@ -166,15 +167,21 @@ def replica_names(service: str, replicas: int) -> list[str]:
 
 
 def fleet_specs(config: FleetConfig) -> list[ServiceSpec]:
-    """One spec per process: each service once, the session ``session_replicas`` times.
+    """One spec per process: each service once, the session ``session_replicas`` times and the
+    scheduler ``scheduler_replicas`` times.
 
     Internal services listen on free ports of 127.0.0.1 (only for /healthz and /readyz);
     the gateway on ``gateway_host:gateway_port``.
     """
     from shoal.devtools.embedded import free_port
 
-    if config.session_replicas < 1:
-        raise ValueError("session_replicas must be at least 1")
+    replica_counts = {
+        "session": config.session_replicas,
+        "scheduler": config.scheduler_replicas,
+    }
+    for service, count in replica_counts.items():
+        if count < 1:
+            raise ValueError(f"{service}_replicas must be at least 1")
     base = dict(os.environ if config.base_env is None else config.base_env)
     base.update(
         {
@@ -195,7 +202,7 @@ def fleet_specs(config: FleetConfig) -> list[ServiceSpec]:
 
     specs = []
     for service in config.services:
-        replicas = config.session_replicas if service == "session" else 1
+        replicas = replica_counts.get(service, 1)
         for index, name in enumerate(replica_names(service, replicas)):
             gateway = service == "gateway"
             host = config.gateway_host if gateway else "127.0.0.1"
@@ -690,6 +697,7 @@ class FleetFactory(Protocol):
         *,
         subject_prefix: str | None = None,
         session_replicas: int = 1,
+        scheduler_replicas: int = 1,
         env: Mapping[str, str] | None = None,
         nats_url: str = ...,
         database_url: str = ...,

@@ -70,6 +70,7 @@ class UpOptions:
     postgres_port: int = DEFAULT_POSTGRES_PORT
     gateway_port: int = DEFAULT_GATEWAY_PORT
     session_replicas: int = 1
+    scheduler_replicas: int = 1
     ready_timeout: float = 60.0
 
 
@@ -222,6 +223,7 @@ class _Up:
             gateway_port=ports.gateway,
             gateway_host=os.environ.get("SHOAL_HTTP_HOST", "127.0.0.1"),
             session_replicas=self.options.session_replicas,
+            scheduler_replicas=self.options.scheduler_replicas,
             object_store_path=object_store,
             extra_env=self._cluster_env(),
         )

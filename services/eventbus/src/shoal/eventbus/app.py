@@ -7,6 +7,7 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -16,8 +17,11 @@ from shoal.common.messaging import Catalog, Subjects, connect_nats, provision
 from shoal.common.service import Readiness, create_service_app
 from shoal.eventbus.config import EventbusSettings
 from shoal.eventbus.handlers import EventConsumer
+from shoal.eventbus.metrics import sample_consumer_lag, stop_sampling
 from shoal.eventbus.service import EventFanout
 from shoal.eventbus.store import JetStreamDeliveries
+
+_LAG_SAMPLE_S = 10.0  # how often the consumer's lag is read into /metrics
 
 
 def create_app(settings: EventbusSettings | None = None) -> FastAPI:
@@ -40,6 +44,11 @@ def create_app(settings: EventbusSettings | None = None) -> FastAPI:
             consumer = EventConsumer(nc, js, subjects, EventFanout(subjects), deliveries, settings)
             await consumer.start()
             stack.push_async_callback(consumer.stop)  # runs before nc.drain
+            lag = sample_consumer_lag(
+                js, subjects.session_evt_stream, settings.eventbus_consumer, _LAG_SAMPLE_S
+            )
+            sampling = asyncio.create_task(lag, name="eventbus-consumer-lag")
+            stack.push_async_callback(stop_sampling, sampling)
 
             readiness.add("nats", lambda: nc.is_connected)
             readiness.add("consumer", lambda: consumer.running)

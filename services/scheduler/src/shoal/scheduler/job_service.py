@@ -21,6 +21,7 @@ from shoal.common.messaging import dumps, is_token, new_id
 from shoal.scheduler import jobs as rules
 from shoal.scheduler.job_store import JobStore, Rule, expired_leases
 from shoal.scheduler.jobs import Job, JobStatus
+from shoal.scheduler.metrics import JOBS_DEAD, JOBS_ENDED
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,14 @@ class JobService:
         return page, page[-1].id if more else None
 
     async def _owned_update(self, owner: str | None, job_id: str, rule: Rule) -> Job:
+        before, after = await self._owned_change(owner, job_id, rule)
+        return after or before
+
+    async def _owned_change(
+        self, owner: str | None, job_id: str, rule: Rule
+    ) -> tuple[Job, Job | None]:
+        """The job before ``rule`` and after it (``None``: the rule changed nothing)."""
+
         def guarded(job: Job) -> Job | None:
             if owner is not None and job.owner != owner:
                 return None
@@ -206,16 +215,19 @@ class JobService:
             before, after = await self._store.update(job_id, guarded)
         if before is None or (owner is not None and before.owner != owner):
             raise NotFound("job not found", detail={"job_id": job_id})
-        return after or before
+        return before, after
 
     async def cancel(self, owner: str | None, job_id: str) -> Job:
         """Queued: cancelled now. Running: the worker is told; it ends cancelled when the
         worker stops or its lease runs out, unless its completion wins."""
         now = self.now()
-        job = await self._owned_update(owner, job_id, lambda j: rules.cancel(j, now=now))
+        before, after = await self._owned_change(owner, job_id, lambda j: rules.cancel(j, now=now))
+        job = after or before
         if job.status == JobStatus.RUNNING:
             await self._signals.cancel(job.id)
         elif job.status == JobStatus.CANCELLED:
+            if before.status != JobStatus.CANCELLED:
+                _count_end(job)
             await self._signals.ended(job)
         return job
 
@@ -262,6 +274,7 @@ class JobService:
             job_id, lambda j: rules.complete(j, attempt=attempt, output=output, now=now)
         )
         if after is not None:
+            _count_end(after)
             await self._signals.ended(after)
         return after
 
@@ -309,6 +322,14 @@ class JobService:
 
     async def _after_change(self, job: Job) -> None:
         if job.ended:
+            _count_end(job)
             await self._signals.ended(job)
         elif job.status == JobStatus.QUEUED and job.run_at <= self.now():
             await self._signals.ready(job.kind)
+
+
+def _count_end(job: Job) -> None:
+    """Count a job that just reached its terminal status (once: callers pass only changes)."""
+    JOBS_ENDED.labels(kind=job.kind, outcome=str(job.status)).inc()
+    if job.status == JobStatus.DEAD:
+        JOBS_DEAD.labels(kind=job.kind).inc()

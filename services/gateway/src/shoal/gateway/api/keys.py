@@ -35,7 +35,10 @@ class CreateKey(BaseModel):
     scopes: list[str] = Field(
         min_length=1,
         max_length=8,
-        description="A subset of admin, sessions, jobs, secrets, read (without admin: of its own)",
+        description=(
+            "A subset of admin, sessions, jobs, jobs:work (take jobs on /v1/workers/ws, nothing "
+            "else), secrets, read (without admin: of its own)"
+        ),
     )
     owner: str | None = Field(
         default=None, min_length=1, max_length=128, description="Another owner: admin keys only"
