@@ -12,10 +12,7 @@ import httpx
 import pytest
 
 from shoal.client import connect_runner
-from shoal.common.contracts import Command, SessionSnapshot
-from shoal.common.messaging import Envelope
 from shoal.devtools.supervisor import FleetFactory
-from shoal.session.service import apply
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -172,24 +169,6 @@ async def test_session_verbs_on_the_fleet(fleet: FleetFactory) -> None:
         assert (await http.get("/v1/admin/sessions/ses_nope", headers=admin)).status_code == 404
 
 
-def _session_rules_apply_updates() -> bool:
-    """Whether the session rules in this tree apply ``session.update`` yet."""
-    state = SessionSnapshot(id="ses_probe", owner="o", created_at="t", updated_at="t")
-    command = Envelope(
-        id="cmd_probe",
-        type=Command.SESSION_UPDATE,
-        source="gateway",
-        time="t",
-        subject="ses_probe",
-        owner="o",
-        data={"tags": ["x"]},
-    )
-    return apply(state, command, 1).error is None
-
-
-@pytest.mark.skipif(
-    not _session_rules_apply_updates(), reason="the session rules do not apply session.update yet"
-)
 async def test_patch_tags_and_timeouts_on_the_fleet(fleet: FleetFactory) -> None:
     running = await fleet()
     admin = {"Authorization": f"Bearer {running.admin_key}"}
