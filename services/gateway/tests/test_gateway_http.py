@@ -299,6 +299,10 @@ async def test_direct_prompt_route_answers_as_the_framework_route(
 
     same_shape(*await both({"Authorization": "Bearer nope"}, {"content": "x"}))  # 401
     same_shape(*await both({"Authorization": "Bearer key-bob"}, {"content": "x"}))  # 404
+    keys.keys["key-alice-read"] = {"key_id": "k-alice-read", "owner": "alice", "scopes": ["read"]}
+    direct, routed = await both({"Authorization": "Bearer key-alice-read"}, {"content": "x"})
+    same_shape(direct, routed)
+    assert direct.status_code == 403  # the scope, checked once, by the service
     same_shape(*await both(ALICE, {"content": "x" * (64 * 1024 + 1)}))  # 413 from the rules
     same_shape(*await both(ALICE, {"content": ""}))  # 400: replayed to the framework
 

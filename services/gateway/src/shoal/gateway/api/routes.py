@@ -17,7 +17,7 @@ from shoal.common.contracts import (
     Status,
 )
 from shoal.gateway.api import admin, keys, secrets
-from shoal.gateway.api.deps import Caller, Service, gateway_state
+from shoal.gateway.api.deps import Caller, KeyHolder, Service, gateway_state
 from shoal.gateway.api.problems import problem_responses
 from shoal.gateway.service import MAX_ANSWER_BYTES, MAX_CURSOR_CHARS
 from shoal.gateway.ws import serve_client, serve_runner
@@ -436,9 +436,10 @@ async def list_events(
     responses=problem_responses(400, 401, 403, 404, 409, 413, 503, 504),
 )
 async def submit_prompt(
-    session_id: str, body: SubmitPrompt, caller: Caller, service: Service
+    session_id: str, body: SubmitPrompt, caller: KeyHolder, service: Service
 ) -> dict[str, Any]:
     """Queue a prompt; the same ``idempotency_key`` always yields the same ``prompt_id``."""
+    # The service checks the key's scope (as for the direct route and the client socket).
     return await service.submit_prompt(caller, session_id, body.content, body.idempotency_key)
 
 
