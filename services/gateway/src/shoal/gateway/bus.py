@@ -49,6 +49,7 @@ from shoal.gateway.config import GatewaySettings
 from shoal.gateway.fanout import SEQUENCE_HEADER, FrameEncoder, LedgerReader, LiveFeed, LiveHub
 from shoal.gateway.ledger import start_sequence
 from shoal.gateway.service import CommandOutcome, SessionEventMsg
+from shoal.gateway.views import Applied, convert
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class Bus:
                 raise Unavailable(f"command not stored: {exc}") from exc
             duplicate = bool(ack.duplicate)
             if future is None or duplicate:
-                return CommandOutcome(stream_seq=ack.seq, duplicate=duplicate, data=None)
+                return CommandOutcome(stream_seq=ack.seq, duplicate=duplicate, applied=None)
             try:
                 reply = await asyncio.wait_for(
                     future, self._settings.command_timeout.total_seconds()
@@ -289,9 +290,8 @@ class Bus:
             if not reply.get("ok"):
                 raise error_from_dict(reply.get("error") or {})
             data = reply.get("data")
-            return CommandOutcome(
-                stream_seq=ack.seq, duplicate=False, data=data if isinstance(data, dict) else {}
-            )
+            applied = convert(data if isinstance(data, dict) else {}, Applied, "applied reply")
+            return CommandOutcome(stream_seq=ack.seq, duplicate=False, applied=applied)
         finally:
             if inbox is not None:
                 self._replies.discard(inbox)
