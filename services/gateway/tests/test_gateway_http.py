@@ -243,6 +243,21 @@ async def test_auth_cache_and_revocation(
     assert_problem(response, 401, "unauthorized")
 
 
+async def test_requests_missing_the_key_cache_together_verify_once(
+    keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, http: httpx.AsyncClient
+) -> None:
+    """A busy key's cache entry expiring must not send every request in flight to the keys
+    service: they share one verification."""
+    created = await alice.create_session()
+    calls = keys.calls
+    bob = {"Authorization": "Bearer key-bob"}  # not cached yet
+    answers = await asyncio.gather(
+        *(http.get(f"/v1/sessions/{created.id}", headers=bob) for _ in range(20))
+    )
+    assert {a.status_code for a in answers} == {404}  # verified; alice's session is not bob's
+    assert keys.calls == calls + 1
+
+
 async def test_unexpected_errors_are_500_without_internals() -> None:
     app = FastAPI()
     install_problem_handlers(app)

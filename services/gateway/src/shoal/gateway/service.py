@@ -275,6 +275,7 @@ class GatewayService:
             settings.auth_cache_ttl.total_seconds(), settings.auth_cache_size, self._clock
         )
         self.tenancy = Tenancy(bus, on_revoked=self.key_revoked)
+        self._verifying: dict[str, asyncio.Future[Principal]] = {}  # key hash -> verification
         # Session id -> owner of sessions seen to exist. An owner never changes and a session is
         # never deleted (only terminated, which the session service enforces itself), so a
         # prompt needs no state read after the first: one round trip less per prompt.
@@ -301,14 +302,25 @@ class GatewayService:
         """The principal of an API key (cached ``auth_cache_ttl``), else :class:`Unauthorized`.
 
         Every route and socket upgrade authenticates here, so this is where a request is charged
-        to its key's rate limit (:class:`RateLimited` past it)."""
+        to its key's rate limit (:class:`RateLimited` past it). Requests that miss the cache
+        together share one verification: when a busy key's entry expires, every request in
+        flight would otherwise ask the keys service at once."""
         if not api_key:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         key_hash = sha256_hex(api_key)
-        cached = self._keys.get(key_hash)
-        if cached is not None:
-            self._buckets.charge(cached.key_id)
-            return cached
+        principal = self._keys.get(key_hash)
+        if principal is None:
+            verifying = self._verifying.get(key_hash)
+            if verifying is None:
+                verifying = asyncio.ensure_future(self._verify(api_key, key_hash))
+                self._verifying[key_hash] = verifying
+                verifying.add_done_callback(lambda done: self._verified(key_hash, done))
+            # Shielded: a caller that goes away does not cancel the others' verification.
+            principal = await asyncio.shield(verifying)
+        self._buckets.charge(principal.key_id)
+        return principal
+
+    async def _verify(self, api_key: str, key_hash: str) -> Principal:
         try:
             key = msgspec.convert(await self._bus.verify_key(api_key), VerifiedKey)
         except msgspec.ValidationError:
@@ -319,8 +331,13 @@ class GatewayService:
         if self._keys.is_revoked(principal.key_id):
             raise Unauthorized("invalid API key")  # verified just before its revocation
         self._keys.put(key_hash, principal, self._seconds_left(key.expires_at))
-        self._buckets.charge(principal.key_id)
         return principal
+
+    def _verified(self, key_hash: str, done: asyncio.Future[Principal]) -> None:
+        if self._verifying.get(key_hash) is done:
+            del self._verifying[key_hash]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have gone away
 
     def _seconds_left(self, expires_at: str | None) -> float | None:
         """Seconds until an RFC 3339 ``expires_at`` (None: no expiry), so no cache entry

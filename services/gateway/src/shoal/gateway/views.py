@@ -123,6 +123,15 @@ class Applied(msgspec.Struct, kw_only=True):
     session: SessionView | None = None
 
 
+class AppliedReply(msgspec.Struct, kw_only=True):
+    """The session service's answer to a command sent with a reply inbox (decoded from JSON
+    straight into this: it arrives once per awaited command)."""
+
+    ok: bool
+    data: Applied | None = None
+    error: dict[str, Any] | None = None
+
+
 class SessionPage(msgspec.Struct, kw_only=True):
     """A page of ``GET /v1/sessions``: newest first; ``next`` continues after the last one."""
 
