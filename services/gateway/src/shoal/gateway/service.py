@@ -428,10 +428,7 @@ class GatewayService:
                 idle_timeout=payload.idle_timeout,
                 prompt_timeout=payload.prompt_timeout,
             )
-        return CreatedSession(
-            **{f: getattr(session, f) for f in SessionView.__struct_fields__},
-            runner_token=runner_token,
-        )
+        return CreatedSession(**msgspec.structs.asdict(session), runner_token=runner_token)
 
     async def _count_live_sessions(self, owner: str, cap: int) -> int:
         """``owner``'s sessions that are not terminated, from the session index, counted up to
