@@ -110,6 +110,7 @@ class FakeSessionService:
         self._task: asyncio.Task[None] | None = None
         self._rpcs: list[Subscription] = []
         self._psub: Any = None
+        self._stopping = False
 
     async def start(self) -> None:
         await provision(self.js, Catalog.from_settings(self.settings))
@@ -133,6 +134,9 @@ class FakeSessionService:
             )
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: on Python 3.11, asyncio.wait_for (inside nats-py's
+        # next_msg) swallows a cancel that lands as its message arrives, and the loop would go on.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -168,7 +172,7 @@ class FakeSessionService:
             return next(c for c in self.commands if c.type == kind)
 
     async def _run(self, psub: Any) -> None:
-        while True:
+        while not self._stopping:
             try:
                 msgs = await psub.fetch(10, timeout=0.2)
             except TimeoutError:  # nats-py raises its own and asyncio's
