@@ -243,6 +243,21 @@ async def test_auth_cache_and_revocation(
     assert_problem(response, 401, "unauthorized")
 
 
+async def test_requests_missing_the_key_cache_together_verify_once(
+    keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, http: httpx.AsyncClient
+) -> None:
+    """A busy key's cache entry expiring must not send every request in flight to the keys
+    service: they share one verification."""
+    created = await alice.create_session()
+    calls = keys.calls
+    bob = {"Authorization": "Bearer key-bob"}  # not cached yet
+    answers = await asyncio.gather(
+        *(http.get(f"/v1/sessions/{created.id}", headers=bob) for _ in range(20))
+    )
+    assert {a.status_code for a in answers} == {404}  # verified; alice's session is not bob's
+    assert keys.calls == calls + 1
+
+
 async def test_unexpected_errors_are_500_without_internals() -> None:
     app = FastAPI()
     install_problem_handlers(app)
@@ -299,6 +314,10 @@ async def test_direct_prompt_route_answers_as_the_framework_route(
 
     same_shape(*await both({"Authorization": "Bearer nope"}, {"content": "x"}))  # 401
     same_shape(*await both({"Authorization": "Bearer key-bob"}, {"content": "x"}))  # 404
+    keys.keys["key-alice-read"] = {"key_id": "k-alice-read", "owner": "alice", "scopes": ["read"]}
+    direct, routed = await both({"Authorization": "Bearer key-alice-read"}, {"content": "x"})
+    same_shape(direct, routed)
+    assert direct.status_code == 403  # the scope, checked once, by the service
     same_shape(*await both(ALICE, {"content": "x" * (64 * 1024 + 1)}))  # 413 from the rules
     same_shape(*await both(ALICE, {"content": ""}))  # 400: replayed to the framework
 

@@ -64,10 +64,22 @@ UNMATCHED_ROUTE = "unmatched"
 access_log = logging.getLogger("shoal.access")
 
 
+# (method, route, status) -> its counter and histogram children: ``labels()`` takes a lock and
+# builds the label tuple on every call; routes are templates and statuses few, so this stays small.
+_REQUEST_CHILDREN: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+
 def observe_request(method: str, route: str, status: int, seconds: float) -> None:
     """Count one answered request (for handlers that answer ahead of :class:`ObserveRequests`)."""
-    HTTP_REQUESTS.labels(method, route, str(status)).inc()
-    HTTP_REQUEST_SECONDS.labels(method, route).observe(seconds)
+    children = _REQUEST_CHILDREN.get((method, route, status))
+    if children is None:
+        children = (
+            HTTP_REQUESTS.labels(method, route, str(status)),
+            HTTP_REQUEST_SECONDS.labels(method, route),
+        )
+        _REQUEST_CHILDREN[(method, route, status)] = children
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 class ObserveRequests:

@@ -23,6 +23,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -49,8 +50,11 @@ from shoal.gateway.config import GatewaySettings
 from shoal.gateway.fanout import SEQUENCE_HEADER, FrameEncoder, LedgerReader, LiveFeed, LiveHub
 from shoal.gateway.ledger import start_sequence
 from shoal.gateway.service import CommandOutcome, SessionEventMsg
+from shoal.gateway.views import Applied, AppliedReply
 
 log = logging.getLogger(__name__)
+
+_applied_reply = msgspec.json.Decoder(AppliedReply)
 
 
 def _stream_seq(msg: Msg) -> int | None:
@@ -65,7 +69,7 @@ class _ReplyMux:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self._prefix = f"{nc.new_inbox()}.cmd"
-        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        self._waiting: dict[str, asyncio.Future[AppliedReply]] = {}
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -81,9 +85,9 @@ class _ReplyMux:
             except NatsError:
                 pass
 
-    def open(self) -> tuple[str, asyncio.Future[Any]]:
+    def open(self) -> tuple[str, asyncio.Future[AppliedReply]]:
         token = secrets.token_hex(8)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[AppliedReply] = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
         return f"{self._prefix}.{token}", future
 
@@ -96,9 +100,9 @@ class _ReplyMux:
         if future is None or future.done():
             return
         try:
-            future.set_result(loads(msg.data))
-        except ShoalError as exc:
-            future.set_exception(exc)
+            future.set_result(_applied_reply.decode(msg.data))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            future.set_exception(Unavailable(f"malformed applied reply: {exc}"))
 
 
 class Bus:
@@ -258,7 +262,7 @@ class Bus:
         """
         headers = inject_trace({MSG_ID_HEADER: envelope.id})
         inbox: str | None = None
-        future: asyncio.Future[Any] | None = None
+        future: asyncio.Future[AppliedReply] | None = None
         if wait:
             inbox, future = self._replies.open()
             headers[REPLY_TO_HEADER] = inbox
@@ -274,7 +278,7 @@ class Bus:
                 raise Unavailable(f"command not stored: {exc}") from exc
             duplicate = bool(ack.duplicate)
             if future is None or duplicate:
-                return CommandOutcome(stream_seq=ack.seq, duplicate=duplicate, data=None)
+                return CommandOutcome(stream_seq=ack.seq, duplicate=duplicate, applied=None)
             try:
                 reply = await asyncio.wait_for(
                     future, self._settings.command_timeout.total_seconds()
@@ -284,14 +288,10 @@ class Bus:
                     "the session service did not confirm the command in time; it stays queued",
                     detail={"command_id": envelope.id, "session_id": envelope.subject},
                 ) from exc
-            if not isinstance(reply, dict):
-                raise Unavailable("malformed applied reply")
-            if not reply.get("ok"):
-                raise error_from_dict(reply.get("error") or {})
-            data = reply.get("data")
-            return CommandOutcome(
-                stream_seq=ack.seq, duplicate=False, data=data if isinstance(data, dict) else {}
-            )
+            if not reply.ok:
+                raise error_from_dict(reply.error or {})
+            applied = reply.data if reply.data is not None else Applied()
+            return CommandOutcome(stream_seq=ack.seq, duplicate=False, applied=applied)
         finally:
             if inbox is not None:
                 self._replies.discard(inbox)

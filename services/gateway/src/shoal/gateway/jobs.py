@@ -1,14 +1,15 @@
 """Jobs, ``/run`` and schedules on behalf of a caller: owners, then the scheduler's RPCs.
 
-No transport here. A job belongs to the owner of the key that created it; another owner's job
+No transport here; answers are ``views`` structs, converted from the scheduler's replies as they
+arrive. A job belongs to the owner of the key that created it; another owner's job
 is 404 (an admin key sees every owner's). ``run`` submits a job and waits for the scheduler's
 ``jobs.ended`` broadcast, at most ``wait`` seconds.
 
 Example::
 
     jobs = Jobs(bus)
-    job = await jobs.submit(principal, {"kind": "resize", "input": {"w": 64}})
-    finished, job = await jobs.run(principal, {"kind": "resize", "input": {}}, wait=30)
+    job = await jobs.submit(principal, JobRequest(kind="resize", input={"w": 64}))
+    finished, job = await jobs.run(principal, JobRequest(kind="resize"), wait=30)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
@@ -27,6 +29,16 @@ from shoal.common.errors import ShoalError
 from shoal.common.messaging import loads
 from shoal.gateway import tenancy
 from shoal.gateway.service import Principal
+from shoal.gateway.views import (
+    JobRequest,
+    JobsPage,
+    JobView,
+    ScheduleRequest,
+    SchedulesPage,
+    ScheduleView,
+    SigningSecret,
+    convert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +74,7 @@ class EndedJobs:
 
     def __init__(self, bus: SchedulerBus) -> None:
         self._bus = bus
-        self._waiting: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._waiting: dict[str, list[asyncio.Future[JobView]]] = {}
         self._sub: Subscription | None = None
         self._lock = asyncio.Lock()
 
@@ -77,20 +89,20 @@ class EndedJobs:
         if not futures:
             return
         try:
-            job = loads(msg.data).get("job")
-        except (ShoalError, AttributeError):
+            job = msgspec.convert(loads(msg.data).get("job"), JobView)
+        except (ShoalError, AttributeError, msgspec.ValidationError):
             return
         for future in futures:
-            if not future.done() and isinstance(job, dict):
+            if not future.done():
                 future.set_result(job)
 
-    async def watch(self, job_id: str) -> asyncio.Future[dict[str, Any]]:
+    async def watch(self, job_id: str) -> asyncio.Future[JobView]:
         await self._ensure()
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[JobView] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(job_id, []).append(future)
         return future
 
-    def forget(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
+    def forget(self, job_id: str, future: asyncio.Future[JobView]) -> None:
         futures = self._waiting.get(job_id)
         if futures and future in futures:
             futures.remove(future)
@@ -114,15 +126,15 @@ class Jobs:
     async def stop(self) -> None:
         await self._ended.stop()
 
-    async def submit(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(
-            await self.bus.scheduler_rpc("jobs.submit", {"owner": principal.owner, "job": body})
-        )
+    async def _job(self, method: str, body: dict[str, Any]) -> JobView:
+        return convert(await self.bus.scheduler_rpc(method, body), JobView, f"{method} answer")
 
-    async def get(self, principal: Principal, job_id: str) -> dict[str, Any]:
-        return dict(
-            await self.bus.scheduler_rpc("jobs.get", {"owner": reader(principal), "id": job_id})
-        )
+    async def submit(self, principal: Principal, job: JobRequest) -> JobView:
+        body = {"owner": principal.owner, "job": msgspec.to_builtins(job)}
+        return await self._job("jobs.submit", body)
+
+    async def get(self, principal: Principal, job_id: str) -> JobView:
+        return await self._job("jobs.get", {"owner": reader(principal), "id": job_id})
 
     async def page(
         self,
@@ -132,7 +144,7 @@ class Jobs:
         kind: str | None,
         limit: int | None,
         cursor: str | None,
-    ) -> dict[str, Any]:
+    ) -> JobsPage:
         body = {
             "owner": reader(principal),
             "status": status,
@@ -140,66 +152,71 @@ class Jobs:
             "limit": limit or 50,
             "cursor": cursor,
         }
-        return dict(await self.bus.scheduler_rpc("jobs.list", body))
+        return convert(await self.bus.scheduler_rpc("jobs.list", body), JobsPage, "jobs page")
 
-    async def cancel(self, principal: Principal, job_id: str) -> dict[str, Any]:
-        body = {"owner": reader(principal), "id": job_id}
-        return dict(await self.bus.scheduler_rpc("jobs.cancel", body))
+    async def cancel(self, principal: Principal, job_id: str) -> JobView:
+        return await self._job("jobs.cancel", {"owner": reader(principal), "id": job_id})
 
-    async def retry(self, principal: Principal, job_id: str) -> dict[str, Any]:
-        body = {"owner": reader(principal), "id": job_id}
-        return dict(await self.bus.scheduler_rpc("jobs.retry", body))
+    async def retry(self, principal: Principal, job_id: str) -> JobView:
+        return await self._job("jobs.retry", {"owner": reader(principal), "id": job_id})
 
     # -- schedules --
+    async def _schedule(self, method: str, body: dict[str, Any]) -> ScheduleView:
+        answer = await self.bus.scheduler_rpc(method, body)
+        return convert(answer, ScheduleView, f"{method} answer")
+
     async def create_schedule(
-        self, principal: Principal, body: dict[str, Any], owner: str
-    ) -> dict[str, Any]:
+        self, principal: Principal, schedule: ScheduleRequest, owner: str
+    ) -> ScheduleView:
         """``owner``: the caller's, or (a prompt target) the session's, checked by the caller."""
         del principal  # the owner was derived from it; kept for symmetry with the rest
-        return dict(
-            await self.bus.scheduler_rpc("schedules.create", {"owner": owner, "schedule": body})
-        )
+        body = {"owner": owner, "schedule": msgspec.to_builtins(schedule)}
+        return await self._schedule("schedules.create", body)
 
-    async def get_schedule(self, principal: Principal, schedule_id: str) -> dict[str, Any]:
-        body = {"owner": reader(principal), "id": schedule_id}
-        return dict(await self.bus.scheduler_rpc("schedules.get", body))
+    async def get_schedule(self, principal: Principal, schedule_id: str) -> ScheduleView:
+        return await self._schedule(
+            "schedules.get", {"owner": reader(principal), "id": schedule_id}
+        )
 
     async def schedules(
         self, principal: Principal, limit: int | None, cursor: str | None
-    ) -> dict[str, Any]:
+    ) -> SchedulesPage:
         body = {"owner": reader(principal), "limit": limit or 50, "cursor": cursor}
-        return dict(await self.bus.scheduler_rpc("schedules.list", body))
+        answer = await self.bus.scheduler_rpc("schedules.list", body)
+        return convert(answer, SchedulesPage, "schedules page")
 
     async def delete_schedule(self, principal: Principal, schedule_id: str) -> None:
         body = {"owner": reader(principal), "id": schedule_id}
         await self.bus.scheduler_rpc("schedules.delete", body)
 
     # -- webhooks --
-    async def signing_secret(self, principal: Principal) -> dict[str, Any]:
+    async def signing_secret(self, principal: Principal) -> SigningSecret:
         """The owner's callback signing secret: a secret, so not for read-only keys."""
         tenancy.authorize(principal, tenancy.JOBS, write=True)
-        return dict(await self.bus.scheduler_rpc("webhooks.secret", {"owner": principal.owner}))
+        answer = await self.bus.scheduler_rpc("webhooks.secret", {"owner": principal.owner})
+        return convert(answer, SigningSecret, "signing secret")
 
-    async def rotate_signing_secret(self, principal: Principal) -> dict[str, Any]:
-        return dict(await self.bus.scheduler_rpc("webhooks.rotate", {"owner": principal.owner}))
+    async def rotate_signing_secret(self, principal: Principal) -> SigningSecret:
+        answer = await self.bus.scheduler_rpc("webhooks.rotate", {"owner": principal.owner})
+        return convert(answer, SigningSecret, "signing secret")
 
     async def run(
-        self, principal: Principal, body: dict[str, Any], wait: float
-    ) -> tuple[bool, dict[str, Any]]:
+        self, principal: Principal, request: JobRequest, wait: float
+    ) -> tuple[bool, JobView]:
         """Submit, then wait up to ``wait`` seconds: ``(finished, job)``."""
-        job = await self.submit(principal, body)
-        if job.get("status") in TERMINAL:
+        job = await self.submit(principal, request)
+        if job.status in TERMINAL:
             return True, job
-        future = await self._ended.watch(job["id"])
+        future = await self._ended.watch(job.id)
         try:
             # Re-read after watching: an end between the submit and the watch is not missed.
-            job = await self.get(principal, job["id"])
-            if job.get("status") in TERMINAL:
+            job = await self.get(principal, job.id)
+            if job.status in TERMINAL:
                 return True, job
             try:
                 ended = await asyncio.wait_for(future, min(wait, MAX_RUN_WAIT_S))
             except TimeoutError:
-                return False, await self.get(principal, job["id"])
+                return False, await self.get(principal, job.id)
             return True, ended
         finally:
-            self._ended.forget(job["id"], future)
+            self._ended.forget(job.id, future)

@@ -1,14 +1,15 @@
 """The gateway's rules: who may see what, how commands are stamped, what idempotency means.
 
 No transport here (no FastAPI, no WebSocket): routes and socket handlers call these methods and
-map the results; all I/O goes through a :class:`SessionBus` (``bus.Bus`` in production).
+map the results (structs of ``views``); all I/O goes through a :class:`SessionBus` (``bus.Bus``
+in production), whose RPC answers are converted to structs as they arrive.
 
 Example::
 
     service = GatewayService(bus, settings)
     principal = await service.authenticate("sk_live_...")
     created = await service.create_session(principal, metadata={"repo": "x"})
-    receipt = await service.submit_prompt(principal, created["id"], "hello", idempotency_key="k1")
+    receipt = await service.submit_prompt(principal, created.id, "hello", idempotency_key="k1")
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from shoal.common.contracts import (
     SessionUpdate,
     Status,
     Tag,
-    public_session,
 )
 from shoal.common.errors import (
     BadRequest,
@@ -61,6 +61,24 @@ from shoal.gateway import tenancy
 from shoal.gateway.config import GatewaySettings
 from shoal.gateway.quotas import KeyBuckets, SessionQuota
 from shoal.gateway.tenancy import Tenancy
+from shoal.gateway.views import (
+    Applied,
+    CommandReceipt,
+    CreatedSession,
+    EventsPage,
+    IndexPage,
+    MessageAccepted,
+    MessagesPage,
+    PartitionRow,
+    PromptReceipt,
+    SecretValue,
+    SessionPage,
+    SessionPlacement,
+    SessionView,
+    VerifiedKey,
+    convert,
+    session_view,
+)
 
 RUNNER_TOKEN_PREFIX = "srt_"  # noqa: S105 - a recognisable prefix, not a secret
 ADMIN_SCOPE = "admin"
@@ -75,36 +93,6 @@ MAX_ERROR_CHARS = 4096  # a runner's error message, cut beyond
 # A list cursor is opaque to the gateway; the session service decodes and checks it.
 MAX_CURSOR_CHARS = 512
 LIST_PAGE_MAX = 100  # the session index's largest page
-
-
-class SessionPage(msgspec.Struct, kw_only=True):
-    """A page of ``GET /v1/sessions``: newest first; ``next`` continues after the last one."""
-
-    sessions: list[dict[str, Any]]
-    next: str | None
-
-
-class MessagesPage(msgspec.Struct, kw_only=True):
-    """A page of a session's completed messages; ``next`` is the ``after`` to pass back."""
-
-    messages: list[dict[str, Any]]
-    next: int | None
-
-
-class EventsPage(msgspec.Struct, kw_only=True):
-    """A page of a session's ledger: envelopes in seq order; ``next`` is the ``after`` to pass
-    back (None: no more events yet)."""
-
-    events: list[dict[str, Any]]
-    next: int | None
-
-
-class CommandReceipt(msgspec.Struct, kw_only=True):
-    """An accepted command: ``seq`` is the session's last event seq once it was applied."""
-
-    session_id: str
-    seq: int | None = None
-    question_id: str | None = None
 
 
 class QuestionFrame(msgspec.Struct, kw_only=True):
@@ -123,12 +111,12 @@ class CommandOutcome:
     """What became of a published command.
 
     ``duplicate``: JetStream dropped it as a copy of a command published moments ago (same id),
-    so no new applied reply will come. ``data``: the applied reply's data when it was awaited.
+    so no new applied reply will come. ``applied``: the applied reply when it was awaited.
     """
 
     stream_seq: int
     duplicate: bool
-    data: dict[str, Any] | None
+    applied: Applied | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +147,9 @@ class EventFeed(Protocol):
 class SessionBus(Protocol):
     """The I/O the rules need (implemented by :class:`shoal.gateway.bus.Bus`)."""
 
-    async def verify_key(self, key: str) -> dict[str, Any]: ...
+    async def verify_key(self, key: str) -> Any: ...
 
-    async def list_messages(
-        self, session_id: str, after: int | None, limit: int
-    ) -> dict[str, Any]: ...
+    async def list_messages(self, session_id: str, after: int | None, limit: int) -> Any: ...
 
     async def read_session(self, session_id: str) -> SessionSnapshot | None: ...
 
@@ -289,6 +275,7 @@ class GatewayService:
             settings.auth_cache_ttl.total_seconds(), settings.auth_cache_size, self._clock
         )
         self.tenancy = Tenancy(bus, on_revoked=self.key_revoked)
+        self._verifying: dict[str, asyncio.Future[Principal]] = {}  # key hash -> verification
         # Session id -> owner of sessions seen to exist. An owner never changes and a session is
         # never deleted (only terminated, which the session service enforces itself), so a
         # prompt needs no state read after the first: one round trip less per prompt.
@@ -315,34 +302,47 @@ class GatewayService:
         """The principal of an API key (cached ``auth_cache_ttl``), else :class:`Unauthorized`.
 
         Every route and socket upgrade authenticates here, so this is where a request is charged
-        to its key's rate limit (:class:`RateLimited` past it)."""
+        to its key's rate limit (:class:`RateLimited` past it). Requests that miss the cache
+        together share one verification: when a busy key's entry expires, every request in
+        flight would otherwise ask the keys service at once."""
         if not api_key:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         key_hash = sha256_hex(api_key)
-        cached = self._keys.get(key_hash)
-        if cached is not None:
-            self._buckets.charge(cached.key_id)
-            return cached
-        data = await self._bus.verify_key(api_key)
-        try:
-            principal = Principal(
-                key_id=str(data["key_id"]),
-                owner=str(data["owner"]),
-                scopes=tuple(str(s) for s in data.get("scopes") or ()),
-                name=str(data.get("name") or ""),
-            )
-        except KeyError as exc:
-            raise Unauthorized("invalid API key") from exc
-        if self._keys.is_revoked(principal.key_id):
-            raise Unauthorized("invalid API key")  # verified just before its revocation
-        self._keys.put(key_hash, principal, self._seconds_left(data.get("expires_at")))
+        principal = self._keys.get(key_hash)
+        if principal is None:
+            verifying = self._verifying.get(key_hash)
+            if verifying is None:
+                verifying = asyncio.ensure_future(self._verify(api_key, key_hash))
+                self._verifying[key_hash] = verifying
+                verifying.add_done_callback(lambda done: self._verified(key_hash, done))
+            # Shielded: a caller that goes away does not cancel the others' verification.
+            principal = await asyncio.shield(verifying)
         self._buckets.charge(principal.key_id)
         return principal
 
-    def _seconds_left(self, expires_at: object) -> float | None:
+    async def _verify(self, api_key: str, key_hash: str) -> Principal:
+        try:
+            key = msgspec.convert(await self._bus.verify_key(api_key), VerifiedKey)
+        except msgspec.ValidationError:
+            raise Unauthorized("invalid API key") from None
+        principal = Principal(
+            key_id=key.key_id, owner=key.owner, scopes=tuple(key.scopes or ()), name=key.name or ""
+        )
+        if self._keys.is_revoked(principal.key_id):
+            raise Unauthorized("invalid API key")  # verified just before its revocation
+        self._keys.put(key_hash, principal, self._seconds_left(key.expires_at))
+        return principal
+
+    def _verified(self, key_hash: str, done: asyncio.Future[Principal]) -> None:
+        if self._verifying.get(key_hash) is done:
+            del self._verifying[key_hash]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have gone away
+
+    def _seconds_left(self, expires_at: str | None) -> float | None:
         """Seconds until an RFC 3339 ``expires_at`` (None: no expiry), so no cache entry
         outlives its key."""
-        if not isinstance(expires_at, str):
+        if expires_at is None:
             return None
         try:
             moment = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
@@ -381,7 +381,7 @@ class GatewayService:
         tags: list[str] | None = None,
         idle_timeout: int | None = None,
         prompt_timeout: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> CreatedSession:
         """Create a session; the runner token is returned here once and stored only as a hash.
 
         Timeouts are seconds (``idle_timeout`` 1..30 days, ``prompt_timeout`` 1 s..1 day); left
@@ -414,22 +414,24 @@ class GatewayService:
             # The command is durable and will be applied; without the token the caller could
             # never attach a runner to that session, so it is handed back with the 504.
             raise Timeout(exc.message, detail={**exc.detail, "runner_token": runner_token}) from exc
-        session = dict((outcome.data or {}).get("session") or {})
-        if not session:  # a duplicate cannot happen for a fresh id; keep the answer well-formed
+        session = outcome.applied.session if outcome.applied else None
+        if session is None:  # a duplicate cannot happen for a fresh id; keep the answer whole
             now = envelope.time
-            session = {
-                "id": session_id,
-                "owner": principal.owner,
-                "status": Status.IDLE,
-                "created_at": now,
-                "updated_at": now,
-                "metadata": metadata,
-                "tags": payload.tags,
-                "idle_timeout": payload.idle_timeout,
-                "prompt_timeout": payload.prompt_timeout,
-            }
-        session["runner_token"] = runner_token
-        return session
+            session = SessionView(
+                id=session_id,
+                owner=principal.owner,
+                status=Status.IDLE,
+                created_at=now,
+                updated_at=now,
+                metadata=metadata,
+                tags=payload.tags,
+                idle_timeout=payload.idle_timeout,
+                prompt_timeout=payload.prompt_timeout,
+            )
+        return CreatedSession(
+            **{f: getattr(session, f) for f in SessionView.__struct_fields__},
+            runner_token=runner_token,
+        )
 
     async def _count_live_sessions(self, owner: str, cap: int) -> int:
         """``owner``'s sessions that are not terminated, from the session index, counted up to
@@ -440,14 +442,13 @@ class GatewayService:
                 continue
             cursor: str | None = None
             while live < cap:
-                data = await self._bus.session_rpc(
-                    "list",
-                    {"owner": owner, "status": status, "cursor": cursor, "limit": LIST_PAGE_MAX},
+                body = {"owner": owner, "status": status, "cursor": cursor, "limit": LIST_PAGE_MAX}
+                index = convert(
+                    await self._bus.session_rpc("list", body), IndexPage, "session index page"
                 )
-                rows = data.get("sessions") if isinstance(data, dict) else None
-                live += len(rows) if isinstance(rows, list) else 0
-                cursor = data.get("next") if isinstance(data, dict) else None
-                if not isinstance(cursor, str):
+                live += len(index.sessions)
+                cursor = index.next
+                if cursor is None:
                     break
         return live
 
@@ -489,20 +490,20 @@ class GatewayService:
             scope: str | None = None  # every owner's
         else:
             scope = tenancy.acting_owner(principal, owner)
-        data = await self._bus.session_rpc(
-            "list", {"owner": scope, "status": status, "cursor": cursor, "limit": page}
+        index = convert(
+            await self._bus.session_rpc(
+                "list", {"owner": scope, "status": status, "cursor": cursor, "limit": page}
+            ),
+            IndexPage,
+            "session index page",
         )
-        rows = list(data.get("sessions") or []) if isinstance(data, dict) else []
-        snapshots = await asyncio.gather(*(self._bus.read_session(str(r["id"])) for r in rows))
-        sessions = [public_session(snap) for snap in snapshots if snap is not None]
-        next_cursor = data.get("next") if isinstance(data, dict) else None
-        return SessionPage(
-            sessions=sessions, next=next_cursor if isinstance(next_cursor, str) else None
-        )
+        snapshots = await asyncio.gather(*(self._bus.read_session(r.id) for r in index.sessions))
+        sessions = [session_view(snap) for snap in snapshots if snap is not None]
+        return SessionPage(sessions=sessions, next=index.next)
 
     async def terminate_session(
         self, principal: Principal, session_id: str, reason: str = ""
-    ) -> dict[str, Any]:
+    ) -> SessionView:
         """End the session (idempotent: terminating a terminated session answers it again)."""
         self.authorize(principal, tenancy.SESSIONS, write=True)
         owner = await self.visible_owner(principal, session_id)
@@ -513,7 +514,7 @@ class GatewayService:
 
     async def update_session(
         self, principal: Principal, session_id: str, update: SessionUpdate
-    ) -> dict[str, Any]:
+    ) -> SessionView:
         """Change the session's tags and/or metadata (a field left out stays as it is)."""
         self.authorize(principal, tenancy.SESSIONS, write=True)
         if update.tags is None and update.metadata is None:
@@ -564,16 +565,15 @@ class GatewayService:
             session_id=session_id, seq=_reply_seq(outcome), question_id=question_id
         )
 
-    async def _session_after(self, outcome: CommandOutcome, session_id: str) -> dict[str, Any]:
+    async def _session_after(self, outcome: CommandOutcome, session_id: str) -> SessionView:
         """The session as the applied reply showed it (read back if the reply had none)."""
-        session = (outcome.data or {}).get("session")
-        if isinstance(session, dict) and session:
-            return dict(session)
-        return public_session(await self._read(session_id))
+        if outcome.applied is not None and outcome.applied.session is not None:
+            return outcome.applied.session
+        return session_view(await self._read(session_id))
 
-    async def get_session(self, principal: Principal, session_id: str) -> dict[str, Any]:
+    async def get_session(self, principal: Principal, session_id: str) -> SessionView:
         self.authorize(principal, tenancy.SESSIONS, write=False)
-        return public_session(await self.visible_session(principal, session_id))
+        return session_view(await self.visible_session(principal, session_id))
 
     async def visible_session(self, principal: Principal, session_id: str) -> SessionSnapshot:
         """The snapshot if ``principal`` may see it; a foreign session looks like a missing one."""
@@ -603,7 +603,7 @@ class GatewayService:
         session_id: str,
         content: str,
         idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> PromptReceipt:
         """Queue a prompt. With an ``idempotency_key`` a retry gets the same ``prompt_id``."""
         self.authorize(principal, tenancy.SESSIONS, write=True)
         if not isinstance(content, str) or not content:
@@ -638,14 +638,7 @@ class GatewayService:
             command_id=command_id,
         )
         outcome = await self._bus.send_command(envelope, wait=True)
-        seq = outcome.data.get("seq") if outcome.data else None
-        # The receipt as every caller answers it (HTTP 202, the socket's prompt.accepted).
-        return {
-            "prompt_id": prompt_id,
-            "session_id": session_id,
-            "status": "queued",
-            "seq": seq if isinstance(seq, int) else None,
-        }
+        return PromptReceipt(prompt_id=prompt_id, session_id=session_id, seq=_reply_seq(outcome))
 
     # -- history --
     async def list_messages(
@@ -659,7 +652,7 @@ class GatewayService:
             raise BadRequest(f"limit must be between 1 and {self._settings.messages_page_max}")
         await self.visible_session(principal, session_id)
         data = await self._bus.list_messages(session_id, after, page)
-        return MessagesPage(messages=list(data.get("messages") or []), next=data.get("next"))
+        return convert(data, MessagesPage, "messages page")
 
     async def list_events(
         self, principal: Principal, session_id: str, after: int | None, limit: int | None
@@ -680,19 +673,19 @@ class GatewayService:
         )
 
     # -- admin --
-    async def admin_partitions(self, principal: Principal) -> list[dict[str, Any]]:
+    async def admin_partitions(self, principal: Principal) -> list[PartitionRow]:
         """Owner, epoch and lag per partition (``shoal admin partitions``): admin keys only."""
         self.authorize(principal, tenancy.ADMIN, write=False)
         rows = await self._bus.session_rpc("admin.partitions", {})
-        return [dict(r) for r in rows] if isinstance(rows, list) else []
+        return convert(rows, list[PartitionRow], "partitions answer")
 
-    async def admin_session(self, principal: Principal, session_id: str) -> dict[str, Any]:
+    async def admin_session(self, principal: Principal, session_id: str) -> SessionPlacement:
         """Where a session lives and how far it is applied (``shoal admin session``)."""
         self.authorize(principal, tenancy.ADMIN, write=False)
         if not is_token(session_id):
             raise NotFound("session not found", detail={"session_id": session_id})
         found = await self._bus.session_rpc("admin.session", {"session_id": session_id})
-        return dict(found) if isinstance(found, dict) else {}
+        return convert(found, SessionPlacement, "session placement")
 
     async def follow(
         self, principal: Principal, session_id: str, since: int = 0
@@ -792,8 +785,12 @@ class GatewayService:
         return error
 
     async def complete_message(
-        self, snapshot: SessionSnapshot, prompt_id: Any, content: Any, message_id: Any = None
-    ) -> dict[str, Any]:
+        self,
+        snapshot: SessionSnapshot,
+        prompt_id: object,
+        content: object,
+        message_id: object = None,
+    ) -> MessageAccepted:
         """A runner's final answer; a runner-chosen ``message_id`` makes a re-send safe."""
         if not isinstance(prompt_id, str) or not is_token(prompt_id):
             raise BadRequest("prompt_id must be an id")
@@ -812,9 +809,9 @@ class GatewayService:
             command_id=derived_id("cmd", snapshot.id, "complete", message_id),
         )
         await self._bus.send_command(envelope, wait=True)
-        return {"prompt_id": prompt_id, "message_id": message_id}
+        return MessageAccepted(prompt_id=prompt_id, message_id=message_id)
 
-    async def runner_secret(self, snapshot: SessionSnapshot, name: object) -> dict[str, Any]:
+    async def runner_secret(self, snapshot: SessionSnapshot, name: object) -> SecretValue:
         """A secret for the session's runner (``secret.get``): only its ``allowed_secrets``."""
         current = await self._read(snapshot.id)  # fresh: a terminated session reads nothing
         if current.status == Status.TERMINATED:
@@ -833,11 +830,11 @@ class GatewayService:
         command: Command,
         session_id: str,
         owner: str,
-        data: dict[str, Any] | msgspec.Struct,
+        data: msgspec.Struct,
         *,
         command_id: str | None = None,
     ) -> Envelope:
-        """The envelope of a command; a payload struct of the contract goes in as plain data."""
+        """The envelope of a command; the contract's payload struct goes in as plain data."""
         return Envelope(
             id=command_id or new_id("cmd"),
             type=command,
@@ -845,7 +842,7 @@ class GatewayService:
             time=iso(self._clock.now()),
             subject=session_id,
             owner=owner,
-            data=data if isinstance(data, dict) else msgspec.to_builtins(data),
+            data=msgspec.to_builtins(data),
         )
 
 
@@ -873,5 +870,4 @@ def _checked_seconds(name: str, value: int | None, default: timedelta, maximum: 
 
 
 def _reply_seq(outcome: CommandOutcome) -> int | None:
-    seq = (outcome.data or {}).get("seq")
-    return seq if isinstance(seq, int) else None
+    return outcome.applied.seq if outcome.applied is not None else None

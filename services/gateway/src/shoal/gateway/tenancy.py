@@ -23,6 +23,7 @@ import msgspec
 
 from shoal.common.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from shoal.common.messaging import is_token
+from shoal.gateway.views import SecretValue
 
 ADMIN = "admin"
 SESSIONS = "sessions"
@@ -291,7 +292,7 @@ class Tenancy:
 
     async def session_secret(
         self, session_id: str, owner: str, metadata: dict[str, Any], name: object
-    ) -> dict[str, Any]:
+    ) -> SecretValue:
         """A secret for a session's runner: only names in its ``allowed_secrets``.
 
         A name the session may not use is refused before the keys service is asked, so the
@@ -303,4 +304,5 @@ class Tenancy:
         data = await self._bus.keys_rpc(
             "secrets.get", {"owner": owner, "name": checked, "actor": f"session:{session_id}"}
         )
-        return {"name": checked, "value": data.get("value")}
+        value = data.get("value") if isinstance(data, dict) else None
+        return SecretValue(name=checked, value=value if isinstance(value, str) else None)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.gateway.api.deps import Caller, Service
 from shoal.gateway.api.problems import problem_responses
+from shoal.gateway.views import plain
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -82,7 +83,7 @@ class SessionPlacement(BaseModel):
 )
 async def admin_partitions(caller: Caller, service: Service) -> list[dict[str, Any]]:
     """Owner, lease epoch and lag of every partition of the session command stream."""
-    return await service.admin_partitions(caller)
+    return [plain(row) for row in await service.admin_partitions(caller)]
 
 
 @router.get(
@@ -92,4 +93,4 @@ async def admin_partitions(caller: Caller, service: Service) -> list[dict[str, A
 )
 async def admin_session(session_id: str, caller: Caller, service: Service) -> dict[str, Any]:
     """Partition, lease holder, KV revision and applied position of one session."""
-    return await service.admin_session(caller, session_id)
+    return plain(await service.admin_session(caller, session_id))

@@ -49,3 +49,12 @@ async def get_principal(request: Request, service: Service) -> Principal:
 
 
 Caller = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_key_holder(request: Request, service: Service) -> Principal:
+    """The caller, scopes not yet checked: for a route whose service method authorizes itself
+    (the prompt route, which the socket and the direct route share with it)."""
+    return await service.authenticate(bearer_token(request.headers.get("authorization")))
+
+
+KeyHolder = Annotated[Principal, Depends(get_key_holder)]

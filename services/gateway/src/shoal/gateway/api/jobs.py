@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import msgspec
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,6 +14,7 @@ from shoal.common.errors import Unavailable
 from shoal.gateway.api.deps import Caller, Service
 from shoal.gateway.api.problems import problem_responses
 from shoal.gateway.jobs import MAX_RUN_WAIT_S, Jobs
+from shoal.gateway.views import JobRequest, ScheduleRequest, plain
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -129,8 +131,9 @@ class JobPage(BaseModel):
     next: str | None = Field(description="Pass back as ?cursor= for the next page; null: no more")
 
 
-def _body(model: BaseModel, *drop: str) -> dict[str, Any]:
-    return model.model_dump(exclude_none=True, exclude=set(drop))
+def _job(model: JobFields, *drop: str) -> JobRequest:
+    """The job of a request body (members left out: the scheduler's defaults)."""
+    return msgspec.convert(model.model_dump(exclude_none=True, exclude=set(drop)), JobRequest)
 
 
 @router.post(
@@ -141,7 +144,7 @@ def _body(model: BaseModel, *drop: str) -> dict[str, Any]:
 )
 async def submit_job(body: SubmitJob, caller: Caller, request: Request) -> dict[str, Any]:
     """Queue a job; the same ``idempotency_key`` returns the same job."""
-    return await jobs_api(request).submit(caller, _body(body))
+    return plain(await jobs_api(request).submit(caller, _job(body)))
 
 
 @router.get("/jobs", response_model=JobPage, responses=problem_responses(400, 401, 403, 503))
@@ -154,15 +157,16 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
 ) -> dict[str, Any]:
     """The caller's jobs, newest first."""
-    return await jobs_api(request).page(
+    page = await jobs_api(request).page(
         caller, status=status, kind=kind, limit=limit, cursor=cursor
     )
+    return plain(page)
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=problem_responses(401, 403, 404, 503))
 async def get_job(job_id: str, caller: Caller, request: Request) -> dict[str, Any]:
     """A job with its attempts (another owner's job is 404)."""
-    return await jobs_api(request).get(caller, job_id)
+    return plain(await jobs_api(request).get(caller, job_id))
 
 
 @router.post(
@@ -175,7 +179,7 @@ async def cancel_job(job_id: str, caller: Caller, request: Request) -> dict[str,
     """Queued: cancelled at once. Running: its worker gets a ``cancel`` frame, and the job ends
     ``cancelled`` when the worker stops or its lease runs out — unless its completion came
     first (then it stays ``succeeded``). An ended job: 409."""
-    return await jobs_api(request).cancel(caller, job_id)
+    return plain(await jobs_api(request).cancel(caller, job_id))
 
 
 @router.post(
@@ -186,7 +190,7 @@ async def cancel_job(job_id: str, caller: Caller, request: Request) -> dict[str,
 )
 async def retry_job(job_id: str, caller: Caller, request: Request) -> dict[str, Any]:
     """Put a ``dead`` or ``cancelled`` job back in the queue with a fresh attempt budget."""
-    return await jobs_api(request).retry(caller, job_id)
+    return plain(await jobs_api(request).retry(caller, job_id))
 
 
 @router.post(
@@ -199,8 +203,8 @@ async def retry_job(job_id: str, caller: Caller, request: Request) -> dict[str, 
 )
 async def run_job(body: RunJob, caller: Caller, request: Request) -> Response:
     """Run a job and answer 200 with it if it ends within ``wait`` seconds, else 202."""
-    finished, job = await jobs_api(request).run(caller, _body(body, "wait"), body.wait)
-    return JSONResponse(job, status_code=200 if finished else 202)
+    finished, job = await jobs_api(request).run(caller, _job(body, "wait"), body.wait)
+    return JSONResponse(plain(job), status_code=200 if finished else 202)
 
 
 # -- schedules --
@@ -276,13 +280,13 @@ async def create_schedule(
     body: CreateSchedule, caller: Caller, service: Service, request: Request
 ) -> dict[str, Any]:
     """Run a job or send a prompt on a cron, every N seconds, or once at a time."""
-    schedule = body.model_dump(exclude_none=True)
+    schedule = msgspec.convert(body.model_dump(exclude_none=True), ScheduleRequest)
     owner = caller.owner
     prompt = body.target.prompt
     if prompt is not None and isinstance(prompt.get("session_id"), str):
         # The prompt goes to the session's owner's session: it must be visible to the caller.
         owner = await service.visible_owner(caller, prompt["session_id"])
-    return await jobs_api(request).create_schedule(caller, schedule, owner)
+    return plain(await jobs_api(request).create_schedule(caller, schedule, owner))
 
 
 @router.get(
@@ -295,7 +299,7 @@ async def list_schedules(
     cursor: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
 ) -> dict[str, Any]:
     """The caller's schedules, newest first."""
-    return await jobs_api(request).schedules(caller, limit, cursor)
+    return plain(await jobs_api(request).schedules(caller, limit, cursor))
 
 
 @router.get(
@@ -305,7 +309,7 @@ async def list_schedules(
 )
 async def get_schedule(schedule_id: str, caller: Caller, request: Request) -> dict[str, Any]:
     """A schedule with its latest firings."""
-    return await jobs_api(request).get_schedule(caller, schedule_id)
+    return plain(await jobs_api(request).get_schedule(caller, schedule_id))
 
 
 @router.delete(
@@ -348,7 +352,7 @@ class SigningSecret(BaseModel):
 )
 async def get_signing_secret(caller: Caller, request: Request) -> dict[str, Any]:
     """The secret job callbacks are signed with (created on first use; not for read keys)."""
-    return await jobs_api(request).signing_secret(caller)
+    return plain(await jobs_api(request).signing_secret(caller))
 
 
 @router.post(
@@ -358,4 +362,4 @@ async def get_signing_secret(caller: Caller, request: Request) -> dict[str, Any]
 )
 async def rotate_signing_secret(caller: Caller, request: Request) -> dict[str, Any]:
     """Replace the secret; the old one keeps signing (a second v1) for the overlap (24 h)."""
-    return await jobs_api(request).rotate_signing_secret(caller)
+    return plain(await jobs_api(request).rotate_signing_secret(caller))

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
+import msgspec
 import orjson
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -39,6 +39,7 @@ from shoal.gateway.api.request_id import (
 )
 from shoal.gateway.api.routes import SubmitPrompt
 from shoal.gateway.service import bearer_token
+from shoal.gateway.views import PromptReceipt
 
 # The route template the framework's own route has (the request metrics' label).
 PROMPT_ROUTE = "/v1/sessions/{session_id}/prompts"
@@ -122,7 +123,7 @@ class PromptRoute:
         session_id: str,
         prompt: SubmitPrompt,
         request_id: str,
-    ) -> dict[str, Any] | Response:
+    ) -> PromptReceipt | Response:
         """The receipt, or the problem the app's handlers would send."""
         path: str = scope["path"]
         try:
@@ -193,9 +194,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _accepted(send: Send, receipt: dict[str, Any], request_id: str) -> None:
+async def _accepted(send: Send, receipt: PromptReceipt, request_id: str) -> None:
     """The 202, written as two ASGI messages (the hot path: no Response object per prompt)."""
-    payload = orjson.dumps(receipt)
+    payload = orjson.dumps(msgspec.structs.asdict(receipt))
     headers = [
         _JSON,
         (b"content-length", str(len(payload)).encode()),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import msgspec
 from fastapi import APIRouter, Path, Query, WebSocket
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,9 +16,10 @@ from shoal.common.contracts import (
     Status,
 )
 from shoal.gateway.api import admin, keys, secrets
-from shoal.gateway.api.deps import Caller, Service, gateway_state
+from shoal.gateway.api.deps import Caller, KeyHolder, Service, gateway_state
 from shoal.gateway.api.problems import problem_responses
 from shoal.gateway.service import MAX_ANSWER_BYTES, MAX_CURSOR_CHARS
+from shoal.gateway.views import plain
 from shoal.gateway.ws import serve_client, serve_runner
 
 router = APIRouter(prefix="/v1")
@@ -35,12 +35,6 @@ Tags = Annotated[
 # Seqs are int64 in the ledger and in PostgreSQL: a larger ``after`` is a 400 here, not a
 # failed query in the session service (found by tests/test_openapi_fuzz.py).
 MAX_SEQ = 2**63 - 1
-
-
-def _plain(value: msgspec.Struct) -> dict[str, Any]:
-    """A service's answer struct as the JSON the response model validates."""
-    data: dict[str, Any] = msgspec.to_builtins(value)
-    return data
 
 
 _SESSION_EXAMPLE: dict[str, Any] = {
@@ -309,7 +303,7 @@ async def list_sessions(
     page = await service.list_sessions(
         caller, limit=limit, cursor=cursor, status=status, owner=owner
     )
-    return _plain(page)
+    return plain(page)
 
 
 @router.post(
@@ -324,13 +318,14 @@ async def create_session(
 ) -> dict[str, Any]:
     """Create a session; the answer holds its ``runner_token`` (shown once)."""
     body = body or CreateSession()
-    return await service.create_session(
+    created = await service.create_session(
         caller,
         body.metadata,
         tags=body.tags,
         idle_timeout=body.idle_timeout,
         prompt_timeout=body.prompt_timeout,
     )
+    return plain(created)
 
 
 @router.get(
@@ -341,7 +336,7 @@ async def create_session(
 )
 async def get_session(session_id: str, caller: Caller, service: Service) -> dict[str, Any]:
     """The session (without its runner token)."""
-    return await service.get_session(caller, session_id)
+    return plain(await service.get_session(caller, session_id))
 
 
 @router.patch(
@@ -355,7 +350,7 @@ async def update_session(
 ) -> dict[str, Any]:
     """Replace the session's ``tags`` and/or ``metadata``; 409 once it is terminated."""
     update = SessionUpdate(tags=body.tags, metadata=body.metadata)
-    return await service.update_session(caller, session_id, update)
+    return plain(await service.update_session(caller, session_id, update))
 
 
 @router.delete(
@@ -367,7 +362,7 @@ async def update_session(
 async def terminate_session(session_id: str, caller: Caller, service: Service) -> dict[str, Any]:
     """Terminate the session (idempotent): the running prompt is aborted, queued ones dropped,
     later prompts refused with 409. Its history and files stay readable."""
-    return await service.terminate_session(caller, session_id)
+    return plain(await service.terminate_session(caller, session_id))
 
 
 @router.post(
@@ -383,7 +378,7 @@ async def abort_prompt(
     """Abort the running prompt (the next queued one starts); with none running, 202 and no
     event. 409 once the session is terminated."""
     receipt = await service.abort(caller, session_id, body.prompt_id if body else None)
-    return _plain(receipt)
+    return plain(receipt)
 
 
 @router.post(
@@ -403,7 +398,7 @@ async def answer_question(
     """Answer the runner's question; 404 for an unknown question, 409 once it was answered
     (or expired)."""
     receipt = await service.answer_question(caller, session_id, question_id, body.answer)
-    return _plain(receipt)
+    return plain(receipt)
 
 
 @router.get(
@@ -425,7 +420,7 @@ async def list_events(
 ) -> dict[str, Any]:
     """The session's events after seq ``after`` from its ledger, in seq order."""
     page = await service.list_events(caller, session_id, after, limit)
-    return _plain(page)
+    return plain(page)
 
 
 @router.post(
@@ -436,10 +431,12 @@ async def list_events(
     responses=problem_responses(400, 401, 403, 404, 409, 413, 503, 504),
 )
 async def submit_prompt(
-    session_id: str, body: SubmitPrompt, caller: Caller, service: Service
+    session_id: str, body: SubmitPrompt, caller: KeyHolder, service: Service
 ) -> dict[str, Any]:
     """Queue a prompt; the same ``idempotency_key`` always yields the same ``prompt_id``."""
-    return await service.submit_prompt(caller, session_id, body.content, body.idempotency_key)
+    # The service checks the key's scope (as for the direct route and the client socket).
+    receipt = await service.submit_prompt(caller, session_id, body.content, body.idempotency_key)
+    return plain(receipt)
 
 
 @router.get(
@@ -458,7 +455,7 @@ async def list_messages(
     limit: Annotated[int | None, Query(ge=1, description="Page size (default 50, max 200)")] = None,
 ) -> dict[str, Any]:
     """Completed messages after event seq ``after``; pass ``next`` back as ``after`` to page."""
-    return _plain(await service.list_messages(caller, session_id, after, limit))
+    return plain(await service.list_messages(caller, session_id, after, limit))
 
 
 @router.websocket("/sessions/{session_id}/ws")

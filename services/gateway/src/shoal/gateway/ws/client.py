@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import msgspec
 from starlette.websockets import WebSocket
 
 from shoal.common.errors import BadRequest, ShoalError, Unavailable
@@ -73,13 +72,13 @@ class ClientSocket(ResumableSocket):
                 receipt = await self.service.answer_question(
                     self.principal, self.session_id, question_id, answer
                 )
-                await self.reply(frame, frames.answer_accepted(msgspec.to_builtins(receipt)))
+                await self.reply(frame, frames.answer_accepted(receipt))
             elif kind == "abort":
                 prompt_id = frame.get("prompt_id")
                 if not (prompt_id is None or isinstance(prompt_id, str)):
                     raise BadRequest("prompt_id must be an id")
                 receipt = await self.service.abort(self.principal, self.session_id, prompt_id)
-                await self.reply(frame, frames.abort_accepted(msgspec.to_builtins(receipt)))
+                await self.reply(frame, frames.abort_accepted(receipt))
             else:
                 await self.reply_error(frame, "bad_request", f"unknown frame type {kind!r}")
         except ShoalError as exc:

@@ -26,9 +26,12 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from shoal.common.errors import Conflict, Forbidden, NotFound, ShoalError, Unauthorized
 from shoal.gateway.fanout import LiveEvent
 from shoal.gateway.service import SessionEventMsg
+from shoal.gateway.views import CommandReceipt, MessageAccepted, PromptReceipt, SecretValue
 
 if TYPE_CHECKING:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -127,9 +130,9 @@ def error(code: str, message: str) -> Frame:
     return {"type": "error", "code": code, "message": message}
 
 
-def prompt_accepted(receipt: dict[str, Any]) -> Frame:
+def prompt_accepted(receipt: PromptReceipt) -> Frame:
     """A client's ``prompt`` was queued: the receipt ``POST …/prompts`` answers."""
-    return {"type": "prompt.accepted", **receipt}
+    return {"type": "prompt.accepted", **msgspec.structs.asdict(receipt)}
 
 
 def delta(session_id: str, runner_frame: dict[str, Any]) -> Frame:
@@ -188,24 +191,24 @@ def error_accepted(prompt_id: str) -> Frame:
     return {"type": "error.accepted", "prompt_id": prompt_id}
 
 
-def answer_accepted(receipt: dict[str, Any]) -> Frame:
+def answer_accepted(receipt: CommandReceipt) -> Frame:
     """A client's ``answer`` was recorded: the receipt ``POST …/questions/{id}/answer`` answers."""
-    return {"type": "answer.accepted", **receipt}
+    return {"type": "answer.accepted", **msgspec.structs.asdict(receipt)}
 
 
-def abort_accepted(receipt: dict[str, Any]) -> Frame:
+def abort_accepted(receipt: CommandReceipt) -> Frame:
     """A client's ``abort`` was applied: the receipt ``POST …/abort`` answers."""
-    return {"type": "abort.accepted", **receipt}
+    return {"type": "abort.accepted", **msgspec.structs.asdict(receipt)}
 
 
-def message_accepted(accepted: dict[str, Any]) -> Frame:
+def message_accepted(accepted: MessageAccepted) -> Frame:
     """The runner's ``message.completed`` was applied: ``prompt_id``, ``message_id``."""
-    return {"type": "message.accepted", **accepted}
+    return {"type": "message.accepted", **msgspec.structs.asdict(accepted)}
 
 
-def secret(value: dict[str, Any]) -> Frame:
+def secret(value: SecretValue) -> Frame:
     """A secret the runner asked for (``name``, ``value``): to that socket and nowhere else."""
-    return {"type": "secret", **value}
+    return {"type": "secret", **msgspec.structs.asdict(value)}
 
 
 def http_request(request: dict[str, Any], ref: str) -> Frame:
