@@ -93,7 +93,11 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
 
             history = HistoryStore(db)
             states = StateStore(await js.key_value(subjects.session_state_bucket))
-            leases = LeaseStore(js, subjects)
+            # Lease and membership writes wait at most one renew interval for their ack (not
+            # the default 5 s): one that hangs while a stream elects a new leader is retried
+            # within the lease's lifetime instead of outliving it.
+            coordination = nc.jetstream(timeout=settings.renew_interval.total_seconds())
+            leases = LeaseStore(coordination, subjects)
             consumers = PartitionConsumers(js, subjects)
             admin = AdminRpc(states, leases, consumers, settings.session_partitions)
             rpcs = [
@@ -117,7 +121,9 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
             )
             clock = SystemClock()
             worker = CommandWorker(settings, nc, handler, consumers, clock)
-            members = MemberStore(js, subjects, await js.key_value(subjects.session_members_bucket))
+            members = MemberStore(
+                coordination, subjects, await js.key_value(subjects.session_members_bucket)
+            )
             coordinator = Coordinator(settings, worker, leases, members, consumers, clock)
             projection = (
                 ProjectionWorker(settings, nc, js, ProjectionHandler(history))
