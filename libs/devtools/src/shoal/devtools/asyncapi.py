@@ -46,9 +46,9 @@ def commit_model() -> type[BaseModel]:
     """One ledger message: ``{"events": [...]}``, each event typed by its ``type``."""
     typed = tuple(event_message_model(t) for t in sorted(EVENT_PAYLOADS))
     item = Annotated[Union[typed], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
+    events = list[item]
     return create_model(
-        "LedgerCommit",
-        events=(list[item], Field(description="the command's events, in seq order")),  # type: ignore[valid-type]
+        "LedgerCommit", events=(events, Field(description="the command's events, in seq order"))
     )
 
 
