@@ -310,7 +310,6 @@ class LiveHub:
         by_stream_seq = subject.startswith(self._by_stream_seq) if self._by_stream_seq else False
 
         async def on_msg(msg: Msg) -> None:
-            metrics.LIVE_EVENTS.inc()
             taps = self._taps.get(subject)
             if not taps:
                 return
@@ -329,6 +328,7 @@ class LiveHub:
                 # Malformed: it has no place in the order; the feeds skip it in the ledger too.
                 log.warning("skipping malformed live event on %s", msg.subject)
                 return
+            metrics.LIVE_EVENTS.inc(len(events))
             # The event's trace (prompt -> session -> here) ends with its delivery to sockets.
             with start_span("gateway.deliver", msg.headers, **{"shoal.sockets": len(taps)}):
                 for event in events:
