@@ -13,9 +13,10 @@ through :func:`bench.command_path.running_fleet`. It creates the sessions (``POS
 /v1/sessions``), opens the client sockets (``/v1/sessions/{id}/ws``, the admin key) and the idle
 ones (client sockets on sessions that get no events, 10 per session, or the user stream
 ``/v1/events/ws`` of an owner without sessions), then a publisher process appends events to the
-``SESSION_EVT`` ledger directly — ``<prefix>.session.evt.<session>.message.completed``, an
-``Envelope`` (docs/CONTRACTS.md) with ``seq`` contiguous per session after the session's own
-events — so the session service is not in the path being measured.
+``SESSION_EVT`` ledger directly — one commit per event on ``<prefix>.session.evt.<session>.commit``
+(``shoal.common.messaging.ledger``), a ``message.completed`` ``Envelope`` (docs/CONTRACTS.md)
+with ``seq`` contiguous per session after the session's own events — so the session service
+is not in the path being measured.
 
 Every event carries the ``time.monotonic_ns()`` of its production (``data.sent_ns``; the clock
 is system-wide on Linux), read by the receiving client: publish -> receive latency. The load
@@ -479,7 +480,7 @@ async def _publish_async(
 ) -> None:
     import nats
 
-    from shoal.common.messaging import Envelope, encode
+    from shoal.common.messaging import Envelope, encode_commit
 
     nc = await nats.connect(nats_url, name="bench-publisher")
     js = nc.jetstream()
@@ -529,9 +530,9 @@ async def _publish_async(
                     # (shoal.eventbus.store).
                     async with asyncio.timeout(5.0):
                         future = await js.publish_async(
-                            f"{prefix}.session.evt.{session_id}.{EVENT_TYPE}",
-                            encode(envelope),
-                            headers={"Nats-Msg-Id": envelope.id},
+                            f"{prefix}.session.evt.{session_id}.commit",
+                            encode_commit([envelope]),
+                            headers={"Nats-Msg-Id": envelope.id, "Shoal-Seq": str(seq)},
                         )
                 except Exception as exc:  # stalled: JetStream acks nothing for 5 s
                     errors += 1

@@ -36,7 +36,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from shoal.common.clock import iso
-from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, encode, loads
+from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, encode, ledger_events
 from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from shoal.devtools.supervisor import Fleet, FleetConfig, fleet_specs
 
@@ -78,14 +78,18 @@ async def _round(
     waiting_for = 0
 
     async def on_status(msg: Msg) -> None:
-        body = loads(msg.data)
-        sid = body["subject"]
-        if body.get("data", {}).get("status") == "hibernated" and sid.startswith(prefix):
-            hibernated.add(sid)
-            if len(hibernated) >= waiting_for:
-                window_done.set()
+        for event in ledger_events(msg.data):  # one commit per command
+            sid = event.subject
+            if (
+                event.type == "session.status"
+                and event.data.get("status") == "hibernated"
+                and sid.startswith(prefix)
+            ):
+                hibernated.add(sid)
+        if len(hibernated) >= waiting_for:
+            window_done.set()
 
-    sub = await nc.subscribe(f"{subjects.prefix}.live.session.evt.*.session.status", cb=on_status)
+    sub = await nc.subscribe(f"{subjects.prefix}.live.session.evt.>", cb=on_status)
     started = time.monotonic()
     try:
         for first in range(0, count, WINDOW):

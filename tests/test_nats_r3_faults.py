@@ -42,6 +42,7 @@ class Load:
 
     acknowledged: dict[str, dict[str, int | None]] = field(default_factory=dict)
     errors: list[tuple[float, str]] = field(default_factory=list)
+    acked_at: list[float] = field(default_factory=list)  # monotonic time of each 202
     done: int = 0
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -67,6 +68,7 @@ async def _submit_until_acknowledged(
             await asyncio.sleep(0.1)  # back off before the retry
             continue
         load.acknowledged[session_id][receipt.prompt_id] = receipt.seq
+        load.acked_at.append(time.monotonic())
         async with load.progress:
             load.done += 1
             load.progress.notify_all()
@@ -154,13 +156,18 @@ async def test_sigkill_of_one_nats_server_under_prompt_load(
     duplicated = sum(n - 1 for s in sessions for n in queued[s].values() if n > 1)
     error_times = [t for t, _ in load.errors]
     window = (max(error_times) - min(error_times)) if error_times else 0.0
+    # What clients felt: the longest stretch after the kill with no prompt acknowledged (a
+    # request that hangs until its 504 is not an error until it ends).
+    acks = sorted(t for t in load.acked_at if t >= killed_at)
+    stall = max((b - a for a, b in zip([killed_at, *acks], acks, strict=False)), default=0.0)
     print(
         f"\nR3 fault: {total} prompts acknowledged in {finished - started:.1f} s; "
         f"server n1 killed at +{killed_at - started:.1f} s, "
         f"back at +{restarted_at - started:.1f} s; "
         f"lost {lost}, duplicated {duplicated} ({replays} replays read); "
         f"client errors {len(load.errors)} "
-        f"({dict(Counter(kind for _, kind in load.errors))}) over {window:.1f} s"
+        f"({dict(Counter(kind for _, kind in load.errors))}) over {window:.1f} s; "
+        f"longest stall without an acknowledgement after the kill {stall:.1f} s"
     )
     missing = {s: sorted(set(load.acknowledged[s]) - set(queued[s])) for s in sessions}
     assert sum(len(a) for a in load.acknowledged.values()) == total

@@ -7,7 +7,8 @@
 5. Security battery: each refusal has its documented close code; a foreign key sees nothing.
 
 Events are appended straight to a session's ledger (what the session service would publish)
-after the session is created through the API, so the tests reach thousands of events in
+after the session is created through the API (commits of up to three events, as the session
+service writes them), so the tests reach thousands of events in
 seconds; the eventbus fans them out like any other. ``-m chaos`` runs the long versions.
 """
 
@@ -29,7 +30,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from shoal.client import ShoalClient
-from shoal.common.messaging import MSG_ID_HEADER, Envelope, Subjects, encode
+from shoal.common.messaging import (
+    LEDGER_SEQ_HEADER,
+    MSG_ID_HEADER,
+    Envelope,
+    Subjects,
+    encode_commit,
+)
 from shoal.devtools.embedded import free_port
 from shoal.devtools.supervisor import Fleet, FleetFactory, ServiceProcess
 
@@ -47,27 +54,32 @@ class Ledger:
         self.seq = last_seq
 
     async def append(self, count: int, *, size: int = 0, pace: float = 0.0) -> None:
-        """``count`` events (``size`` bytes of padding each), ``pace`` s between batches of 50."""
+        """``count`` events (``size`` bytes of padding each), ``pace`` s between batches of 50;
+        written as the session service writes them: commits of up to three events."""
         pad = "p" * size
+        commit: list[Envelope] = []
         for n in range(count):
             self.seq += 1
-            event_id = f"{self.session_id}:direct:{self.seq}"
-            env = Envelope(
-                id=event_id,
-                type="message.delta.stored",
-                source="test",
-                time="2025-01-01T00:00:00Z",
-                subject=self.session_id,
-                owner=self.owner,
-                seq=self.seq,
-                data={"n": n, "pad": pad},
+            commit.append(
+                Envelope(
+                    id=f"{self.session_id}:direct:{self.seq}",
+                    type="message.delta.stored",
+                    source="test",
+                    time="2025-01-01T00:00:00Z",
+                    subject=self.session_id,
+                    owner=self.owner,
+                    seq=self.seq,
+                    data={"n": n, "pad": pad},
+                )
             )
-            await self.js.publish(
-                self.subjects.session_event(self.session_id, env.type),
-                encode(env),
-                stream=self.subjects.session_evt_stream,
-                headers={MSG_ID_HEADER: event_id},
-            )
+            if len(commit) == 3 or n == count - 1:
+                await self.js.publish(
+                    self.subjects.session_commit(self.session_id),
+                    encode_commit(commit),
+                    stream=self.subjects.session_evt_stream,
+                    headers={MSG_ID_HEADER: commit[0].id, LEDGER_SEQ_HEADER: str(self.seq)},
+                )
+                commit = []
             if pace and n % 50 == 49:
                 await asyncio.sleep(pace)
 

@@ -1,6 +1,7 @@
 """One prompt, one trace: the fleet (five ``shoal run`` processes) exports its spans over OTLP
 to a stub collector, and the prompt's trace covers the gateway's request, the keys service's
-verify RPC, the session's apply, the eventbus's fan-out and the gateway's socket delivery."""
+verify RPC, the session's apply, the eventbus's fan-out and the gateway's socket delivery; a file
+upload's trace holds the S3 client span of its PutObject (moto's S3 server as the store)."""
 
 from __future__ import annotations
 
@@ -31,21 +32,40 @@ def _prompt_trace(spans: list[ReceivedSpan]) -> set[tuple[str, str]]:
     return {(s.service, s.name) for s in spans if s.trace_id == trace_id}
 
 
+def _upload_trace(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+    """Every span in the trace of the file upload's request, if seen yet."""
+    uploads = [s for s in spans if s.service == "shoal-gateway" and s.name.startswith("PUT ")]
+    if not uploads:
+        return []
+    return [s for s in spans if s.trace_id == uploads[0].trace_id]
+
+
+def _is_s3_put(span: ReceivedSpan) -> bool:
+    """A client span of the botocore/aiobotocore instrumentation for S3 PutObject."""
+    return span.attributes.get("rpc.service") == "S3" and span.name == "S3.PutObject"
+
+
 def _covers_every_hop(spans: list[ReceivedSpan]) -> bool:
     hops = _prompt_trace(spans)
     services = {service for service, _ in hops}
     delivered = ("shoal-gateway", "gateway.deliver") in hops
-    return {"shoal-keys", "shoal-session", "shoal-eventbus"} <= services and delivered
+    uploaded = any(_is_s3_put(s) for s in _upload_trace(spans))
+    return {"shoal-keys", "shoal-session", "shoal-eventbus"} <= services and delivered and uploaded
 
 
 async def test_one_prompt_is_one_trace_through_the_fleet(
-    fleet: FleetFactory, otlp_receiver: OtlpReceiver
+    fleet: FleetFactory, otlp_receiver: OtlpReceiver, s3_endpoint: str
 ) -> None:
     running = await fleet(
         env={
             "SHOAL_OTEL_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "SHOAL_OBJECT_STORE": "s3",
+            "SHOAL_S3_ENDPOINT_URL": s3_endpoint,
+            "SHOAL_S3_BUCKET": "shoal-trace",
+            "SHOAL_S3_ACCESS_KEY_ID": "testing",
+            "SHOAL_S3_SECRET_ACCESS_KEY": "testing",
         }
     )
     async with ShoalClient(running.gateway_url, api_key=running.admin_key) as admin:
@@ -75,6 +95,7 @@ async def test_one_prompt_is_one_trace_through_the_fleet(
             finally:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
+        await client.put_file(session.id, "notes/trace.txt", b"traced", "text/plain")
 
     spans = await asyncio.to_thread(wait_for_spans, otlp_receiver, _covers_every_hop, 60)
     hops = _prompt_trace(spans)
@@ -82,3 +103,6 @@ async def test_one_prompt_is_one_trace_through_the_fleet(
     assert ("shoal-session", "session.apply") in hops
     assert ("shoal-eventbus", "eventbus.fanout") in hops
     assert any(service == "shoal-keys" and name.startswith("rpc ") for service, name in hops)
+    upload = _upload_trace(spans)
+    print("the upload's trace:", sorted((s.service, s.name) for s in upload))
+    assert any(_is_s3_put(s) for s in upload)

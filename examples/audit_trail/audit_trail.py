@@ -1,8 +1,11 @@
 """An audit trail of every Shoal session event, as a FastStream app: one JSON line per event.
 
 A durable JetStream consumer of its own (``audit-trail``) follows ``<prefix>.session.evt.>``,
-the ledger of every session. It appends each event to a JSONL file, flushes it to disk, and only
-then acks, so a crash loses nothing: what was not acked is redelivered. A crash between the
+the ledger of every session. Each ledger message is one command's *commit*,
+``{"events": [<event>, ...]}`` on ``<prefix>.session.evt.<session>.commit`` (ledgers written by
+older versions hold one event per message, the event itself: both are read). It appends each
+event to a JSONL file, flushes it to disk, and only then acks the message, so a crash loses
+nothing: what was not acked is redelivered. A crash between the
 write and the ack redelivers an event already written, so the trail drops copies by event id
 (the id is unique per event: ``<session>:<command seq>:<n>``). Exactly once in the file, at
 least once on the wire.
@@ -49,14 +52,22 @@ class AuditFile:
         for line in complete.splitlines():
             self.seen.add(json.loads(line)["id"])
 
-    def write(self, event: dict[str, Any]) -> None:
-        """Append ``event`` unless its id is already there; durable when this returns."""
-        if event["id"] in self.seen:
+    def write(self, events: list[dict[str, Any]]) -> None:
+        """Append each of ``events`` whose id is not there yet; durable when this returns."""
+        new = [e for e in events if e["id"] not in self.seen]
+        if not new:
             return
-        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+        for event in new:
+            self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.seen.add(event["id"])
+        self.seen.update(e["id"] for e in new)
+
+
+def ledger_events(body: bytes) -> list[dict[str, Any]]:
+    """The events of one ledger message: a commit's, or an older message's one event."""
+    message = json.loads(body)
+    return list(message["events"]) if "events" in message else [message]
 
 
 def build_app(nats_url: str, prefix: str, out: Path) -> FastStream:
@@ -74,7 +85,7 @@ def build_app(nats_url: str, prefix: str, out: Path) -> FastStream:
         ack_policy=AckPolicy.MANUAL,
     )
     async def record(message: NatsMessage) -> None:
-        trail.write(json.loads(message.body))
+        trail.write(ledger_events(message.body))
         await message.ack()
 
     return FastStream(broker)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from shoal.common.events import EVENT_PAYLOADS
 from shoal.devtools import docs
-from shoal.devtools.asyncapi import asyncapi_document
+from shoal.devtools.asyncapi import _model_name, asyncapi_document
 
 DOCS = Path(__file__).resolve().parents[3] / "docs"
 
@@ -61,9 +61,12 @@ def test_a_changed_event_payload_is_drift(tmp_path: Path) -> None:
 def test_every_event_type_has_a_channel_and_a_schema() -> None:
     document = asyncapi_document()
     assert document["asyncapi"] == "3.0.0"
+    commit = document["channels"]["session.commit"]
+    assert commit["address"] == "shoal.session.evt.{session}.commit"
+    schemas = document["components"]["schemas"]
+    assert "LedgerCommit" in schemas
     for event_type in EVENT_PAYLOADS:
-        channel = document["channels"][event_type]
-        assert channel["address"] == f"shoal.session.evt.{{session}}.{event_type}"
+        assert schemas[_model_name(event_type)]["properties"]["type"]["const"] == event_type
     assert "deliver.user" in document["channels"]
     assert document["channels"]["deliver.tag"]["address"] == "shoal.deliver.tag.{owner}.{tag}"
 

@@ -27,6 +27,7 @@ from shoal.common.messaging import (
     Subjects,
     decode,
     encode,
+    encode_commit,
     provision,
 )
 from shoal.eventbus.app import create_app
@@ -202,6 +203,35 @@ async def test_delivery_is_byte_identical_and_keeps_the_trace(
     assert msg.headers[TRACEPARENT_HEADER] == traceparent
     assert counter("shoal_eventbus_events_total", outcome="fanned_out") == fanned_out + 1
     assert counter("shoal_eventbus_deliveries_total", target="user") >= 1
+
+
+@pytest.mark.usefixtures("provisioned")
+async def test_commits_fan_out_as_one_delivery_per_event_after_an_older_per_event_ledger(
+    js: JetStreamContext, settings: EventbusSettings, subjects: Subjects
+) -> None:
+    events = [event("ses_k", seq) for seq in range(1, 8)]
+    for env in events[:2]:  # written by an older version: one message per event
+        await publish(js, subjects, env)
+    for commit in (events[2:5], events[5:6], events[6:]):  # one message per command
+        await js.publish(
+            subjects.session_commit("ses_k"),
+            encode_commit(commit),
+            headers={MSG_ID_HEADER: commit[0].id, TAGS_HEADER: "blue"},
+        )
+    fanned_out = counter("shoal_eventbus_events_total", outcome="fanned_out")
+    async with running(settings):
+        msgs = await delivered(js, subjects, "alice", expected=7)
+        tagged = await js.pull_subscribe(
+            subjects.deliver_tag("alice", "blue"),
+            stream=subjects.deliver_stream,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
+        )
+        blue = await tagged.fetch(5, timeout=5)
+        await tagged.unsubscribe()
+    assert [m.data for m in msgs] == [encode(e) for e in events]  # byte for byte, in order
+    assert [m.headers[MSG_ID_HEADER] for m in msgs if m.headers] == [f"u:{e.id}" for e in events]
+    assert [decode(m.data).seq for m in blue] == [3, 4, 5, 6, 7]
+    assert counter("shoal_eventbus_events_total", outcome="fanned_out") == fanned_out + 7
 
 
 @pytest.mark.usefixtures("provisioned")

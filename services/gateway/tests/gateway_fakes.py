@@ -28,6 +28,7 @@ from shoal.common.contracts import (
 )
 from shoal.common.errors import Conflict, NotFound, ShoalError, Unauthorized
 from shoal.common.messaging import (
+    LEDGER_SEQ_HEADER,
     MSG_ID_HEADER,
     REPLY_TO_HEADER,
     Catalog,
@@ -35,7 +36,7 @@ from shoal.common.messaging import (
     Subjects,
     decode,
     dumps,
-    encode,
+    encode_commit,
     provision,
     serve,
 )
@@ -110,6 +111,7 @@ class FakeSessionService:
         self._task: asyncio.Task[None] | None = None
         self._rpcs: list[Subscription] = []
         self._psub: Any = None
+        self._stopping = False
 
     async def start(self) -> None:
         await provision(self.js, Catalog.from_settings(self.settings))
@@ -133,6 +135,9 @@ class FakeSessionService:
             )
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: on Python 3.11, asyncio.wait_for (inside nats-py's
+        # next_msg) swallows a cancel that lands as its message arrives, and the loop would go on.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,7 +161,7 @@ class FakeSessionService:
         assert snap is not None
         snap.event_seq += 1
         await self._publish(
-            self._event(snap, event_type, data, f"{session_id}:emit:{snap.event_seq}")
+            [self._event(snap, event_type, data, f"{session_id}:emit:{snap.event_seq}")]
         )
         await self._save(snap)
         return snap.event_seq
@@ -168,7 +173,7 @@ class FakeSessionService:
             return next(c for c in self.commands if c.type == kind)
 
     async def _run(self, psub: Any) -> None:
-        while True:
+        while not self._stopping:
             try:
                 msgs = await psub.fetch(10, timeout=0.2)
             except TimeoutError:  # nats-py raises its own and asyncio's
@@ -189,8 +194,8 @@ class FakeSessionService:
             reply = await self._scripted(script, snap, env)
         else:
             result = apply(snap, env, msg.metadata.sequence.stream)
-            for event in result.events:
-                await self._publish(event)
+            if result.events:
+                await self._publish(result.events)
             if result.changed and result.new_state is not None:
                 await self._save(result.new_state)
             reply = result.reply
@@ -228,20 +233,22 @@ class FakeSessionService:
             data=data,
         )
 
-    async def _publish(self, event: Envelope) -> None:
-        if event.type == "message.completed":
-            self.messages.setdefault(event.subject, []).append(
-                {
-                    **event.data,
-                    "id": event.data["message_id"],
-                    "created_at": event.time,
-                    "seq": event.seq,
-                }
-            )
+    async def _publish(self, events: list[Envelope]) -> None:
+        """One commit per command, as the session service writes the ledger."""
+        for event in events:
+            if event.type == "message.completed":
+                self.messages.setdefault(event.subject, []).append(
+                    {
+                        **event.data,
+                        "id": event.data["message_id"],
+                        "created_at": event.time,
+                        "seq": event.seq,
+                    }
+                )
         await self.js.publish(
-            self.subjects.session_event(event.subject, event.type),
-            encode(event),
-            headers={MSG_ID_HEADER: event.id},
+            self.subjects.session_commit(events[0].subject),
+            encode_commit(events),
+            headers={MSG_ID_HEADER: events[0].id, LEDGER_SEQ_HEADER: str(events[-1].seq)},
         )
 
     async def _save(self, snap: SessionSnapshot) -> None:

@@ -16,6 +16,7 @@ from shoal.common.contracts import (
     PendingQuestion,
     QuestionAnswer,
     QuestionAsk,
+    RunnerDisconnect,
     RunnerError,
     SessionCreate,
     SessionSnapshot,
@@ -308,7 +309,7 @@ async def test_runner_question_keeps_the_runners_id_and_refuses_bad_frames(
         assert refused.value.code == "bad_request"
 
 
-async def test_runner_error_carries_the_connection(
+async def test_runner_error_and_disconnect_carry_the_connection(
     gateway: RunningGateway, http: httpx.AsyncClient, sessions: FakeSessionService
 ) -> None:
     sessions.scripts[Command.RUNNER_ERROR] = lambda snap, env: None
@@ -322,6 +323,11 @@ async def test_runner_error_carries_the_connection(
     )
     with pytest.raises(ShoalError):
         await service.runner_error(snapshot, "conn-9", "prm_1", "")
+    await service.runner_disconnect(snapshot, "conn-9", "replaced")
+    disconnect = await sessions.took(Command.RUNNER_DISCONNECT)
+    assert RunnerDisconnect(**disconnect.data) == RunnerDisconnect(
+        connection_id="conn-9", reason="replaced"
+    )
 
 
 # -- update (scripted until the session service applies session.update) --

@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from shoal.client import ProxyRequest, ProxyResponse, ShoalClient, connect_runner
-from shoal.common.messaging import Envelope, encode
+from shoal.common.messaging import Envelope, encode, encode_commit, ledger_events
 from shoal.gateway.ledger import start_sequence
 
 if TYPE_CHECKING:
@@ -76,6 +76,97 @@ async def test_start_sequence_binary_search(nc: NATS, sessions: FakeSessionServi
     # Nothing newer yet: a position past ses_a's last event (399), at most one past the end.
     assert 399 < (await start_sequence(js, stream, sa, 200) or 0) <= last + 1
     assert await start_sequence(js, stream, subjects.session_events("ses_none"), 5) == last + 1
+
+
+async def test_start_sequence_over_older_events_then_commits(
+    nc: NATS, sessions: FakeSessionService
+) -> None:
+    """A ledger an older version wrote (one message per event) followed by commits (one per
+    command, several events): the start is the message holding the first seq above ``since``."""
+    js = nc.jetstream()
+    subjects = sessions.subjects
+    stream = subjects.session_evt_stream
+    sa = subjects.session_events("ses_mix")
+
+    def env(seq: int) -> Envelope:
+        return Envelope(id=f"ses_mix:{seq}", type="x.y", source="t", time="t", seq=seq)
+
+    for seq in range(1, 11):
+        await js.publish(subjects.session_event("ses_mix", "x.y"), encode(env(seq)), stream=stream)
+    for first in range(11, 41, 3):  # commits of 11..13, 14..16, ..., 38..40
+        events = [env(seq) for seq in range(first, first + 3)]
+        await js.publish(subjects.session_commit("ses_mix"), encode_commit(events), stream=stream)
+    for since in (1, 9, 10, 11, 12, 13, 25, 39):
+        start = await start_sequence(js, stream, sa, since)
+        assert start is not None
+        msg = await js.get_msg(stream, seq=start, subject=sa, next=True, direct=True)
+        seqs = [e.seq for e in ledger_events(msg.data or b"")]
+        assert since + 1 in seqs, (since, seqs)
+    last = (await js.stream_info(stream)).state.last_seq
+    assert await start_sequence(js, stream, sa, 40) == last + 1
+
+
+async def test_older_events_then_commits_stream_byte_identical_frames(
+    keys: FakeKeys, sessions: FakeSessionService, alice: ShoalClient, gateway: RunningGateway
+) -> None:
+    """Each event of a commit becomes one frame, the same bytes a one-event-per-message ledger
+    gave: replay, live (the RePublish of a commit), a resume inside a commit, and the pages."""
+    created = await alice.create_session()  # seq 1, a commit of the fake session service
+    sid = created.id
+    js, subjects = sessions.js, sessions.subjects
+
+    def env(seq: int) -> Envelope:
+        return Envelope(
+            id=f"{sid}:x:{seq}",
+            type="session.status",
+            source="session",
+            time="2026-01-01T00:00:00Z",
+            subject=sid,
+            seq=seq,
+            data={"status": "idle", "n": seq},
+        )
+
+    def frame(seq: int) -> str:
+        return f'{{"type":"event","seq":{seq},"event":{encode(env(seq)).decode()}}}'
+
+    async def commit(*seqs: int) -> None:
+        events = [env(seq) for seq in seqs]
+        await js.publish(
+            subjects.session_commit(sid),
+            encode_commit(events),
+            headers={"Shoal-Seq": str(seqs[-1])},
+            stream=subjects.session_evt_stream,
+        )
+
+    for seq in (2, 3, 4):  # an older version's ledger
+        await js.publish(
+            subjects.session_event(sid, "session.status"),
+            encode(env(seq)),
+            stream=subjects.session_evt_stream,
+        )
+    await commit(5, 6, 7)
+    await commit(8)
+    url = f"{gateway.ws_url}/v1/sessions/{sid}/ws"
+    conn = await ws(f"{url}?since=1", ALICE)
+    assert [await asyncio.wait_for(conn.recv(), 10) for _ in range(7)] == [
+        frame(seq) for seq in range(2, 9)
+    ]
+    await commit(9, 10, 11)  # live
+    assert [await asyncio.wait_for(conn.recv(), 10) for _ in range(3)] == [
+        frame(seq) for seq in (9, 10, 11)
+    ]
+    await conn.close()
+    conn = await ws(f"{url}?since=9", ALICE)  # inside the commit of 9..11
+    assert [(await recv_json(conn))["seq"] for _ in range(2)] == [10, 11]
+    await conn.close()
+    async with httpx.AsyncClient(timeout=10) as http:
+        page = await http.get(
+            f"{gateway.base_url}/v1/sessions/{sid}/events?after=3&limit=5", headers=ALICE
+        )
+    assert page.status_code == 200, page.text
+    body = page.json()
+    assert [e["seq"] for e in body["events"]] == [4, 5, 6, 7, 8]
+    assert body["events"][2] == json.loads(encode(env(6)))
 
 
 async def test_resume_starts_at_position_and_reports_gap(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,11 +16,16 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import SecretStr
 
+from shoal.common import observability
 from shoal.common.clock import ManualClock, iso
 from shoal.common.errors import BadRequest
 from shoal.common.messaging import MSG_ID_HEADER, Catalog, Subjects, loads, provision, request
+from shoal.common.observability import start_span
 from shoal.common.storage import Database
 from shoal.scheduler import Scheduler, TimerService, fire_msg_id
 from shoal.scheduler.app import MIGRATIONS, VERSION_TABLE, create_app
@@ -61,6 +66,19 @@ async def target(js: JetStreamContext, subject_prefix: str) -> Callable[[str], s
         )
     )
     return lambda name: f"{subject_prefix}.target.{name}"
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Every span ``start_span`` makes in this test, recorded in memory (whatever tracer
+    provider an earlier test installed for the process)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(observability, "_TRACER", provider.get_tracer("shoal"))
+    monkeypatch.setattr(observability, "_recording", True)
+    yield exporter
+    provider.shutdown()
 
 
 @asynccontextmanager
@@ -143,6 +161,53 @@ async def test_a_timer_fires_once_into_its_subject_when_the_clock_reaches_it(
     assert msg.headers[MSG_ID_HEADER] == fire_msg_id("t-later", stored_fire_at)
     # Fired timers are gone: nothing left to cancel.
     assert await cancel_timer(nc, subjects, "t-later") == {"cancelled": False}
+
+
+@pytest.mark.usefixtures("scheduler_app")
+async def test_a_firing_continues_the_trace_of_the_call_that_armed_the_timer(
+    nc: NATS,
+    js: JetStreamContext,
+    subjects: Subjects,
+    clock: ManualClock,
+    target: Callable[[str], str],
+    spans: InMemorySpanExporter,
+) -> None:
+    subject = target("traced")
+    caller = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    caller["tracestate"] = "vendor=opaque"
+    with start_span("session.apply", caller) as apply:
+        await set_timer(nc, subjects, "t-traced", clock.now() + 5, subject, {"n": 1})
+    clock.advance(5)
+    (msg,) = await fired(js, subject, 1)
+
+    trace_id = apply.get_span_context().trace_id
+    by_name = {span.name: span for span in spans.get_finished_spans()}
+    rpc = by_name[f"rpc {subjects.rpc('scheduler', 'set_timer')}"]
+    fire = by_name["scheduler.fire"]
+    # session.apply -> rpc set_timer -> scheduler.fire -> the fired message, one trace.
+    assert rpc.parent is not None
+    assert rpc.parent.span_id == apply.get_span_context().span_id
+    assert fire.parent is not None
+    assert fire.parent.span_id == rpc.context.span_id
+    assert {rpc.context.trace_id, fire.context.trace_id} == {trace_id}
+    assert fire.attributes is not None
+    assert fire.attributes["shoal.timer_id"] == "t-traced"
+    assert msg.headers is not None
+    assert msg.headers["traceparent"] == f"00-{trace_id:032x}-{fire.context.span_id:016x}-01"
+    assert msg.headers["tracestate"] == "vendor=opaque"
+
+
+async def test_a_timer_armed_outside_a_trace_fires_in_a_trace_of_its_own(
+    service: TimerService, js: JetStreamContext, clock: ManualClock, target: Callable[[str], str]
+) -> None:
+    subject = target("untraced")
+    await service.set_timer(
+        "t-untraced", datetime.fromtimestamp(clock.now(), tz=UTC), subject, b"x", trace={}
+    )
+    assert (await service.fire_due()).fired == 1
+    (msg,) = await fired(js, subject, 1)
+    assert msg.headers is not None
+    assert msg.headers["traceparent"].startswith("00-")
 
 
 @pytest.mark.usefixtures("scheduler_app")

@@ -32,8 +32,8 @@ from shoal.common.messaging import (
     REPLY_TO_HEADER,
     Envelope,
     Subjects,
-    decode,
     encode,
+    ledger_events,
     loads,
 )
 from shoal.devtools.embedded import free_port
@@ -323,7 +323,7 @@ class Audit:
 
 
 async def read_ledger(js: JetStreamContext, subjects: Subjects) -> dict[str, list[Envelope]]:
-    """Every event of SESSION_EVT, by session, in stream order."""
+    """Every event of SESSION_EVT, by session, in stream order (commits split)."""
     info = await js.stream_info(subjects.session_evt_stream)
     expected = info.state.messages
     consumer = f"audit{next(_ids)}"
@@ -346,8 +346,8 @@ async def read_ledger(js: JetStreamContext, subjects: Subjects) -> dict[str, lis
             except NatsTimeout:
                 break
             for m in msgs:
-                event = decode(m.data)
-                by_session[event.subject or ""].append(event)
+                for event in ledger_events(m.data):
+                    by_session[event.subject or ""].append(event)
             got += len(msgs)
     finally:
         with contextlib.suppress(Exception):

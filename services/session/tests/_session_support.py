@@ -20,8 +20,8 @@ from shoal.common.messaging import (
     REPLY_TO_HEADER,
     Envelope,
     Subjects,
-    decode,
     encode,
+    ledger_events,
     loads,
 )
 from shoal.session.app import create_app
@@ -111,7 +111,7 @@ class Gateway:
 async def read_events(
     js: JetStreamContext, subjects: Subjects, session_id: str, *, settle: float = 0.3
 ) -> list[Envelope]:
-    """Every event of one session in the ledger, in stream order."""
+    """Every event of one session in the ledger, in stream order (commits split)."""
     info = await js.stream_info(
         subjects.session_evt_stream, subjects_filter=subjects.session_events(session_id)
     )
@@ -122,13 +122,16 @@ async def read_events(
         subjects.session_events(session_id), stream=subjects.session_evt_stream
     )
     events: list[Envelope] = []
+    got = 0
     try:
-        while len(events) < expected:
+        while got < expected:
             try:
-                msgs = await sub.fetch(expected - len(events), timeout=settle)
+                msgs = await sub.fetch(expected - got, timeout=settle)
             except NatsTimeout:
                 break
-            events.extend(decode(m.data) for m in msgs)
+            got += len(msgs)
+            for m in msgs:
+                events.extend(ledger_events(m.data))
     finally:
         await sub.unsubscribe()
     return events

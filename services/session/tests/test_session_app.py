@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import httpx
@@ -22,8 +23,9 @@ from sqlalchemy import text
 
 from shoal.common.clock import iso
 from shoal.common.contracts import TAGS_HEADER, Event, Status, tags_from_header
-from shoal.common.messaging import Envelope, Subjects, decode, request
+from shoal.common.messaging import Envelope, Subjects, ledger_events, request
 from shoal.common.storage import Database
+from shoal.session import metrics
 from shoal.session.app import MIGRATIONS_DIR, VERSION_TABLE
 from shoal.session.config import SessionSettings
 from shoal.session.ownership import assign
@@ -396,12 +398,77 @@ async def test_every_event_carries_its_sessions_tags_for_the_eventbus(
     reply = await gateway.send(sid, "session.create", {"tags": ["team-a", "ci"]})
     assert reply["data"]["session"]["tags"] == ["team-a", "ci"]
     stream = subjects.session_evt_stream
-    created = await js.get_last_msg(stream, subjects.session_event(sid, "session.created"))
+    created = await js.get_last_msg(stream, subjects.session_commit(sid))
+    assert [e.type for e in ledger_events(created.data)] == ["session.created"]
     assert tags_from_header(created.headers or {}) == ["team-a", "ci"]
     await gateway.send(sid, "session.update", {"tags": ["ci"]})
-    updated = await js.get_last_msg(stream, subjects.session_event(sid, "session.updated"))
-    assert decode(updated.data).data == {"tags": ["ci"]}
+    updated = await js.get_last_msg(stream, subjects.session_commit(sid))
+    assert [e.data for e in ledger_events(updated.data)] == [{"tags": ["ci"]}]
     assert tags_from_header(updated.headers or {}) == ["ci"]
     await gateway.send(sid, "session.update", {"tags": []})
     cleared = await js.get_last_msg(stream, subjects.session_events(sid))
     assert TAGS_HEADER not in (cleared.headers or {})
+
+
+async def test_each_held_partition_reports_its_consumer_lag(
+    settings: SessionSettings,
+    gateway: Gateway,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("shoal.session.app._LAG_SAMPLE_S", 0.1)
+    async with running(settings) as app:
+        await gateway.create("ses_lag", owner="alice")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://session") as client:
+
+            async def scrape() -> str:
+                return (await client.get("/metrics")).text
+
+            def every_partition(text: str) -> bool:
+                return all(
+                    f'shoal_session_consumer_pending{{partition="{p}"}} 0.0' in text
+                    and f'shoal_session_consumer_ack_pending{{partition="{p}"}} 0.0' in text
+                    for p in range(settings.session_partitions)
+                )
+
+            await eventually(scrape, every_partition)
+
+
+async def test_the_lag_gauges_follow_the_partitions_held() -> None:
+
+    held = {90: 1, 91: 1}
+    lags = {90: (7, 2), 91: (0, 0)}
+
+    async def lag(partition: int, epoch: int) -> tuple[int, int] | None:
+        return lags[partition]
+
+    def value(gauge: Any, p: int) -> float | None:
+        return next(
+            (
+                s.value
+                for m in gauge.collect()
+                for s in m.samples
+                if s.labels.get("partition") == str(p)
+            ),
+            None,
+        )
+
+    sampler = asyncio.create_task(metrics.sample_partition_lag(lambda: held, lag, 0.01))
+    try:
+        await eventually(lambda: _now(value(metrics.CONSUMER_PENDING, 90)), lambda v: v == 7)
+        assert value(metrics.CONSUMER_ACK_PENDING, 90) == 2
+        del held[90]  # handed off: this replica stops reporting it
+        await eventually(lambda: _now(value(metrics.CONSUMER_PENDING, 90)), lambda v: v is None)
+        assert value(metrics.CONSUMER_ACK_PENDING, 90) is None
+        assert value(metrics.CONSUMER_PENDING, 91) == 0
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+        for p in (90, 91):
+            for gauge in (metrics.CONSUMER_PENDING, metrics.CONSUMER_ACK_PENDING):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(str(p))
+
+
+async def _now(value: Any) -> Any:
+    return value

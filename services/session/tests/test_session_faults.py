@@ -67,7 +67,7 @@ async def cluster(
             env={
                 "SHOAL_SESSION_TIMERS": "true",
                 "SHOAL_SESSION_SNAPSHOT_MODE": os.environ.get(
-                    "SHOAL_SESSION_SNAPSHOT_MODE", "eager"
+                    "SHOAL_SESSION_SNAPSHOT_MODE", "lazy"
                 ),
             },
         )

@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 
 from shoal.common.clock import iso
 from shoal.common.contracts import Event, Status
-from shoal.common.messaging import Envelope, Subjects, decode
+from shoal.common.messaging import Envelope, Subjects, ledger_events
 
 PARTITIONS = 16
 ClusterFactory = Callable[..., Awaitable[Cluster]]
@@ -175,12 +175,13 @@ class _Statuses:
 
     async def start(self, nc: NATS, subjects: Subjects) -> None:
         self._sub = await nc.subscribe(
-            f"{subjects.prefix}.live.session.evt.*.session.status", cb=self._on_msg
+            f"{subjects.prefix}.live.session.evt.*.commit", cb=self._on_msg
         )
 
     async def _on_msg(self, msg: Msg) -> None:
-        event = decode(msg.data)
-        self.seen.append((event.subject, event.data["status"]))
+        for event in ledger_events(msg.data):
+            if event.type == "session.status":
+                self.seen.append((event.subject, event.data["status"]))
         self._changed.set()
 
     async def reached(self, status: str, sids: set[str]) -> None:

@@ -3,7 +3,8 @@
 The pure part: ``service.replay`` gives the writer's state from any earlier snapshot (none,
 far behind the tip, at the tip). The real-NATS part: commands committed with lazy snapshots
 leave the bucket behind (or empty), and a fresh handler recovers the state from the ledger,
-answers a redelivered command as already applied and appends nothing twice.
+answers a redelivered command as already applied and appends nothing twice; a ledger an older
+version wrote (one message per event) followed by commits; a command too big for one commit.
 """
 
 from __future__ import annotations
@@ -20,11 +21,20 @@ from test_session_edge import lose_ack
 
 from shoal.common.clock import iso
 from shoal.common.contracts import SessionSnapshot, encode_snapshot
-from shoal.common.messaging import Catalog, Envelope, Subjects, partition, provision
+from shoal.common.messaging import (
+    MSG_ID_HEADER,
+    Catalog,
+    Envelope,
+    Subjects,
+    decode,
+    encode,
+    partition,
+    provision,
+)
 from shoal.session.config import SessionSettings
 from shoal.session.handlers import CommandHandler, SessionCache
 from shoal.session.service import LedgerCommand, apply, replay
-from shoal.session.store import EventLedger, Replier, StateStore
+from shoal.session.store import Appended, EventLedger, Replier, StateStore, command_headers
 
 _ids = itertools.count(1)
 
@@ -222,3 +232,123 @@ async def test_a_lazy_snapshot_that_loses_its_cas_is_benign(
     assert recovered.applied_seq > current.applied_seq
     assert recovered.applied_seq == submit.metadata.sequence.stream
     assert time.monotonic() - started < 5
+
+
+async def test_an_older_per_event_ledger_then_commits_recovers_and_resumes(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    """The upgrade path: a ledger an older version wrote (one message per event, the command on
+    the last event of each), one command cut short there after its first event, then this
+    version's commits. Recovery replays both shapes; the cut command resumes after its event."""
+    sid = "ses_upgrade"
+    handler, states, sub = await _handler_and_consumer(nc, js, settings, sid, "upgrade")
+    await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
+    await gateway.publish(gateway.command(sid, "runner.connect", {"connection_id": "c"}))
+    for n in range(4):
+        await gateway.publish(
+            gateway.command(sid, "prompt.submit", {"prompt_id": f"p{n}", "content": "x"})
+        )
+    msgs = await sub.fetch(6, timeout=2)
+    assert len(msgs) == 6
+    stream = subjects.session_evt_stream
+
+    # The older version: create and connect written one event per message.
+    state: SessionSnapshot | None = None
+    for msg in msgs[:2]:
+        command = decode(msg.data)
+        seq = msg.metadata.sequence.stream
+        result = apply(state, command, seq)
+        assert result.new_state is not None
+        for n, event in enumerate(result.events):
+            last = n == len(result.events) - 1
+            await js.publish(
+                subjects.session_event(sid, event.type),
+                encode(event),
+                stream=stream,
+                headers={
+                    MSG_ID_HEADER: event.id,
+                    **(command_headers(command, seq) if last else {}),
+                },
+            )
+        state = result.new_state
+        await msg.ack()
+    # p0 cut short: its first event (prompt.queued) only, no command recorded.
+    cut = apply(state, decode(msgs[2].data), msgs[2].metadata.sequence.stream)
+    assert [e.type for e in cut.events][:2] == ["prompt.queued", "prompt.dispatched"]
+    first = cut.events[0]
+    await js.publish(
+        subjects.session_event(sid, first.type),
+        encode(first),
+        stream=stream,
+        headers={MSG_ID_HEADER: first.id},
+    )
+
+    # This version, no snapshot at all: replays the old ledger, resumes p0, then commits.
+    cache = SessionCache(sid)
+    for msg in msgs[2:]:
+        await handler.handle(cache, msg)
+    await handler.snapshots.settle_all()
+    events = await read_events(js, subjects, sid)
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert len({e.id for e in events}) == len(events)
+    assert [e.id for e in events if e.data.get("prompt_id") == "p0"] == [
+        e.id for e in cut.events if e.data.get("prompt_id") == "p0"
+    ]
+    info = await js.stream_info(stream, subjects_filter=subjects.session_events(sid))
+    assert (info.state.subjects or {}).get(subjects.session_commit(sid)) == 4  # p0's rest, p1..p3
+    assert cache.state is not None
+    fresh = CommandHandler(
+        states, EventLedger(js, subjects), Replier(nc), None, subjects, lazy_snapshots=True
+    )
+    kv = await js.key_value(subjects.session_state_bucket)
+    await kv.delete(sid)
+    recovered, _ = await fresh.load(sid)
+    assert recovered == cache.state
+
+
+async def test_a_command_too_big_for_one_message_is_split_and_written_before_the_reply(
+    nc: NATS, js: JetStreamContext, settings: SessionSettings, gateway: Gateway, subjects: Subjects
+) -> None:
+    """Events that do not fit in one commit go out as several, each fenced on the previous; a
+    command that does not fit is left out and the snapshot is written before the reply."""
+    sid = "ses_big"
+    _, states, sub = await _handler_and_consumer(nc, js, settings, sid, "big")
+    # A budget that fits one prompt event but not two, nor the command beside one.
+    ledger = EventLedger(js, subjects, budget=900)
+    handler = CommandHandler(states, ledger, Replier(nc), None, subjects, lazy_snapshots=True)
+    await gateway.publish(gateway.command(sid, "session.create", {"metadata": {}}))
+    await gateway.publish(gateway.command(sid, "runner.connect", {"connection_id": "c"}))
+    await gateway.publish(
+        gateway.command(sid, "prompt.submit", {"prompt_id": "p1", "content": "y" * 400})
+    )
+    msgs = await sub.fetch(3, timeout=2)
+    cache = SessionCache(sid)
+    for msg in msgs[:2]:
+        await handler.handle(cache, msg)
+    connected = cache.state
+    assert connected is not None
+    await handler.handle(cache, msgs[2])
+    # No settle: the snapshot of the split command was written before the reply.
+    assert await load_state(js, subjects, sid) == cache.state
+    events = await read_events(js, subjects, sid)
+    assert [e.type for e in events][2:] == ["prompt.queued", "prompt.dispatched", "session.status"]
+    info = await js.stream_info(
+        subjects.session_evt_stream, subjects_filter=subjects.session_events(sid)
+    )
+    assert (info.state.subjects or {}).get(subjects.session_commit(sid), 0) >= 4
+    # A re-run of the command from the state before it (a crash before its snapshot): its
+    # last commit is recognised at the tip, nothing is appended twice, and the command is
+    # reported as not recorded (it did not fit), so the caller writes the snapshot.
+    seq = msgs[2].metadata.sequence.stream
+    submit = decode(msgs[2].data)
+    rerun = apply(connected, submit, seq)
+    again = await ledger.publish(
+        rerun.events, {}, after=connected.ledger_seq, command=command_headers(submit, seq)
+    )
+    tip = await ledger.tip(sid)
+    assert tip is not None
+    assert again == Appended(tip.seq, False)
+    after = await js.stream_info(
+        subjects.session_evt_stream, subjects_filter=subjects.session_events(sid)
+    )
+    assert after.state.messages == info.state.messages

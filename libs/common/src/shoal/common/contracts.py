@@ -2,7 +2,8 @@
 
 Commands go to ``<prefix>.session.cmd.<session>``; the gateway stamps ``id`` and ``time`` so a
 re-run of the handler gives the same result. Events go to
-``<prefix>.session.evt.<session>.<type>`` with ``seq`` contiguous per session from 1.
+``<prefix>.session.evt.<session>.commit``, one message per command (``messaging.ledger``), with
+``seq`` contiguous per session from 1.
 The session snapshot is the value of the ``session-state`` KV bucket; other services read it
 (never write it) — the session service is its single writer.
 
@@ -225,7 +226,7 @@ class SessionSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_ids: list[str] = msgspec.field(default_factory=list)  # recent, for idempotency
     event_seq: int = 0  # last event seq published for this session
     applied_seq: int = 0  # stream sequence of the last command applied
-    # SESSION_EVT stream sequence of this session's last event: the next writer's events must
+    # SESSION_EVT stream sequence of this session's last commit: the next writer's commit must
     # append right after it (the ledger fence of the session service).
     ledger_seq: int = 0
     message_count: int = 0

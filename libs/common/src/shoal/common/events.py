@@ -1,8 +1,10 @@
 """The public event contract: every session event's payload, declared once.
 
-Other services consume ``<prefix>.session.evt.<session>.<type>`` (the ledger) and
-``<prefix>.deliver.user.<owner>`` (the eventbus); each message is an :class:`EventMessage`
-(CloudEvents attribute names) whose ``data`` is the payload model of its ``type`` here.
+Other services consume ``<prefix>.session.evt.<session>.commit`` (the ledger: one message per
+command, ``{"events": [...]}``, ``shoal.common.messaging.ledger``) and
+``<prefix>.deliver.user.<owner>`` (the eventbus: one message per event); each event is an
+:class:`EventMessage` (CloudEvents attribute names) whose ``data`` is the payload model of its
+``type`` here.
 ``docs/asyncapi.json`` is generated from these models, and a test fails when the session rules
 emit a field or an event type that is not declared here.
 

@@ -99,9 +99,14 @@ def setup_tracing(service: str, settings: CommonSettings) -> TracerProvider:
 
 
 def _instrument_clients() -> None:
-    """Client spans for SQL (SQLAlchemy: each statement sent through asyncpg) and S3 (botocore
-    and aiobotocore: each API call); only when spans are exported."""
-    from opentelemetry.instrumentation.botocore import BotocoreInstrumentor
+    """Client spans for SQL (SQLAlchemy: each statement sent through asyncpg) and S3 (each API
+    call: botocore for sync clients, aiobotocore for the aioboto3 clients the object store
+    uses; aiobotocore overrides the call botocore's instrumentation wraps); only when spans are
+    exported."""
+    from opentelemetry.instrumentation.botocore import (
+        AiobotocoreInstrumentor,
+        BotocoreInstrumentor,
+    )
     from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 
     # The instrumentation declares sqlalchemy < 2.1 and would silently do nothing on our 2.1;
@@ -109,6 +114,7 @@ def _instrument_clients() -> None:
     # tests/test_telemetry.py checks its spans arrive.
     SQLAlchemyInstrumentor().instrument(skip_dep_check=True)
     BotocoreInstrumentor().instrument()  # type: ignore[no-untyped-call]  # untyped __init__
+    AiobotocoreInstrumentor().instrument()  # type: ignore[no-untyped-call]
 
 
 def inject_trace(headers: dict[str, str]) -> dict[str, str]:

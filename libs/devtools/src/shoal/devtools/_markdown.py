@@ -89,9 +89,10 @@ def events_markdown(prefix: str = "shoal") -> str:
             ["subject", "stream", "carries"],
             [
                 [
-                    f"`{prefix}.session.evt.<session>.<type>`",
+                    f"`{prefix}.session.evt.<session>.commit`",
                     f"`{subjects.session_evt_stream}`",
-                    "the session's ledger: every event of the session, in `seq` order",
+                    'the session\'s ledger: one message per command, `{"events": [...]}`, '
+                    "its events in `seq` order",
                 ],
                 [
                     f"`{prefix}.deliver.user.<owner>`",
@@ -106,12 +107,17 @@ def events_markdown(prefix: str = "shoal") -> str:
             ],
         ),
         "",
-        f"`{prefix}` is the deployment's subject prefix (`SHOAL_SUBJECT_PREFIX`). Each message's",
-        "`Nats-Msg-Id` is the event's `id`: a consumer that stores events can drop copies by it.",
+        f"`{prefix}` is the deployment's subject prefix (`SHOAL_SUBJECT_PREFIX`). On DELIVER each",
+        "message is one event and its `Nats-Msg-Id` the event's `id`: a consumer that stores",
+        "events can drop copies by it. On the ledger each message is one command's commit:",
+        "`Nats-Msg-Id` = its first event's id, header `Shoal-Seq` = its last event's seq; a",
+        "ledger written by an older version holds one event per message on",
+        f"`{prefix}.session.evt.<session>.<type>` (the envelope itself), so read both shapes:",
+        "a body with an `events` array is a commit, any other body is one event.",
         "",
         "## The envelope",
         "",
-        "Every message is one JSON object with CloudEvents attribute names; `data` depends on",
+        "Every event is one JSON object with CloudEvents attribute names; `data` depends on",
         "`type` (below).",
         "",
         *_fields(EventMessage.model_json_schema()),

@@ -12,11 +12,11 @@ Example::
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from faststream.nats import NatsBroker
 from faststream.specification.asyncapi import AsyncAPI
-from pydantic import create_model
+from pydantic import BaseModel, Field, create_model
 
 from shoal.common.events import EVENT_PAYLOADS, EventMessage
 
@@ -42,16 +42,30 @@ def event_message_model(event_type: str) -> type[EventMessage]:
     )
 
 
+def commit_model() -> type[BaseModel]:
+    """One ledger message: ``{"events": [...]}``, each event typed by its ``type``."""
+    typed = tuple(event_message_model(t) for t in sorted(EVENT_PAYLOADS))
+    item = Annotated[Union[typed], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007
+    events = list[item]
+    return create_model(
+        "LedgerCommit", events=(events, Field(description="the command's events, in seq order"))
+    )
+
+
 def asyncapi_document(prefix: str = "shoal", version: str = "1.0.0") -> dict[str, Any]:
     """The AsyncAPI 3.0 document of the public subjects under ``prefix``."""
     broker = NatsBroker()
-    for event_type in sorted(EVENT_PAYLOADS):
-        broker.publisher(
-            f"{prefix}.session.evt.{{session}}.{event_type}",
-            schema=event_message_model(event_type),
-            title=event_type,
-            description=f"Stream {prefix.upper()}_SESSION_EVT: the session ledger, `{event_type}`.",
-        )
+    broker.publisher(
+        f"{prefix}.session.evt.{{session}}.commit",
+        schema=commit_model(),
+        title="session.commit",
+        description=(
+            f"Stream {prefix.upper()}_SESSION_EVT: the session ledger, one message per command "
+            "carrying its events in `seq` order (`Nats-Msg-Id`: the first event's id; "
+            "`Shoal-Seq`: the last event's seq). Ledgers written by older versions hold one event "
+            f"per message on `{prefix}.session.evt.{{session}}.{{type}}` (the envelope itself)."
+        ),
+    )
     broker.publisher(
         f"{prefix}.deliver.user.{{owner}}",
         schema=EventMessage,

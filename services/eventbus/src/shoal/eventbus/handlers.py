@@ -1,6 +1,7 @@
 """The edge of the eventbus: a durable pull consumer on SESSION_EVT (transport only).
 
-Each event is fanned out, and acked only after DELIVER acknowledged every publish, so a crash
+Each ledger message (a commit: one command's events) is fanned out as one DELIVER message per
+event per target, and acked only after DELIVER acknowledged every publish, so a crash
 anywhere leads to a redelivery, never a loss; the redelivery's publishes carry the same
 ``Nats-Msg-Id`` and DELIVER drops them, so each event reaches a delivery subject once.
 A pulled batch is published back to back in stream order, which keeps each user's stream in
@@ -135,7 +136,7 @@ class EventConsumer:
             # Hand the batch back now, so another replica takes it at once.
             await self._hand_back(msgs, delay=None)
             return
-        planned: list[tuple[Msg, Fanout]] = []
+        planned: list[tuple[Msg, list[Fanout]]] = []
         for msg in msgs:
             try:
                 # The event's trace (from the session that emitted it) covers its fan-out.
@@ -153,12 +154,13 @@ class EventConsumer:
                 await msg.term()
         items = [
             (delivery, fanout.body, dict(fanout.headers))
-            for _, fanout in planned
+            for _, fanouts in planned
+            for fanout in fanouts
             for delivery in fanout.deliveries
         ]
         outcomes = iter(await self._store.publish_all(items))
-        for index, (msg, fanout) in enumerate(planned):
-            results = [next(outcomes) for _ in fanout.deliveries]
+        for index, (msg, fanouts) in enumerate(planned):
+            results = [next(outcomes) for fanout in fanouts for _ in fanout.deliveries]
             errors = [r for r in results if isinstance(r, Exception)]
             if errors:
                 seq = msg.metadata.sequence.stream if msg.metadata else None
@@ -171,9 +173,10 @@ class EventConsumer:
                 await self._hand_back([m for m, _ in planned[index:]], delay=delay)
                 return
             await msg.ack()
-            EVENTS.labels("fanned_out").inc()
-            for delivery in fanout.deliveries:
-                DELIVERIES.labels(delivery.target).inc()
+            EVENTS.labels("fanned_out").inc(len(fanouts))
+            for fanout in fanouts:
+                for delivery in fanout.deliveries:
+                    DELIVERIES.labels(delivery.target).inc()
             DUPLICATES.inc(sum(1 for r in results if r is True))
 
     async def _hand_back(self, msgs: list[Msg], *, delay: float | None) -> None:

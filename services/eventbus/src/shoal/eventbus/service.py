@@ -1,8 +1,9 @@
 """The eventbus's rules: which delivery subjects an event goes to, under which dedup ids.
 
 No transport here: the edge (handlers.py) pulls, calls :meth:`EventFanout.prepare` for each
-event, publishes every delivery of a pulled batch through a :class:`DeliveryStore`, and acks an
-event only after every one of its delivery publishes was acknowledged by the server.
+ledger message (a commit of one command's events: one DELIVER message per event), publishes
+every delivery of a pulled batch through a :class:`DeliveryStore`, and acks a ledger message
+only after every one of its delivery publishes was acknowledged by the server.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Protocol
 
 from shoal.common.contracts import tags_from_header
 from shoal.common.errors import BadRequest
-from shoal.common.messaging import TRACEPARENT_HEADER, Envelope, Subjects, decode, is_token
+from shoal.common.messaging import (
+    TRACEPARENT_HEADER,
+    Envelope,
+    Subjects,
+    decode,
+    is_token,
+    ledger_raw_events,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +80,14 @@ class EventFanout:
             out.append(Delivery("tag", subject, f"t:{tag}:{event.id}"))
         return out
 
-    def prepare(self, raw: bytes, headers: Mapping[str, str]) -> Fanout:
-        """What re-publishing one ledger event, byte for byte, to each delivery takes.
+    def prepare(self, data: bytes, headers: Mapping[str, str]) -> list[Fanout]:
+        """What re-publishing each event of one ledger message (a commit, or an older single
+        event), byte for byte, to each delivery takes; one :class:`Fanout` per event, in order.
 
-        Raises :class:`BadRequest` for an event that can never be delivered (terminate it).
+        Raises :class:`BadRequest` for a message that can never be delivered (terminate it).
         """
-        event = decode(raw)
         forward = {k: v for k, v in headers.items() if k == TRACEPARENT_HEADER}
-        return Fanout(self.deliveries(event, headers), raw, forward)
+        return [
+            Fanout(self.deliveries(decode(raw), headers), raw, forward)
+            for raw in ledger_raw_events(data)
+        ]

@@ -42,6 +42,7 @@ from shoal.common.messaging import (
     decode,
     dumps,
     encode,
+    ledger_raw_events,
     loads,
     request,
 )
@@ -200,17 +201,22 @@ class Bus:
             msgs, at_end = await self._session_ledger.read(ledger, position)
             for msg in msgs:
                 try:
-                    envelope = decode(msg.data)
+                    raws = ledger_raw_events(msg.data)  # a commit, or an older single event
                 except BadRequest:
-                    log.warning("malformed event in the ledger of %s; skipped", session_id)
-                    continue
-                seq = envelope.seq or 0
-                if seq <= last:
-                    continue  # a copy re-published outside the duplicate window
-                if len(found) == limit:
-                    return found, True
-                found.append(SessionEventMsg(seq, envelope, msg.data))
-                last = seq
+                    raws = []
+                for raw in raws:
+                    try:
+                        envelope = decode(raw)
+                    except BadRequest:
+                        log.warning("malformed event in the ledger of %s; skipped", session_id)
+                        continue
+                    seq = envelope.seq or 0
+                    if seq <= last:
+                        continue  # older events of the commit, or a copy re-published later
+                    if len(found) == limit:
+                        return found, True
+                    found.append(SessionEventMsg(seq, envelope, raw))
+                    last = seq
             stream_seq = _stream_seq(msgs[-1]) if msgs else None
             if at_end or stream_seq is None:
                 return found, False

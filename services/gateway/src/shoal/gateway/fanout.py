@@ -10,9 +10,10 @@ they stored (``RePublish``, declared in the catalog) to ``<prefix>.live.session.
 events, in stream order.
 
 - :class:`LiveHub` — one core subscription per subject, reference-counted (subscribe with the
-  first socket, unsubscribe with the last). Each message is decoded once and its frame encoded
-  once by the hub's encoder (:class:`LiveEvent`: the format is the sockets' business, not this
-  module's); every socket's :class:`Tap` gets the same object. A tap is
+  first socket, unsubscribe with the last). Each message is decoded once (a session commit into
+  its events, ``shoal.common.messaging.ledger``) and each event's frame encoded once, from its
+  bytes as written, by the hub's encoder (:class:`LiveEvent`: the format is the sockets'
+  business, not this module's); every socket's :class:`Tap` gets the same object. A tap is
   bounded (``buffer`` events, ``buffer_bytes``): past either, it is cleared and flagged, and
   its feed catches up from the ledger instead. A NATS reconnect flags every tap the same way.
 - :class:`LedgerReader` — batched direct gets (``next_by_subj`` + ``batch``, ~1 MiB per round
@@ -49,8 +50,8 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 
-from shoal.common.errors import Unavailable
-from shoal.common.messaging import Envelope
+from shoal.common.errors import BadRequest, Unavailable
+from shoal.common.messaging import Envelope, ledger_raw_events
 from shoal.common.observability import start_span
 from shoal.gateway import metrics
 from shoal.gateway.service import Gap, SessionEventMsg
@@ -82,6 +83,13 @@ class LiveEvent(SessionEventMsg):
     prev: int
     frame: str
     wire: bytes | None = None
+    partial: bool = False  # more events of the same stored message (a commit) follow
+
+    @property
+    def next_pos(self) -> int:
+        """Where a ledger read resumes once this event was taken: the next message, or this
+        one again while the rest of its commit is still to come (the seqs dedup the re-read)."""
+        return self.stream_seq if self.partial else self.stream_seq + 1
 
 
 def _decode(
@@ -92,24 +100,37 @@ def _decode(
     encode: FrameEncoder,
     *,
     live: bool = False,
-) -> LiveEvent | None:
+) -> list[LiveEvent]:
+    """The events of one stored message, in order: one on a DELIVER stream (positioned by
+    stream sequence), one or more on the session ledger (a commit of one command's events, or
+    an older single event). Malformed events are left out (they have no place in the order)."""
     try:
-        envelope = _decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    seq = stream_seq if by_stream_seq else envelope.seq
-    if seq is None:
-        return None
-    frame, wire = encode(seq, data, live)
-    return LiveEvent(
-        seq=seq,
-        envelope=envelope,
-        raw=data,
-        stream_seq=stream_seq,
-        prev=prev,
-        frame=frame,
-        wire=wire,
-    )
+        raws = [data] if by_stream_seq else ledger_raw_events(data)
+    except BadRequest:
+        return []
+    events: list[LiveEvent] = []
+    for n, raw in enumerate(raws):
+        try:
+            envelope = _decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        seq = stream_seq if by_stream_seq else envelope.seq
+        if seq is None:
+            continue
+        frame, wire = encode(seq, raw, live)
+        events.append(
+            LiveEvent(
+                seq=seq,
+                envelope=envelope,
+                raw=raw,
+                stream_seq=stream_seq,
+                prev=prev,
+                frame=frame,
+                wire=wire,
+                partial=n < len(raws) - 1,
+            )
+        )
+    return events
 
 
 def _header_int(msg: Msg, name: str) -> int | None:
@@ -289,14 +310,13 @@ class LiveHub:
         by_stream_seq = subject.startswith(self._by_stream_seq) if self._by_stream_seq else False
 
         async def on_msg(msg: Msg) -> None:
-            metrics.LIVE_EVENTS.inc()
             taps = self._taps.get(subject)
             if not taps:
                 return
             stream_seq = _header_int(msg, SEQUENCE_HEADER)
             if stream_seq is None:
                 return  # not a re-published stored message
-            event = _decode(
+            events = _decode(
                 msg.data,
                 stream_seq,
                 _header_int(msg, LAST_SEQUENCE_HEADER) or 0,
@@ -304,17 +324,19 @@ class LiveHub:
                 self.encode,
                 live=True,
             )
-            if event is None:
+            if not events:
                 # Malformed: it has no place in the order; the feeds skip it in the ledger too.
                 log.warning("skipping malformed live event on %s", msg.subject)
                 return
+            metrics.LIVE_EVENTS.inc(len(events))
             # The event's trace (prompt -> session -> here) ends with its delivery to sockets.
             with start_span("gateway.deliver", msg.headers, **{"shoal.sockets": len(taps)}):
-                for tap in taps:
-                    try:
-                        tap.push(event)  # may write to the socket (Tap.sink)
-                    except Exception:  # one socket's failure must not cost the others the event
-                        log.exception("live delivery to a socket failed")
+                for event in events:
+                    for tap in taps:
+                        try:
+                            tap.push(event)  # may write to the socket (Tap.sink)
+                        except Exception:  # one socket's failure must not cost the others it
+                            log.exception("live delivery to a socket failed")
 
         # The callback only hands references to the taps: it cannot fall behind for long.
         return await self._nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000)
@@ -450,8 +472,8 @@ class LiveFeed:
                 tip = await reader.last(ledger)
                 if tip is not None:
                     stream_seq = _header_int(tip, SEQUENCE_HEADER) or 0
-                    event = _decode(tip.data, stream_seq, 0, not contiguous, hub.encode)
-                    last = event.seq if event is not None else last
+                    events = _decode(tip.data, stream_seq, 0, not contiguous, hub.encode)
+                    last = events[-1].seq if events else last
                     pos = stream_seq + 1
                 else:
                     pos = 1
@@ -488,7 +510,7 @@ class LiveFeed:
         if wanted and self._sink is not None and not self._sink(event):
             return False
         self._last = event.seq
-        self._pos = max(self._pos, event.stream_seq + 1)
+        self._pos = max(self._pos, event.next_pos)
         return True
 
     def _missing_before(self, event: LiveEvent) -> bool:
@@ -506,11 +528,11 @@ class LiveFeed:
             if stream_seq is None:
                 continue
             self._pos = max(self._pos, stream_seq + 1)
-            event = _decode(msg.data, stream_seq, 0, not self._contiguous, self._hub.encode)
-            if event is None:
+            events = _decode(msg.data, stream_seq, 0, not self._contiguous, self._hub.encode)
+            if not events:
                 log.warning("skipping malformed event on %s", msg.subject)
                 continue
-            self._pending.append(event)
+            self._pending.extend(events)
         if at_end or not msgs:
             self._replaying = False
 
@@ -521,7 +543,7 @@ class LiveFeed:
         if event.seq <= last:
             return None
         self._last = event.seq
-        self._pos = max(self._pos, event.stream_seq + 1)
+        self._pos = max(self._pos, event.next_pos)
         wanted = self._type is None or event.envelope.type == self._type
         if self._contiguous and event.seq > last + 1:
             self._held = event if wanted else None

@@ -2,8 +2,9 @@
 
 A client that resumes with ``since=N`` should not make the gateway read the session's first N
 events again. Session seqs grow with the stream sequence (the session service appends each
-session's events in seq order, fenced on the session's last subject sequence), so the first
-stream sequence holding an event with seq > N is found by a binary search of direct gets
+session's commits in seq order, fenced on the session's last subject sequence), so the first
+stream sequence holding an event with seq > N (a message whose last event's seq, its
+``Shoal-Seq`` header or its body, is > N) is found by a binary search of direct gets
 (``next_by_subj``: the first message of the session at or after a stream sequence), about
 log2(stream length) round trips (~20 for a million messages), then the replay starts
 there (``fanout.LiveFeed``: batched direct gets from that stream sequence).
@@ -16,39 +17,31 @@ Example::
 
 from __future__ import annotations
 
-import msgspec
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shoal.common.errors import Unavailable
-
-
-class _SeqOnly(msgspec.Struct):
-    seq: int | None = None
-
-
-_seq_decoder = msgspec.json.Decoder(_SeqOnly)
+from shoal.common.messaging import ledger_last_seq
 
 
 async def _next_on_subject(
     js: JetStreamContext, stream: str, subject: str, at: int
 ) -> tuple[int, int] | None:
-    """(stream seq, event seq) of the first message on ``subject`` at or after ``at``."""
+    """(stream seq, seq of its last event) of the first message on ``subject`` at or after
+    ``at``."""
     try:
         msg = await js.get_msg(stream, seq=at, subject=subject, next=True, direct=True)
     except NotFoundError:
         return None
-    try:
-        seq = _seq_decoder.decode(msg.data or b"{}").seq
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        seq = None
+    seq = ledger_last_seq(msg.data or b"{}", msg.headers)
     # A malformed event has no place in the order; treat it as "before" so the search moves on.
     return int(msg.seq or at), seq if seq is not None else -1
 
 
 async def start_sequence(js: JetStreamContext, stream: str, subject: str, since: int) -> int | None:
-    """The stream sequence at which the first event on ``subject`` with seq > ``since`` sits.
+    """The stream sequence of the first message on ``subject`` holding an event with seq >
+    ``since`` (a commit holding it and older events too: the reader skips those by seq).
 
     None when the reader should start at the stream's beginning (``since`` is 0, or every
     retained event of the subject is newer). Past the last message when none is newer yet: the

@@ -25,6 +25,7 @@ from shoal.common.clock import Clock, iso
 from shoal.common.contracts import Command
 from shoal.common.errors import BadRequest, NotFound
 from shoal.common.messaging import Envelope, Subjects, encode, is_token, new_id
+from shoal.common.observability import inject_trace, start_span
 from shoal.scheduler.job_service import JobService
 from shoal.scheduler.job_store import insert_job
 from shoal.scheduler.schedule_store import Schedule, ScheduleStore
@@ -171,8 +172,14 @@ class ScheduleService:
             owner=schedule.owner,
             data={"prompt_id": prompt_id, "content": prompt["content"]},
         )
-        await self._publisher.publish(
-            self._subjects.session_command(session_id), encode(command), command.id
-        )
+        # A firing is caused by the clock, not by a request: it starts a trace of its own, which
+        # the prompt's command carries on to the session.
+        with start_span("scheduler.schedule_fire", None, **{"shoal.schedule_id": schedule.id}):
+            await self._publisher.publish(
+                self._subjects.session_command(session_id),
+                encode(command),
+                command.id,
+                inject_trace({}),
+            )
         record["prompt_id"] = prompt_id
         return record

@@ -3,6 +3,8 @@
 A timer is ``(id, fire_at, subject, payload)``: at ``fire_at`` the payload is published to
 ``subject`` with JetStream, ``Nats-Msg-Id = <id>:<fire_at in ms>``, so a timer fired twice
 (a replica died between the publish and the delete) is stored once by the target stream.
+The W3C trace context current when the timer was armed is stored with it; the firing is a
+``scheduler.fire`` span in that trace, and the published message carries its ``traceparent``.
 Time comes from the injected :class:`~shoal.common.clock.Clock`. No transport here.
 
 Example::
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -24,6 +26,7 @@ from typing import Protocol
 from shoal.common.clock import Clock
 from shoal.common.errors import BadRequest, ShoalError
 from shoal.common.messaging import Subjects, is_token
+from shoal.common.observability import inject_trace, start_span
 from shoal.scheduler.store import Timer, TimerStore
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,11 @@ class Scheduler(Protocol):
 
 
 class TimerPublisher(Protocol):
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
-        """Publish with JetStream and wait for the ack; raise a :class:`ShoalError` if not."""
+    async def publish(
+        self, subject: str, payload: bytes, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish with JetStream (``headers`` added to the message's, e.g. ``traceparent``)
+        and wait for the ack; raise a :class:`ShoalError` if not."""
         ...
 
 
@@ -102,8 +108,15 @@ class TimerService:
             )
 
     async def set_timer(
-        self, timer_id: str, fire_at: datetime, subject: str, payload: bytes
+        self,
+        timer_id: str,
+        fire_at: datetime,
+        subject: str,
+        payload: bytes,
+        trace: Mapping[str, str] | None = None,
     ) -> None:
+        """Arm ``timer_id``; ``trace`` (``traceparent``/``tracestate``) is the context the
+        firing continues, the current one when not given."""
         if not is_token(timer_id):
             raise BadRequest("timer id must be 1..128 characters of A-Z a-z 0-9 _ -")
         if fire_at.tzinfo is None:
@@ -112,6 +125,7 @@ class TimerService:
             raise BadRequest("payload too large")
         self._check_subject(subject)
         at = fire_at.astimezone(UTC)
+        context = dict(trace) if trace is not None else inject_trace({})
         await self._store.upsert(
             Timer(
                 id=timer_id,
@@ -120,6 +134,8 @@ class TimerService:
                 fire_at=at,
                 due_at=at,
                 created_at=self._now(),
+                traceparent=context.get("traceparent"),
+                tracestate=context.get("tracestate"),
             )
         )
         self._on_change()
@@ -140,13 +156,7 @@ class TimerService:
         fired = failed = 0
         async with self._store.claim_due(now, self._batch_size) as claim:
             outcomes = await asyncio.gather(
-                *(
-                    self._publisher.publish(
-                        timer.subject, timer.payload, fire_msg_id(timer.id, timer.fire_at)
-                    )
-                    for timer in claim.timers
-                ),
-                return_exceptions=True,
+                *(self._publish(timer) for timer in claim.timers), return_exceptions=True
             )
             for timer, outcome in zip(claim.timers, outcomes, strict=True):
                 if isinstance(outcome, ShoalError):
@@ -163,3 +173,19 @@ class TimerService:
                     claim.fired(timer)
             claimed = len(claim.timers)
         return FireResult(fired=fired, failed=failed, claimed=claimed)
+
+    async def _publish(self, timer: Timer) -> None:
+        # Each firing runs in its own task (gather), so its span is the current one only there.
+        with start_span(
+            "scheduler.fire", timer.trace_headers, **{"shoal.timer_id": timer.id}
+        ) as span:
+            try:
+                await self._publisher.publish(
+                    timer.subject,
+                    timer.payload,
+                    fire_msg_id(timer.id, timer.fire_at),
+                    inject_trace({}),
+                )
+            except ShoalError as exc:
+                span.set_attribute("error.type", exc.code)
+                raise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,6 +32,8 @@ timers = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("last_error", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("traceparent", sa.Text),  # migrations/0005
+    sa.Column("tracestate", sa.Text),
 )
 
 
@@ -45,6 +47,15 @@ class Timer:
     created_at: datetime
     attempts: int = 0
     last_error: str | None = None
+    # The W3C trace context of the call that armed it: the firing continues that trace.
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+    @property
+    def trace_headers(self) -> dict[str, str]:
+        """The stored trace context as message headers (empty when there is none)."""
+        headers = {"traceparent": self.traceparent, "tracestate": self.tracestate}
+        return {k: v for k, v in headers.items() if v}
 
 
 @dataclass
@@ -77,6 +88,8 @@ class TimerStore:
             "attempts": 0,
             "last_error": None,
             "created_at": timer.created_at,
+            "traceparent": timer.traceparent,
+            "tracestate": timer.tracestate,
         }
         stmt = postgresql.insert(timers).values(**values)
         stmt = stmt.on_conflict_do_update(
@@ -138,6 +151,8 @@ def _timer(row: sa.RowMapping) -> Timer:
         created_at=row["created_at"],
         attempts=row["attempts"],
         last_error=row["last_error"],
+        traceparent=row["traceparent"],
+        tracestate=row["tracestate"],
     )
 
 
@@ -148,10 +163,15 @@ class JetStreamTimerPublisher:
         self._js = js
         self._timeout = timeout
 
-    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+    async def publish(
+        self, subject: str, payload: bytes, msg_id: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         try:
             await self._js.publish(
-                subject, payload, timeout=self._timeout, headers={MSG_ID_HEADER: msg_id}
+                subject,
+                payload,
+                timeout=self._timeout,
+                headers={**(headers or {}), MSG_ID_HEADER: msg_id},
             )
         except (NoStreamResponseError, NoRespondersError) as exc:
             # Specific to this timer's subject: other timers can still fire.

@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +31,7 @@ from shoal.common.clock import SystemClock
 from shoal.common.messaging import Catalog, Subjects, connect_nats, provision, serve
 from shoal.common.service import PolledCheck, Readiness, create_service_app
 from shoal.common.storage import Database, Schema
+from shoal.session import metrics
 from shoal.session.config import SessionSettings
 from shoal.session.coordinator import Coordinator
 from shoal.session.handlers import (
@@ -56,6 +59,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_session"
 SCHEMA = Schema("session", MIGRATIONS_DIR, VERSION_TABLE)
 _DB_PING_INTERVAL_S = 5.0
+_LAG_SAMPLE_S = 10.0  # how often the held partitions' consumer lag is read into /metrics
 
 
 @dataclass
@@ -89,7 +93,11 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
 
             history = HistoryStore(db)
             states = StateStore(await js.key_value(subjects.session_state_bucket))
-            leases = LeaseStore(js, subjects)
+            # Lease and membership writes wait at most one renew interval for their ack (not
+            # the default 5 s): one that hangs while a stream elects a new leader is retried
+            # within the lease's lifetime instead of outliving it.
+            coordination = nc.jetstream(timeout=settings.renew_interval.total_seconds())
+            leases = LeaseStore(coordination, subjects)
             consumers = PartitionConsumers(js, subjects)
             admin = AdminRpc(states, leases, consumers, settings.session_partitions)
             rpcs = [
@@ -113,7 +121,9 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
             )
             clock = SystemClock()
             worker = CommandWorker(settings, nc, handler, consumers, clock)
-            members = MemberStore(js, subjects, await js.key_value(subjects.session_members_bucket))
+            members = MemberStore(
+                coordination, subjects, await js.key_value(subjects.session_members_bucket)
+            )
             coordinator = Coordinator(settings, worker, leases, members, consumers, clock)
             projection = (
                 ProjectionWorker(settings, nc, js, ProjectionHandler(history))
@@ -145,6 +155,14 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
         app.state.session = runtime
         database = PolledCheck(db.ping, interval=_DB_PING_INTERVAL_S)
         await database.start()
+        sampling = asyncio.create_task(
+            metrics.sample_partition_lag(
+                lambda: {p: lease.epoch for p, lease in worker.held().items()},
+                consumers.lag,
+                _LAG_SAMPLE_S,
+            ),
+            name="session-consumer-lag",
+        )
 
         readiness.add("nats", lambda: nc.is_connected)
         readiness.add("consumers", worker.running)
@@ -155,6 +173,9 @@ def create_app(settings: SessionSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
             worker.begin_stop()
             await coordinator.stop(settings.shutdown_grace.total_seconds())
             await worker.stop(settings.shutdown_grace)

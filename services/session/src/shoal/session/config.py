@@ -50,12 +50,12 @@ class SessionSettings(CommonSettings):
     fetch_timeout: timedelta = timedelta(seconds=2)
     # A session lane with nothing to do for this long is retired (its cached state dropped).
     lane_idle: timedelta = timedelta(seconds=30)
-    # When the state snapshot is written (SHOAL_SESSION_SNAPSHOT_MODE). eager: every command
-    # (CAS on the hot path). lazy: the ledger is the truth (each command's last event carries
-    # the command); the snapshot is written after the reply, coalesced per session, and
-    # recovery re-applies the ledger's tail after it. Creation, hibernation and termination
-    # write it before the reply in both modes.
-    session_snapshot_mode: Literal["eager", "lazy"] = "eager"
+    # When the state snapshot is written (SHOAL_SESSION_SNAPSHOT_MODE). lazy (default): the
+    # ledger is the truth (every commit carries its command); the snapshot is written after
+    # the reply, coalesced per session, and recovery re-applies the ledger's tail after it.
+    # eager: every command CAS-writes it before the reply (a state write on the hot path).
+    # Creation, hibernation and termination write it before the reply in both modes.
+    session_snapshot_mode: Literal["eager", "lazy"] = "lazy"
 
     # Durable timers (idle hibernation, question expiry, the prompt watchdog) are set through
     # the scheduler service. Off: no timer is set (nothing hibernates, expires or times out);

@@ -7,9 +7,15 @@ Every ``renew_interval`` (default 1 s) the coordinator
 2. computes its target partitions by rendezvous hashing over them (``ownership.targets``; or
    the static ``p % n == i`` rule when ``SHOAL_PARTITION_ASSIGNMENT=static``);
 3. renews every lease it holds — a compare-and-set on the lease's revision with a fresh
-   ``Nats-TTL`` (``lease_ttl``). A renewal that loses its CAS means someone else holds it now:
-   the partition is dropped at once. A renewal that fails on I/O is retried next tick; the
-   lease's local deadline (``ownership.HeldLease.valid``) stops the partition if none lands;
+   ``Nats-TTL`` (``lease_ttl``) — in a loop of its own, also every ``renew_interval``, so a
+   members bucket that does not answer (its stream leader moving) never holds renewals up.
+   A renewal that loses its CAS means someone else holds it now: the partition is dropped at
+   once. A renewal that fails on I/O (a timeout, no responders while the leases stream elects
+   a leader) is retried every ``_RENEW_RETRY_S`` while the lease's local deadline
+   (``ownership.HeldLease.valid``) holds; the deadline stops the partition if none lands. A
+   renewal that timed out may have been stored all the same: when a later one then loses its
+   CAS, the key is read, and if it holds this replica's own value (owner, token, epoch) its
+   revision is adopted, trusted from the earliest unconfirmed attempt's send time;
 4. hands off held partitions that are no longer targets — **drain, then release**: stop
    fetching, finish the lanes, delete the lease by CAS — so the new owner, whose grant needs
    the key free, starts from the ack floor after the last of our commits;
@@ -43,6 +49,8 @@ from shoal.session.store import LeaseStore, LeaseValue, MemberStore, PartitionCo
 from shoal.session.worker import CommandWorker
 
 log = logging.getLogger(__name__)
+
+_RENEW_RETRY_S = 0.2  # between the attempts of a renewal that failed on I/O
 
 
 class MemberValue(msgspec.Struct, kw_only=True):
@@ -83,8 +91,12 @@ class Coordinator:
         self._live: list[str] = [self.member_id]
         self._handoffs: dict[int, asyncio.Task[None]] = {}
         self._lease_lock = asyncio.Lock()  # renewals and releases never race on a revision
+        # Partitions whose last renewal attempt failed on I/O and may have been stored anyway:
+        # the monotonic send time of the earliest such attempt.
+        self._unconfirmed: dict[int, float] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._leaving = False
         self._closed = False
         worker.on_drop = self._dropped
@@ -94,7 +106,7 @@ class Coordinator:
         return list(self._live)
 
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return all(task is not None and not task.done() for task in (self._task, self._renewer))
 
     def wanted(self) -> set[int]:
         """The partitions this replica should hold now."""
@@ -107,6 +119,7 @@ class Coordinator:
     async def start(self) -> None:
         await self._safe_tick()
         self._task = asyncio.create_task(self._loop(), name="session-coordinator")
+        self._renewer = asyncio.create_task(self._renew_loop(), name="session-renew")
 
     async def _loop(self) -> None:
         # Stopped by a flag, not cancel(): on 3.11 wait_for can swallow a cancellation that
@@ -118,6 +131,18 @@ class Coordinator:
             if not self._closed:
                 await self._safe_tick()
 
+    async def _renew_loop(self) -> None:
+        while not self._closed:
+            started = self._clock.monotonic()
+            try:
+                await self._renew()
+            except Exception as exc:
+                log.warning("renewing leases failed: %r", exc)
+            # Every interval from the start of the last round (a slow round is not followed
+            # by a full interval of silence); stopped by the flag, like _loop.
+            pause = self._interval - (self._clock.monotonic() - started)
+            await asyncio.sleep(max(pause, 0.0))
+
     async def _safe_tick(self) -> None:
         try:
             await self.tick()
@@ -125,11 +150,10 @@ class Coordinator:
             log.warning("coordinator tick failed: %r", exc)
 
     async def tick(self) -> None:
-        """One round: heartbeat, read members, renew, hand off, acquire."""
+        """One round: heartbeat, read members, hand off, acquire (renewals run beside it)."""
         if not self._leaving:
             await self._members.heartbeat(self.member_id, self._member_value, ttl=self._member_ttl)
             self._live = sorted({*await self._members.live(), self.member_id})
-        await self._renew()
         want = self.wanted()
         held = self._worker.held()
         for p in held:
@@ -145,19 +169,43 @@ class Coordinator:
             await asyncio.gather(*(self._renew_one(lease) for lease in held.values()))
 
     async def _renew_one(self, lease: HeldLease) -> None:
-        sent = self._clock.monotonic()
+        p = lease.partition
         value = LeaseValue(owner=self.member_id, token=self.token, epoch=lease.epoch)
-        try:
-            revision = await self._leases.write(
-                lease.partition, value, last=lease.revision, ttl=self._lease_ttl
-            )
-        except Exception as exc:
-            log.warning("renewing the lease of partition %d failed: %r", lease.partition, exc)
-            return
+        while True:
+            sent = self._clock.monotonic()
+            try:
+                revision = await self._leases.write(
+                    p, value, last=lease.revision, ttl=self._lease_ttl
+                )
+                break
+            except Exception as exc:
+                self._unconfirmed.setdefault(p, sent)
+                if self._closed or not self._worker.lease_valid(lease):
+                    log.warning("renewing the lease of partition %d failed: %r", p, exc)
+                    return
+                log.info("renewing the lease of partition %d failed, retrying: %r", p, exc)
+                await asyncio.sleep(_RENEW_RETRY_S)
+        if revision is None and p in self._unconfirmed:
+            revision = await self._stored_anyway(p, value)
+            sent = self._unconfirmed[p]
+        self._unconfirmed.pop(p, None)
         if revision is None:
-            self._worker.drop_partition(lease.partition, reason="lease lost")
+            self._worker.drop_partition(p, reason="lease lost")
         else:
-            self._worker.renewed(lease.partition, revision, sent)
+            self._worker.renewed(p, revision, sent)
+
+    async def _stored_anyway(self, p: int, value: LeaseValue) -> int | None:
+        """The lease's revision if the key holds exactly this replica's ``value`` (a renewal
+        that timed out was stored); None if it holds anything else or cannot be read."""
+        try:
+            record = await self._leases.read(p)
+        except Exception as exc:
+            log.warning("reading the lease of partition %d failed: %r", p, exc)
+            return None
+        if record.value == value:
+            log.info("a timed-out renewal of partition %d was stored", p)
+            return record.revision
+        return None
 
     async def _acquire(self, partitions: list[int]) -> None:
         records = await asyncio.gather(*(self._leases.read(p) for p in partitions))
@@ -175,6 +223,7 @@ class Coordinator:
         revision = await self._leases.write(p, value, last=last, ttl=self._lease_ttl)
         if revision is None:
             return  # another replica was faster
+        self._unconfirmed.pop(p, None)  # a new lease: attempts under an old one say nothing
         lease = HeldLease(partition=p, revision=revision, epoch=revision, sent_at=sent)
         try:
             await self._worker.start_partition(lease, existing)
@@ -246,5 +295,7 @@ class Coordinator:
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._renewer is not None:
+            await asyncio.gather(self._renewer, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._members.leave(self.member_id)

@@ -3,18 +3,23 @@
 Order of effects for one command, and why it is safe (DESIGN §3.3)::
 
     1. compute (new_state, events) = apply(old_state, command, stream_seq)    pure
-    2. append every event, Nats-Msg-Id = "<session>:<stream_seq>:<n>", each expected right
-       after the session's previous event in the ledger (the ledger fence, below)
-    3. CAS-write new_state (applied_seq = stream_seq, ledger_seq = its last event's sequence)
-       on the revision we read (the state fence)
+    2. append the events as one commit (one message: ``shoal.common.messaging.ledger``),
+       Nats-Msg-Id = its first event's id "<session>:<stream_seq>:<n>", carrying the command,
+       expected right after the session's previous ledger message (the ledger fence, below)
+    3. lazy snapshots (default): the reply and the ack follow; the snapshot is CAS-written
+       right after, off the hot path. Eager, or a commit that could not carry its command:
+       CAS-write new_state (applied_seq = stream_seq, ledger_seq = the commit's sequence) on
+       the revision we read (the state fence) before going on
     4. set and cancel the session's durable timers: the difference between the timers the
        old and the new state want (service.timers_for), through the scheduler's RPCs
     5. reply on Shoal-Reply-To, then ack the command
 
-- Crash before 2 finishes: nothing is written; the command comes back, is applied to the same
-  old state, and yields the same events with the same ids; the ledger recognises its tip as
-  one of them and the rest are appended after it.
-- Crash between 2 and 3: the same; every event is already there.
+- Crash before 2: nothing is written; the command comes back, is applied to the same old
+  state, and yields the same events with the same ids.
+- Crash after 2: the ledger holds the command. With lazy snapshots the session is recovered as
+  its snapshot plus ``service.replay`` of the commands recorded after the snapshot's
+  ``ledger_seq``, so the redelivered command is ``already_applied``; in eager mode (the bucket
+  alone is read) its re-run finds its own commit at the ledger's tip and goes on from there.
 - Crash between 3 and 5: the command comes back with stream_seq <= applied_seq; apply says
   ``already_applied``, its events are in the ledger since step 2, so we re-set every timer the
   state wants (setting is replace-by-id), answer and ack. A timer RPC that fails is retried
@@ -24,31 +29,27 @@ Order of effects for one command, and why it is safe (DESIGN §3.3)::
 
 Fencing — why a stale owner can land nothing. Publishing before the state write needs nothing
 but determinism, but alone it would let a paused ex-owner append events before its CAS fails.
-So step 2 is fenced too: each event carries ``Nats-Expected-Last-Subject-Sequence`` with
+So step 2 is fenced too: the commit carries ``Nats-Expected-Last-Subject-Sequence`` with
 ``Nats-Expected-Last-Subject-Sequence-Subject = <prefix>.session.evt.<session>.>`` (server
-2.11+), i.e. "the session's ledger still ends where my snapshot says". Every committed state
-change appends at least one event, so a newer owner that wrote the session has moved the
-ledger, and the stale writer's first publish fails before anything lands. The two checks are
-on two resources, so consider who wins each:
+2.11+), i.e. "the session's ledger still ends where my state says". Every committed state
+change appends a commit, so a newer owner that wrote the session has moved the ledger, and the
+stale writer's publish fails before anything lands. The two checks are on two resources, so
+consider who wins each:
 
-- The stale writer re-runs a command the new owner also runs, from the same snapshot: the
-  events are identical (pure rules, ids from the command), whichever lands first the other's
-  copy is recognised as the tip, and exactly one CAS wins. The ledger holds the events once.
-- The stale writer runs a command from an older snapshot than the new owner's: its expected
-  sequence is behind the tip and the tip is not one of its events: ``Fenced``, nothing lands.
-- The new owner has not touched the session yet: the stale writer's append and CAS succeed —
-  a legitimate, in-order write (it applied the next command to the latest state); the new
-  owner later reads it and skips the command as applied.
+- The stale writer re-runs a command the new owner also runs, from the same state: the
+  commits are identical (pure rules, ids from the command), whichever lands first the other's
+  copy is recognised as the tip, and at most one CAS wins. The ledger holds the events once.
+- The stale writer runs a command from an older state than the new owner's: its expected
+  sequence is behind the tip and the tip is not its commit: ``Fenced``, nothing lands.
+- The new owner has not touched the session yet: the stale writer's append succeeds — a
+  legitimate, in-order write (it applied the next command to the latest state); the new owner
+  later reads it (replay) and skips the command as applied.
 
-Lazy snapshots (``SHOAL_SESSION_SNAPSHOT_MODE=lazy``): the ledger is the truth. The command's
-last event then carries the command and its SESSION_CMD sequence (``store.command_headers``), so
-step 3 leaves the hot path: the reply and the ack follow the ledger write, and the snapshot is
-written right after, by :class:`SnapshotWriter` (at most one write in flight per session, the
-newest state each time; a write that loses its CAS is benign: the cache is dropped and the
-next command recovers). A session is recovered as its snapshot plus ``service.replay`` of the
-ledger's commands after the snapshot's ``ledger_seq``, so a redelivered command whose events
-landed is ``already_applied`` though no state write followed. Creation, hibernation and
-termination still write the snapshot before the reply: other services read the bucket.
+Creation, hibernation and termination write the snapshot before the reply in both modes
+(the gateway, runner auth and the next lane read the bucket). A command whose events and
+command do not fit in one message (contents of hundreds of KiB) is split over several commits
+and/or written without its command (``EventLedger.publish``); its snapshot is then written
+before the reply, as in eager mode, since a replay could not rebuild it.
 
 A fenced write (either check) is counted in ``shoal_session_fenced_writes_total`` and raised:
 the worker drops the whole partition at once, unacked, because every cached snapshot of it is
@@ -71,7 +72,14 @@ from nats.aio.msg import Msg
 from shoal.common.clock import iso
 from shoal.common.contracts import SessionSnapshot, Status, tags_header
 from shoal.common.errors import BadRequest, Fenced, NotFound, ShoalError
-from shoal.common.messaging import REPLY_TO_HEADER, Envelope, Subjects, decode, partition
+from shoal.common.messaging import (
+    REPLY_TO_HEADER,
+    Envelope,
+    Subjects,
+    decode,
+    ledger_events,
+    partition,
+)
 from shoal.common.observability import inject_trace, start_span
 from shoal.session import metrics
 from shoal.session.listing import parse_sessions_query, sessions_page
@@ -365,15 +373,17 @@ class CommandHandler:
         if result.changed:
             assert result.new_state is not None
             new_state = result.new_state
+            recorded = False
             if result.events:
-                last = await self._ledger.publish(
+                appended = await self._ledger.publish(
                     result.events,
                     {**trace_headers, **tags_header(new_state.tags)},
                     after=state.ledger_seq if state is not None else 0,
-                    last_headers=command_headers(command, stream_seq) if self._lazy else None,
+                    command=command_headers(command, stream_seq),
                 )
-                new_state = msgspec.structs.replace(new_state, ledger_seq=last)
-            if self._lazy and result.events and _lazy_snapshot_ok(state, new_state):
+                new_state = msgspec.structs.replace(new_state, ledger_seq=appended.seq)
+                recorded = appended.recorded
+            if self._lazy and recorded and _lazy_snapshot_ok(state, new_state):
                 cache.advance(new_state)
                 self.snapshots.schedule(cache)
             else:
@@ -465,7 +475,7 @@ class ProjectionHandler:
         good: list[Msg] = []
         for msg in msgs:
             try:
-                events.append(decode(msg.data))
+                events.extend(ledger_events(msg.data))  # a commit, or an older single event
                 good.append(msg)
             except BadRequest:
                 log.warning("malformed event on %s; skipped", msg.subject)
@@ -475,13 +485,13 @@ class ProjectionHandler:
             await self._history.project(events)
         except Exception:
             log.warning("projection write failed; events will come back", exc_info=True)
-            metrics.PROJECTED.labels("failed").inc(len(good))
+            metrics.PROJECTED.labels("failed").inc(len(events))
             for msg in good:
                 await msg.nak(delay=1.0)
             return
         for msg in good:
             await msg.ack()
-        metrics.PROJECTED.labels("written").inc(len(good))
+        metrics.PROJECTED.labels("written").inc(len(events))
 
 
 class MessagesRpc:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from shoal.common.contracts import Command
@@ -62,9 +67,61 @@ PROJECTED = Counter(
     ["outcome"],
 )
 
+CONSUMER_PENDING = Gauge(
+    "shoal_session_consumer_pending",
+    "Commands not yet delivered to a held partition's consumer (its lag), sampled periodically",
+    ["partition"],
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "shoal_session_consumer_ack_pending",
+    "Commands delivered to a held partition's consumer and not yet acknowledged, sampled "
+    "periodically",
+    ["partition"],
+)
+
+log = logging.getLogger(__name__)
+
 _KNOWN = frozenset(str(c) for c in Command)
 
 
 def command_label(command_type: str | None) -> str:
     """A bounded label value: clients choose the type string, so unknown ones collapse."""
     return command_type if command_type in _KNOWN else "other"
+
+
+Lag = Callable[[int, int], Awaitable[tuple[int, int] | None]]
+
+
+async def sample_partition_lag(
+    held: Callable[[], Mapping[int, int]], lag: Lag, interval: float
+) -> None:
+    """Every ``interval`` s, copy each held partition's consumer (pending, ack_pending) into
+    the gauges; ``held()`` maps partition -> lease epoch, ``lag(partition, epoch)`` reads the
+    consumer's info (``None``: no such consumer). Partitions no longer held lose their series,
+    so a replica reports only what it runs. Runs until cancelled."""
+    reported: set[int] = set()
+    while True:
+        partitions = dict(held())
+        results = await asyncio.gather(
+            *(lag(p, epoch) for p, epoch in partitions.items()), return_exceptions=True
+        )
+        now: set[int] = set()
+        for p, result in zip(partitions, results, strict=True):
+            if isinstance(result, BaseException):
+                # NATS reconnecting or the stream's leader moving: the next sample tries again.
+                log.debug("consumer info failed", extra={"partition": p, "error": repr(result)})
+                if p in reported:
+                    now.add(p)  # keep the last value rather than a gap
+                continue
+            if result is None:
+                continue
+            pending, ack_pending = result
+            CONSUMER_PENDING.labels(str(p)).set(pending)
+            CONSUMER_ACK_PENDING.labels(str(p)).set(ack_pending)
+            now.add(p)
+        for p in reported - now:
+            for gauge in (CONSUMER_PENDING, CONSUMER_ACK_PENDING):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(str(p))
+        reported = now
+        await asyncio.sleep(interval)

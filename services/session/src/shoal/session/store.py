@@ -5,7 +5,7 @@ Example::
     states = StateStore(await js.key_value(subjects.session_state_bucket))
     snapshot, revision = await states.load("ses_1")          # (None, 0) when absent
     revision = await states.save(new_snapshot, revision)     # CAS; raises Fenced on a lost race
-    last = await EventLedger(js, subjects).publish(events, headers, after=snapshot.ledger_seq)
+    appended = await EventLedger(js, subjects).publish(events, headers, after=snapshot.ledger_seq)
     lease = await LeaseStore(js, subjects).grant(3, LeaseValue(owner="r1"), last=0, ttl=4)
 """
 
@@ -51,14 +51,17 @@ from shoal.common.clock import iso
 from shoal.common.contracts import Event, SessionSnapshot, Status, decode_snapshot, encode_snapshot
 from shoal.common.errors import BadRequest, Fenced
 from shoal.common.messaging import (
+    LEDGER_SEQ_HEADER,
     MSG_ID_HEADER,
     Envelope,
     Subjects,
     decode,
     dumps,
     encode,
+    ledger_last_seq,
     request,
 )
+from shoal.common.messaging.catalog import KV_VALUE_LIMIT
 from shoal.common.storage import DatabaseClient
 from shoal.session.service import LedgerCommand
 
@@ -106,14 +109,18 @@ EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
-# On the last event of a command: the command itself (base64 of its envelope) and its sequence
-# in SESSION_CMD, so the ledger alone can rebuild the state (service.replay).
+# On every commit: the command itself (base64 of its envelope) and its sequence in SESSION_CMD,
+# so the ledger alone can rebuild the state (service.replay).
 COMMAND_HEADER = "Shoal-Command"
 COMMAND_SEQ_HEADER = "Shoal-Command-Seq"
+# A commit stays below SESSION_EVT's message limit with room for the other headers (trace,
+# tags, fence). Commands whose events and command do not fit (multi-hundred-KiB contents) are
+# written as several commits and/or without the command header (:meth:`EventLedger.publish`).
+COMMIT_BUDGET = KV_VALUE_LIMIT - 64 * 1024
 
 
 def command_headers(command: Envelope, stream_seq: int) -> dict[str, str]:
-    """The headers recording ``command`` on its last event."""
+    """The headers recording ``command`` on its commit."""
     return {
         COMMAND_HEADER: base64.b64encode(encode(command)).decode("ascii"),
         COMMAND_SEQ_HEADER: str(stream_seq),
@@ -122,41 +129,77 @@ def command_headers(command: Envelope, stream_seq: int) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class LedgerTip:
-    """The last event of one session in SESSION_EVT: its stream sequence and event id."""
+    """The last message of one session in SESSION_EVT: its stream sequence, ``Nats-Msg-Id``
+    (a commit's first event id, or an older message's one event id), its last event's seq,
+    and whether it records a command."""
 
     seq: int
-    event_id: str
+    msg_id: str
+    last_event_seq: int | None
+    has_command: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What :meth:`EventLedger.publish` left in the ledger: the stream sequence of the command's
+    last message, and whether that message records the command (else the caller must write
+    the snapshot before answering: a replay could not rebuild this state)."""
+
+    seq: int
+    recorded: bool
+
+
+def _commit_end(sizes: Sequence[int], start: int, budget: int) -> int:
+    """The end (exclusive) of the commit starting at event ``start``: as many events as fit
+    in ``budget`` bytes, at least one."""
+    end, total = start + 1, sizes[start]
+    while end < len(sizes) and total + 1 + sizes[end] <= budget:
+        total += 1 + sizes[end]
+        end += 1
+    return end
 
 
 class EventLedger:
-    """Appends session events to SESSION_EVT, fenced on the session's ledger position.
+    """Appends one command's events to SESSION_EVT as one commit, fenced on the session's
+    ledger position (format: ``shoal.common.messaging.ledger``).
 
-    Every event is published with ``Nats-Expected-Last-Subject-Sequence`` = the stream sequence
-    of the session's previous event, checked over the session's whole subject tree. A writer
+    The commit is published with ``Nats-Expected-Last-Subject-Sequence`` = the stream sequence
+    of the session's previous message, checked over the session's whole subject tree. A writer
     working from a stale snapshot therefore cannot append: the ledger moved past what it read.
     The server checks the expectation *before* deduplication, so a legitimate re-run after a
-    crash between publish and state write (its events already appended, the snapshot not yet
-    recording them) is recognised here: the ledger's tip is one of this very command's events
-    (same id) — deterministic re-runs give the same events — and publishing resumes after it.
+    crash between publish and state write (its commit already appended, the snapshot not yet
+    recording it) is recognised here: the ledger's tip is this very command's commit (its
+    ``Nats-Msg-Id`` is the first event's id; deterministic re-runs give the same events), or,
+    in a ledger an older version wrote one message per event, one of its events — publishing
+    then resumes after it.
     """
 
-    def __init__(self, js: JetStreamContext, subjects: Subjects) -> None:
+    def __init__(
+        self, js: JetStreamContext, subjects: Subjects, *, budget: int = COMMIT_BUDGET
+    ) -> None:
         self._js = js
         self._subjects = subjects
+        self._budget = budget
 
     async def tip(self, session_id: str) -> LedgerTip | None:
-        """The session's last event in the ledger (read from the stream leader)."""
+        """The session's last message in the ledger (read from the stream leader)."""
         try:
             msg = await self._js.get_last_msg(
                 self._subjects.session_evt_stream, self._subjects.session_events(session_id)
             )
         except NotFoundError:
             return None
-        return LedgerTip(int(msg.seq or 0), (msg.headers or {}).get(MSG_ID_HEADER, ""))
+        headers = msg.headers or {}
+        return LedgerTip(
+            int(msg.seq or 0),
+            headers.get(MSG_ID_HEADER, ""),
+            ledger_last_seq(msg.data or b"", headers),
+            COMMAND_HEADER in headers,
+        )
 
     async def commands_after(self, session_id: str, after: int) -> list[LedgerCommand]:
         """The commands recorded in the session's ledger after sequence ``after``, in order
-        (one read per event of the tail; events without a command header are skipped)."""
+        (one read per message of the tail; messages without a command header are skipped)."""
         ledger_filter = self._subjects.session_events(session_id)
         found: list[LedgerCommand] = []
         seq = after + 1
@@ -183,34 +226,47 @@ class EventLedger:
         headers: Mapping[str, str],
         *,
         after: int,
-        last_headers: Mapping[str, str] | None = None,
-    ) -> int:
-        """Append ``events`` (one command's, in order) right after ledger sequence ``after``.
+        command: Mapping[str, str] | None = None,
+    ) -> Appended:
+        """Append ``events`` (one command's, in seq order) right after ledger sequence ``after``.
 
-        ``after`` is the sequence the snapshot recorded (0: the session has no event yet);
-        ``last_headers`` go on the last event only (the command, :func:`command_headers`).
-        Returns the sequence of the last event. Raises :class:`Fenced` when someone else
-        appended to this session's ledger.
+        ``after`` is the sequence the snapshot recorded (0: the session has no message yet);
+        ``command`` (:func:`command_headers`) goes on the commit. One commit normally; only
+        events too big for one message are split over several (each fenced on the previous),
+        and a command too big to ride along is left out (``Appended.recorded`` False).
+        Raises :class:`Fenced` when someone else appended to this session's ledger.
         """
         if not events:
-            return after
+            return Appended(after, False)
         session_id = events[0].subject
         ledger_filter = self._subjects.session_events(session_id)
-        expected, i = after, 0
+        subject = self._subjects.session_commit(session_id)
+        stream = self._subjects.session_evt_stream
+        bodies = [encode(e) for e in events]
+        sizes = [len(b) for b in bodies]
+        command_size = sum(len(k) + len(v) for k, v in (command or {}).items())
+        expected, i, recorded = after, 0, False
         # Each reconciliation moves i forward or raises; the bound is a guard against a bug.
         for _ in range(2 * len(events) + 2):
             if i >= len(events):
-                return expected
-            event = events[i]
+                return Appended(expected, recorded)
+            end = _commit_end(sizes, i, self._budget)
+            body = b'{"events":[' + b",".join(bodies[i:end]) + b"]}"
+            with_command = (
+                command is not None
+                and end == len(events)
+                and len(body) + command_size <= self._budget
+            )
             try:
                 ack = await self._js.publish(
-                    self._subjects.session_event(event.subject, event.type),
-                    encode(event),
-                    stream=self._subjects.session_evt_stream,
+                    subject,
+                    body,
+                    stream=stream,
                     headers={
                         **headers,
-                        **((last_headers or {}) if i == len(events) - 1 else {}),
-                        MSG_ID_HEADER: event.id,
+                        **(command if with_command and command is not None else {}),
+                        MSG_ID_HEADER: events[i].id,
+                        LEDGER_SEQ_HEADER: str(events[end - 1].seq or 0),
                         EXPECTED_LAST_SUBJECT_SEQ: str(expected),
                         EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: ledger_filter,
                     },
@@ -219,8 +275,8 @@ class EventLedger:
                 if exc.err_code not in _WRONG_LAST_SEQUENCE:
                     raise
                 tip = await self.tip(session_id)
-                ours = [n for n, e in enumerate(events) if tip is not None and e.id == tip.event_id]
-                if tip is None or not ours:
+                resume = _resume_after(events, tip)
+                if tip is None or resume is None:
                     raise Fenced(
                         "the session's ledger moved under this writer",
                         detail={
@@ -230,12 +286,26 @@ class EventLedger:
                             "fence": "ledger",
                         },
                     ) from exc
-                expected, i = tip.seq, ours[0] + 1
+                expected, i, recorded = tip.seq, resume, tip.has_command
                 continue
-            expected, i = int(ack.seq), i + 1
+            expected, i, recorded = int(ack.seq), end, with_command
         if i >= len(events):
-            return expected
+            return Appended(expected, recorded)
         raise RuntimeError("ledger reconciliation did not converge")  # pragma: no cover
+
+
+def _resume_after(events: Sequence[Envelope], tip: LedgerTip | None) -> int | None:
+    """The index of the first of ``events`` not in the ledger yet when ``tip`` is one of this
+    command's own messages (a commit, or one event of an older ledger); None if it is not."""
+    if tip is None:
+        return None
+    first = next((n for n, e in enumerate(events) if e.id == tip.msg_id), None)
+    if first is None:
+        return None
+    last = next(
+        (n for n, e in enumerate(events) if n >= first and e.seq == tip.last_event_seq), first
+    )
+    return last + 1
 
 
 class LeaseValue(msgspec.Struct, kw_only=True):

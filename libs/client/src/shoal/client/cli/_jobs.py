@@ -7,16 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
+from shoal.client._http import ShoalClient
 from shoal.client._models import Job
-from shoal.client.cli._output import Output, run
-from shoal.client.cli._settings import (
-    DEFAULT_UP_JSON,
-    ApiKeyOption,
-    JsonOption,
-    UpOption,
-    UrlOption,
-    client_for,
-)
+from shoal.client.cli._command import Call, gateway_command
+from shoal.client.cli._output import Output
 
 app = typer.Typer(help="Submit, follow, cancel and retry async jobs.", no_args_is_help=True)
 
@@ -71,8 +65,9 @@ def _parse_input(raw: str | None) -> Any:
         raise typer.BadParameter(f"not JSON: {exc}", param_hint="--input") from None
 
 
-@app.command()
+@gateway_command(app)
 def submit(
+    call: Call,
     kind: Annotated[str, typer.Argument(help="the job kind a worker takes, e.g. thumbnail")],
     input_: Annotated[
         str | None, typer.Option("--input", "-i", help="the job input as JSON, e.g. '{\"n\": 1}'")
@@ -92,52 +87,44 @@ def submit(
     callback_url: Annotated[
         str | None, typer.Option("--callback-url", help="POSTed (signed) when the job ends")
     ] = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Queue a job for a worker of KIND."""
-    out = Output(as_json)
+    out = call.out
     job_input = _parse_input(input_)
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            job = await client.submit_job(
-                kind,
-                job_input,
-                run_at=run_at,
-                idempotency_key=idempotency_key,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                callback_url=callback_url,
-            )
+    async def work(client: ShoalClient) -> None:
+        job = await client.submit_job(
+            kind,
+            job_input,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            callback_url=callback_url,
+        )
         _print_job(out, job)
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def show(
+    call: Call,
     job_id: JobId,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """A job: status, attempts, input, output or error."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            job = await client.get_job(job_id)
+    async def work(client: ShoalClient) -> None:
+        job = await client.get_job(job_id)
         _print_job(out, job)
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command("list")
+@gateway_command(app, "list")
 def list_(
+    call: Call,
     status: Annotated[
         str | None,
         typer.Option("--status", help="queued, running, succeeded, cancelled or dead"),
@@ -147,17 +134,12 @@ def list_(
     cursor: Annotated[
         str | None, typer.Option("--cursor", help="the `next` of the previous page")
     ] = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """A page of this owner's jobs, newest first."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            page = await client.list_jobs(status=status, kind=kind, limit=limit, cursor=cursor)
+    async def work(client: ShoalClient) -> None:
+        page = await client.list_jobs(status=status, kind=kind, limit=limit, cursor=cursor)
         if out.as_json:
             out.json({"jobs": page.jobs, "next": page.next})
             return
@@ -168,42 +150,34 @@ def list_(
         if page.next:
             out.console.print(f"more: --cursor {page.next}")
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def cancel(
+    call: Call,
     job_id: JobId,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Cancel a job: a queued one at once, a running one when its worker stops."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            job = await client.cancel_job(job_id)
+    async def work(client: ShoalClient) -> None:
+        job = await client.cancel_job(job_id)
         _print_job(out, job)
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def retry(
+    call: Call,
     job_id: JobId,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Put a dead or cancelled job back in the queue."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            job = await client.retry_job(job_id)
+    async def work(client: ShoalClient) -> None:
+        job = await client.retry_job(job_id)
         _print_job(out, job)
 
-    run(out, work())
+    call.run(work)

@@ -6,15 +6,8 @@ from typing import Annotated
 
 import typer
 
-from shoal.client.cli._output import Output, run
-from shoal.client.cli._settings import (
-    DEFAULT_UP_JSON,
-    ApiKeyOption,
-    JsonOption,
-    UpOption,
-    UrlOption,
-    client_for,
-)
+from shoal.client._http import ShoalClient
+from shoal.client.cli._command import Call, gateway_command
 
 app = typer.Typer(help="Issue, list and revoke API keys.", no_args_is_help=True)
 
@@ -23,8 +16,9 @@ OwnerOption = Annotated[
 ]
 
 
-@app.command()
+@gateway_command(app)
 def create(
+    call: Call,
     name: Annotated[str, typer.Argument(help="a name to recognise the key by")],
     scopes: Annotated[
         list[str],
@@ -36,17 +30,12 @@ def create(
     expires_in: Annotated[
         int | None, typer.Option("--expires-in", help="seconds until it expires")
     ] = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Issue a key; the key itself is shown only now."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            key = await client.create_key(name, scopes, owner=owner, expires_in_seconds=expires_in)
+    async def work(client: ShoalClient) -> None:
+        key = await client.create_key(name, scopes, owner=owner, expires_in_seconds=expires_in)
         if out.as_json:
             out.json(key)
             return
@@ -62,23 +51,19 @@ def create(
         )
         out.console.print("[dim]keep the key: it is shown only once[/dim]")
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command("list")
+@gateway_command(app, "list")
 def list_(
+    call: Call,
     owner: OwnerOption = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """This owner's keys (an admin key: every key, or --owner's)."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            keys = await client.list_keys(owner=owner)
+    async def work(client: ShoalClient) -> None:
+        keys = await client.list_keys(owner=owner)
         if out.as_json:
             out.json({"keys": keys})
             return
@@ -98,26 +83,22 @@ def list_(
             ),
         )
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def revoke(
+    call: Call,
     key_id: Annotated[str, typer.Argument(help="the key's id (not the key itself)")],
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Revoke a key; every gateway refuses it within a second."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            await client.revoke_key(key_id)
+    async def work(client: ShoalClient) -> None:
+        await client.revoke_key(key_id)
         if out.as_json:
             out.json({"id": key_id, "revoked": True})
         else:
             out.console.print(f"revoked [bold]{key_id}[/bold]")
 
-    run(out, work())
+    call.run(work)

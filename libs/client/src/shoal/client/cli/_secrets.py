@@ -7,15 +7,8 @@ from typing import Annotated
 
 import typer
 
-from shoal.client.cli._output import Output, run
-from shoal.client.cli._settings import (
-    DEFAULT_UP_JSON,
-    ApiKeyOption,
-    JsonOption,
-    UpOption,
-    UrlOption,
-    client_for,
-)
+from shoal.client._http import ShoalClient
+from shoal.client.cli._command import Call, gateway_command
 
 app = typer.Typer(help="Store, list and delete secrets runners may read.", no_args_is_help=True)
 
@@ -37,44 +30,36 @@ def _read_value() -> str:
     return value[:-1] if value.endswith("\n") else value
 
 
-@app.command("set")
+@gateway_command(app, "set")
 def set_(
+    call: Call,
     name: SecretName,
     owner: OwnerOption = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Store (a new version of) a secret; the value is read from stdin or a hidden prompt."""
-    out = Output(as_json)
+    out = call.out
     value = _read_value()
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            await client.put_secret(name, value, owner=owner)
+    async def work(client: ShoalClient) -> None:
+        await client.put_secret(name, value, owner=owner)
         if out.as_json:
             out.json({"name": name, "stored": True})
         else:
             out.console.print(f"stored [bold]{name}[/bold]")
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command("list")
+@gateway_command(app, "list")
 def list_(
+    call: Call,
     owner: OwnerOption = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Names and dates of the secrets (never values)."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            stored = await client.list_secrets(owner=owner)
+    async def work(client: ShoalClient) -> None:
+        stored = await client.list_secrets(owner=owner)
         if out.as_json:
             out.json({"secrets": stored})
             return
@@ -83,27 +68,23 @@ def list_(
             ([s.name, s.version, s.created_at, s.updated_at] for s in stored),
         )
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def rm(
+    call: Call,
     name: SecretName,
     owner: OwnerOption = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Delete a secret."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            await client.delete_secret(name, owner=owner)
+    async def work(client: ShoalClient) -> None:
+        await client.delete_secret(name, owner=owner)
         if out.as_json:
             out.json({"name": name, "deleted": True})
         else:
             out.console.print(f"deleted [bold]{name}[/bold]")
 
-    run(out, work())
+    call.run(work)

@@ -10,17 +10,11 @@ from typing import Annotated
 import typer
 
 from shoal.client._errors import ShoalConnectionClosed
+from shoal.client._http import ShoalClient
 from shoal.client._models import Event, Session
 from shoal.client._ws import EventStream
-from shoal.client.cli._output import Output, run
-from shoal.client.cli._settings import (
-    DEFAULT_UP_JSON,
-    ApiKeyOption,
-    JsonOption,
-    UpOption,
-    UrlOption,
-    client_for,
-)
+from shoal.client.cli._command import Call, gateway_command
+from shoal.client.cli._output import Output
 from shoal.client.cli._watch import follow, watch_live
 
 app = typer.Typer(help="Create, follow and end sessions.", no_args_is_help=True)
@@ -61,18 +55,15 @@ def _status(status: str) -> str:
     return f"[{colour}]{status}[/{colour}]"
 
 
-@app.command()
+@gateway_command(app)
 def create(
+    call: Call,
     metadata: Annotated[
         str | None, typer.Option("--metadata", "-m", help='a JSON object, e.g. \'{"repo": "a/b"}\'')
     ] = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Create a session; its runner token is shown only now."""
-    out = Output(as_json)
+    out = call.out
     try:
         parsed = json.loads(metadata) if metadata is not None else None
     except ValueError as exc:
@@ -80,9 +71,8 @@ def create(
     if parsed is not None and not isinstance(parsed, dict):
         raise typer.BadParameter("must be a JSON object", param_hint="--metadata")
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            session = await client.create_session(parsed)
+    async def work(client: ShoalClient) -> None:
+        session = await client.create_session(parsed)
         if out.as_json:
             out.json(session)
             return
@@ -90,25 +80,21 @@ def create(
         out.console.print(f"[bold]runner token[/bold]  {session.runner_token}")
         out.console.print("[dim]keep the runner token: it is shown only once[/dim]")
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command("list")
+@gateway_command(app, "list")
 def list_(
+    call: Call,
     limit: Annotated[int | None, typer.Option(help="page size")] = None,
     cursor: Annotated[str | None, typer.Option(help="the `next` of the previous page")] = None,
     status: Annotated[str | None, typer.Option(help="only sessions in this status")] = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """This owner's sessions, newest first (one page)."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            page = await client.list_sessions(limit=limit, cursor=cursor, status=status)
+    async def work(client: ShoalClient) -> None:
+        page = await client.list_sessions(limit=limit, cursor=cursor, status=status)
         if out.as_json:
             out.json(page)
             return
@@ -129,33 +115,30 @@ def list_(
         if page.next:
             out.console.print(f"[dim]more: --cursor {page.next}[/dim]")
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def show(
+    call: Call,
     session_id: SessionId,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """One session's state."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            session = await client.get_session(session_id)
+    async def work(client: ShoalClient) -> None:
+        session = await client.get_session(session_id)
         if out.as_json:
             out.json(session)
         else:
             _show(out, session)
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def prompt(
+    call: Call,
     session_id: SessionId,
     content: Annotated[str, typer.Argument(help="the prompt ('-' reads it from stdin)")],
     idempotency_key: Annotated[
@@ -168,30 +151,25 @@ def prompt(
     timeout: Annotated[
         float | None, typer.Option("--timeout", help="with --wait: give up after SECONDS")
     ] = None,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Queue a prompt (retried safely: a key is generated unless given)."""
-    out = Output(as_json)
+    out = call.out
     text = typer.get_text_stream("stdin").read() if content == "-" else content
     key = idempotency_key or f"cli-{secrets.token_hex(8)}"
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            if not wait:
-                receipt = await client.submit_prompt(session_id, text, idempotency_key=key)
-                if out.as_json:
-                    out.json(receipt)
-                else:
-                    out.console.print(f"queued [bold]{receipt.prompt_id}[/bold]")
-                return
-            since = (await client.get_session(session_id)).last_seq
-            async with client.connect_session(session_id, since=since) as events:
-                receipt = await client.submit_prompt(session_id, text, idempotency_key=key)
-                async with asyncio.timeout(timeout):
-                    event = await _outcome(events, receipt.prompt_id)
+    async def work(client: ShoalClient) -> None:
+        if not wait:
+            receipt = await client.submit_prompt(session_id, text, idempotency_key=key)
+            if out.as_json:
+                out.json(receipt)
+            else:
+                out.console.print(f"queued [bold]{receipt.prompt_id}[/bold]")
+            return
+        since = (await client.get_session(session_id)).last_seq
+        async with client.connect_session(session_id, since=since) as events:
+            receipt = await client.submit_prompt(session_id, text, idempotency_key=key)
+            async with asyncio.timeout(timeout):
+                event = await _outcome(events, receipt.prompt_id)
         answer = _answer_of(event)
         if out.as_json:
             out.json({"prompt": receipt, "event": event})
@@ -200,7 +178,7 @@ def prompt(
         else:
             out.console.print(f"[yellow]{event.type}[/yellow] {answer}")
 
-    run(out, work())
+    call.run(work)
 
 
 async def _outcome(events: EventStream, prompt_id: str) -> Event:
@@ -215,8 +193,9 @@ def _answer_of(event: Event) -> str:
     return str(event.data.get("content") or event.data.get("message") or "")
 
 
-@app.command()
+@gateway_command(app)
 def watch(
+    call: Call,
     session_id: SessionId,
     since: Annotated[int, typer.Option(help="start after this seq (0: the whole history)")] = 0,
     max_events: Annotated[
@@ -225,70 +204,57 @@ def watch(
     sse: Annotated[
         bool, typer.Option("--sse", help="follow over server-sent events, not a WebSocket")
     ] = False,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Follow a session's events live (Ctrl-C stops); --json prints one event per line."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            session = await client.get_session(session_id)
-            if out.as_json:
-                seen = 0
-                async with follow(client, session_id, since, sse=sse) as events:
-                    async for event in events:
-                        out.json(event)
-                        seen += 1
-                        if max_events is not None and seen >= max_events:
-                            return
-            else:
-                await watch_live(out, client, session, since, max_events, sse=sse)
+    async def work(client: ShoalClient) -> None:
+        session = await client.get_session(session_id)
+        if out.as_json:
+            seen = 0
+            async with follow(client, session_id, since, sse=sse) as events:
+                async for event in events:
+                    out.json(event)
+                    seen += 1
+                    if max_events is not None and seen >= max_events:
+                        return
+        else:
+            await watch_live(out, client, session, since, max_events, sse=sse)
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def abort(
+    call: Call,
     session_id: SessionId,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Stop the running prompt (queued prompts keep their turn)."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            await client.abort(session_id)
+    async def work(client: ShoalClient) -> None:
+        await client.abort(session_id)
         if out.as_json:
             out.json({"session_id": session_id, "abort": "requested"})
         else:
             out.console.print(f"abort requested for [bold]{session_id}[/bold]")
 
-    run(out, work())
+    call.run(work)
 
 
-@app.command()
+@gateway_command(app)
 def rm(
+    call: Call,
     session_id: SessionId,
-    url: UrlOption = None,
-    api_key: ApiKeyOption = None,
-    up: UpOption = DEFAULT_UP_JSON,
-    as_json: JsonOption = False,
 ) -> None:
     """Terminate a session for good."""
-    out = Output(as_json)
+    out = call.out
 
-    async def work() -> None:
-        async with client_for(url, api_key, up) as client:
-            session = await client.terminate_session(session_id)
+    async def work(client: ShoalClient) -> None:
+        session = await client.terminate_session(session_id)
         if out.as_json:
             out.json(session)
         else:
             out.console.print(f"{session.id} {_status(session.status)}")
 
-    run(out, work())
+    call.run(work)

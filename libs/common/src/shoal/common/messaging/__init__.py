@@ -18,11 +18,19 @@ from shoal.common.messaging.envelope import (
     loads,
     new_id,
 )
+from shoal.common.messaging.ledger import (
+    LEDGER_SEQ_HEADER,
+    encode_commit,
+    ledger_events,
+    ledger_last_seq,
+    ledger_raw_events,
+)
 from shoal.common.messaging.partition import fnv1a32, partition
 from shoal.common.messaging.rpc import request, serve
 from shoal.common.messaging.subjects import Subjects, is_token
 
 __all__ = [
+    "LEDGER_SEQ_HEADER",
     "MSG_ID_HEADER",
     "REPLY_TO_HEADER",
     "TRACEPARENT_HEADER",
@@ -33,8 +41,12 @@ __all__ = [
     "decode",
     "dumps",
     "encode",
+    "encode_commit",
     "fnv1a32",
     "is_token",
+    "ledger_events",
+    "ledger_last_seq",
+    "ledger_raw_events",
     "loads",
     "new_id",
     "partition",

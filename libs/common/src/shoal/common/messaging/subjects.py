@@ -4,7 +4,8 @@ Example::
 
     s = Subjects("shoal")
     s.session_command("ses_1")               # "shoal.session.cmd.ses_1"
-    s.session_event("ses_1", "prompt.queued")  # "shoal.session.evt.ses_1.prompt.queued"
+    s.session_commit("ses_1")                # "shoal.session.evt.ses_1.commit"
+    s.session_events("ses_1")                # "shoal.session.evt.ses_1.>"
 """
 
 from __future__ import annotations
@@ -82,7 +83,12 @@ class Subjects:
         return f"{self.prefix}.session.evt.>"
 
     def session_event(self, session_id: str, event_type: str) -> str:
+        """One event per message: how older versions wrote the ledger (still read)."""
         return f"{self.prefix}.session.evt.{session_id}.{event_type}"
+
+    def session_commit(self, session_id: str) -> str:
+        """Where one command's events are written, as one message (``messaging.ledger``)."""
+        return f"{self.prefix}.session.evt.{session_id}.commit"
 
     def session_events(self, session_id: str) -> str:
         """Filter for every event of one session."""
