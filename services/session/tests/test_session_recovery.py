@@ -34,7 +34,16 @@ from shoal.common.messaging import (
 from shoal.session.config import SessionSettings
 from shoal.session.handlers import CommandHandler, SessionCache
 from shoal.session.service import LedgerCommand, apply, replay
-from shoal.session.store import Appended, EventLedger, Replier, StateStore, command_headers
+from shoal.session.store import (
+    Appended,
+    EventLedger,
+    LedgerTip,
+    Replier,
+    StateStore,
+    _commit_end,
+    _resume_after,
+    command_headers,
+)
 
 _ids = itertools.count(1)
 
@@ -352,3 +361,25 @@ async def test_a_command_too_big_for_one_message_is_split_and_written_before_the
         subjects.session_evt_stream, subjects_filter=subjects.session_events(sid)
     )
     assert after.state.messages == info.state.messages
+
+
+def test_commits_hold_as_many_events_as_fit_and_at_least_one() -> None:
+    assert _commit_end([10, 10, 10], 0, 100) == 3
+    assert _commit_end([10, 10, 10], 0, 21) == 2  # 10 + ',' + 10
+    assert _commit_end([10, 10, 10], 1, 20) == 2
+    assert _commit_end([500, 10], 0, 100) == 1  # never empty (an event alone always fits)
+
+
+def test_a_tip_of_this_command_resumes_after_its_last_event() -> None:
+    events = [
+        Envelope(id=f"ses_r:5:{n}", type="x.y", source="s", time="t", subject="ses_r", seq=n + 8)
+        for n in range(3)
+    ]
+    commit = LedgerTip(40, "ses_r:5:0", 10, True)  # this command's whole commit
+    assert _resume_after(events, commit) == 3
+    first_part = LedgerTip(40, "ses_r:5:0", 8, False)  # a first commit of a split command
+    assert _resume_after(events, first_part) == 1
+    old_event = LedgerTip(40, "ses_r:5:1", 9, False)  # an older version's one event per message
+    assert _resume_after(events, old_event) == 2
+    assert _resume_after(events, LedgerTip(40, "ses_r:4:0", 7, True)) is None  # someone else's
+    assert _resume_after(events, None) is None
