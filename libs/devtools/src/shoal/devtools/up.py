@@ -255,10 +255,16 @@ class _Up:
         return 0
 
     def _cluster_env(self) -> dict[str, str]:
-        """Streams and KV replicated over the embedded cluster (R3, or its size below 3)."""
-        if self.nats_cluster is None or "SHOAL_STREAM_REPLICAS" in os.environ:
+        """Streams and KV replicated over the embedded cluster (R3, or its size below 3), and
+        session leases that outlast a NATS leader election (10 s TTLs, as in the chart)."""
+        if self.nats_cluster is None:
             return {}
-        return {"SHOAL_STREAM_REPLICAS": str(min(3, len(self.nats_cluster.nodes)))}
+        env = {
+            "SHOAL_STREAM_REPLICAS": str(min(3, len(self.nats_cluster.nodes))),
+            "SHOAL_LEASE_TTL": "10",
+            "SHOAL_MEMBER_TTL": "10",
+        }
+        return {k: v for k, v in env.items() if k not in os.environ}
 
     def _choose_ports(self) -> _Ports:
         """Resolve 0 to free ports; refuse ports something else already listens on."""

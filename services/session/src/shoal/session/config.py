@@ -34,6 +34,8 @@ class SessionSettings(CommonSettings):
     # lease_ttl / renew_interval - 1 missed renewals (event-loop stalls, a NATS reconnect)
     # before losing a lease it did not mean to lose. 4 s / 1 s: failover in ~4-5 s, and three
     # missed beats tolerated. Whole seconds: the server's per-message TTL has 1 s resolution.
+    # On a NATS cluster the TTL must also outlast a leader election of the leases bucket
+    # (several seconds when a server dies): the chart and `shoal up --nats-cluster` use 10 s.
     lease_ttl: timedelta = timedelta(seconds=4)
     member_ttl: timedelta = timedelta(seconds=4)
     renew_interval: timedelta = timedelta(seconds=1)

@@ -183,7 +183,7 @@ class Coordinator:
                 if self._closed or not self._worker.lease_valid(lease):
                     log.warning("renewing the lease of partition %d failed: %r", p, exc)
                     return
-                log.info("renewing the lease of partition %d failed, retrying: %r", p, exc)
+                log.debug("renewing the lease of partition %d failed, retrying: %r", p, exc)
                 await asyncio.sleep(_RENEW_RETRY_S)
         if revision is None and p in self._unconfirmed:
             revision = await self._stored_anyway(p, value)
