@@ -1,21 +1,23 @@
 """Does a command need its own durable write? The command path in two shapes, nothing else.
 
 ``python -m bench.command_shapes [--sessions 1000] [--concurrency 64] [--commands 20000]
-[--fsync always|default|both] [--json FILE] [--quick]``: per fsync mode and shape, a fresh
-nats-server (with a monitoring port), one owner process (``--owner``, this module, like a
-session replica) and this process as the load generator, ``concurrency`` workers each sending
-one command at a time to its own slice of ``sessions`` sessions:
+[--fsync always|default|both] [--ledger-streams 1] [--json FILE] [--quick]``: per fsync mode
+and shape, a fresh nats-server (with a monitoring port), one owner process (``--owner``,
+this module, like a session replica) and this process as the load generator, ``concurrency``
+workers each sending one command at a time to its own slice of ``sessions`` sessions:
 
 - queued: the generator publishes the command to the ``CMD`` stream and awaits its PubAck
-  (today's 202); the owner pulls it, publishes the command's commit to ``EVT`` fenced on the
+  (today's 202); the owner pulls it, publishes the command's commit to the ledger fenced on the
   session's last sequence and awaits its PubAck, acks the command and replies to the
   generator (core NATS, the subject in a header). Latency to the PubAck and to the reply.
 - direct: the generator sends a core NATS request to the owner; the owner publishes the same
   fenced commit, awaits its PubAck and replies (the 202 after the ledger write). A request
   left unanswered is retried with the same idempotency key (the commit's ``Nats-Msg-Id``).
 
-A commit is one message of three events (~900 bytes), as a prompt's. Prints commands/s,
-latency, CPU per command by process (/proc) and NATS messages per command (/connz).
+A commit is one message of three events (~900 bytes), as a prompt's; the sessions' commits
+are spread over ``--ledger-streams`` file streams (``EVT<k>``, by a hash of the session).
+Prints commands/s, latency, CPU per command by process (/proc) and NATS messages per command
+(/connz).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,12 +50,17 @@ from shoal.devtools.embedded import EmbeddedNats, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ("queued", "direct")
-CMD_STREAM, EVT_STREAM, CONSUMER = "CMD", "EVT", "owner"
+CMD_STREAM, CONSUMER = "CMD", "owner"
 REPLY_HEADER = "Bench-Reply"  # where the owner tells the generator the command is committed
 MAX_IN_FLIGHT = 1024  # commands the queued owner holds at once
 REQUEST_TIMEOUT = 5.0  # s before a direct request is retried (no owner answered)
 COMMAND = orjson.dumps({"type": "prompt.submit", "text": "x" * 200})
 EVENT = {"type": "prompt.queued", "payload": "x" * 220}  # 3 of these: a ~900-byte commit
+
+
+def _ledger_subject(session: str, streams: int) -> str:
+    """``evt.<k>.<session>``: the session's commits live in ledger stream ``EVT<k>``."""
+    return f"evt.{zlib.crc32(session.encode()) % streams}.{session}"
 
 
 def _commit(command_id: str, seq: int) -> bytes:
@@ -66,8 +74,9 @@ def _commit(command_id: str, seq: int) -> bytes:
 class Owner:
     """Applies commands: one fenced commit per command, serially per session."""
 
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: NatsClient, ledger_streams: int) -> None:
         self._nc = nc
+        self._streams = ledger_streams
         self._js = nc.jetstream()
         self._last: dict[str, int] = {}  # session -> its last commit's stream sequence
         self._locks: dict[str, asyncio.Lock] = {}
@@ -77,13 +86,14 @@ class Owner:
     async def commit(self, session: str, command_id: str) -> int:
         async with self._locks.setdefault(session, asyncio.Lock()):
             last = self._last.get(session, 0)
+            subject = _ledger_subject(session, self._streams)
             ack = await self._js.publish(
-                f"evt.{session}.commit",
+                f"{subject}.commit",
                 _commit(command_id, last),
                 headers={
                     "Nats-Msg-Id": command_id,  # a retried command commits once
                     "Nats-Expected-Last-Subject-Sequence": str(last),
-                    "Nats-Expected-Last-Subject-Sequence-Subject": f"evt.{session}.>",
+                    "Nats-Expected-Last-Subject-Sequence-Subject": f"{subject}.>",
                 },
             )
             self._last[session] = ack.seq
@@ -149,7 +159,7 @@ class Owner:
         await pull.close()
 
 
-async def _owner_main(nats_url: str, shape: str) -> None:
+async def _owner_main(nats_url: str, shape: str, ledger_streams: int) -> None:
     nc = await nats.connect(nats_url, name="owner")
     try:
         stop = asyncio.Event()
@@ -163,7 +173,7 @@ async def _owner_main(nats_url: str, shape: str) -> None:
 
         watcher = asyncio.create_task(watch_stdin())
         gc.freeze()
-        owner = Owner(nc)
+        owner = Owner(nc, ledger_streams)
         await owner.run(shape, stop)
         watcher.cancel()
         print(f"failures {owner.failures}", flush=True)
@@ -178,6 +188,7 @@ async def _owner_main(nats_url: str, shape: str) -> None:
 class ShapeResult:
     shape: str
     fsync: str
+    ledger_streams: int
     commands_per_s: float
     p50_ms: float  # to the 202: the PubAck (queued) or the reply (direct)
     p99_ms: float
@@ -284,7 +295,7 @@ async def _connz(monitor_url: str) -> dict[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def _owner(nats_url: str, shape: str, log: Path) -> AsyncIterator[int]:
+async def _owner(nats_url: str, shape: str, ledger_streams: int, log: Path) -> AsyncIterator[int]:
     with log.open("ab") as stderr:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -294,6 +305,8 @@ async def _owner(nats_url: str, shape: str, log: Path) -> AsyncIterator[int]:
             shape,
             "--nats-url",
             nats_url,
+            "--ledger-streams",
+            str(ledger_streams),
             cwd=REPO_ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -331,9 +344,12 @@ async def measure(shape: str, sync_always: bool, args: argparse.Namespace) -> Sh
             nc = await nats.connect(server.url, name="load generator")
             try:
                 js = nc.jetstream()
-                await js.add_stream(
-                    StreamConfig(name=EVT_STREAM, subjects=["evt.>"], storage=StorageType.FILE)
-                )
+                for k in range(args.ledger_streams):
+                    await js.add_stream(
+                        StreamConfig(
+                            name=f"EVT{k}", subjects=[f"evt.{k}.>"], storage=StorageType.FILE
+                        )
+                    )
                 if shape == "queued":
                     await js.add_stream(
                         StreamConfig(
@@ -344,7 +360,8 @@ async def measure(shape: str, sync_always: bool, args: argparse.Namespace) -> Sh
                         )
                     )
                 sessions = [f"s{i:05d}" for i in range(args.sessions)]
-                async with _owner(server.url, shape, Path(tmp) / "owner.log") as owner_pid:
+                log = Path(tmp) / "owner.log"
+                async with _owner(server.url, shape, args.ledger_streams, log) as owner_pid:
                     gen = Generator(nc, shape, sessions)
                     await gen.start()
                     await gen.run(args.warmup, args.concurrency)
@@ -377,6 +394,7 @@ async def measure(shape: str, sync_always: bool, args: argparse.Namespace) -> Sh
     return ShapeResult(
         shape=shape,
         fsync="always" if sync_always else "default",
+        ledger_streams=args.ledger_streams,
         commands_per_s=round(done / wall, 1),
         p50_ms=round(accepted.p50, 3),
         p99_ms=round(accepted.p99, 3),
@@ -392,7 +410,7 @@ async def measure(shape: str, sync_always: bool, args: argparse.Namespace) -> Sh
 def _print(results: list[ShapeResult]) -> None:
     rows = [
         [
-            f"{r.shape}, {r.fsync}",
+            f"{r.shape}, {r.fsync}, {r.ledger_streams} EVT",
             fmt(r.commands_per_s, 0),
             f"{fmt(r.p50_ms, 2)} / {fmt(r.p99_ms, 2)}",
             f"{fmt(r.commit_p50_ms, 2)} / {fmt(r.commit_p99_ms, 2)}",
@@ -406,7 +424,7 @@ def _print(results: list[ShapeResult]) -> None:
         for r in results
     ]
     headers = [
-        "shape, fsync",
+        "shape, fsync, ledger",
         "cmd/s",
         "202 p50/p99 ms",
         "commit p50/p99 ms",
@@ -441,13 +459,16 @@ def main() -> None:
     parser.add_argument("--commands", type=int, default=20000, help="measured, per run")
     parser.add_argument("--warmup", type=int, default=2000, help="commands before measuring")
     parser.add_argument("--fsync", choices=("always", "default", "both"), default="both")
+    parser.add_argument(
+        "--ledger-streams", type=int, default=1, help="ledger streams the sessions spread over"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--quick", action="store_true", help="2,000 commands, 500 warm-up")
     parser.add_argument("--owner", choices=SHAPES, help=argparse.SUPPRESS)  # the owner process
     parser.add_argument("--nats-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.owner:
-        run_loop(_owner_main(args.nats_url, args.owner))
+        run_loop(_owner_main(args.nats_url, args.owner, args.ledger_streams))
         return
     if args.quick:
         args.commands, args.warmup = 2000, 500
