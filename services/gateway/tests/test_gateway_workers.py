@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from jobs_fixtures import job_keys, scheduler  # noqa: F401 - fixtures
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shoal.client import Job, JobFailed, ShoalClient, ShoalConnectionClosed, Worker, WorkerJob
+from shoal.common import observability
 
 if TYPE_CHECKING:
     from conftest import RunningGateway
@@ -63,6 +67,86 @@ async def test_a_worker_takes_jobs_of_its_kinds_and_reports_results(
     assert {j.attempts[0].worker for j in done} == {"w-test"}
     assert ran.status_code == 200
     assert ran.json()["output"] == 10
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Every span ``start_span`` makes in this test (gateway and scheduler alike: both run in
+    this process), recorded in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(observability, "_TRACER", provider.get_tracer("shoal"))
+    monkeypatch.setattr(observability, "_recording", True)
+    yield exporter
+    provider.shutdown()
+
+
+async def finished_spans(exporter: InMemorySpanExporter, *names: str) -> list[ReadableSpan]:
+    """The finished spans once one of each of ``names`` (a name's start) has ended."""
+    async with asyncio.timeout(10):
+        while True:
+            found = list(exporter.get_finished_spans())
+            if all(any(span.name.startswith(name) for span in found) for name in names):
+                return found
+            await asyncio.sleep(0.02)
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+async def test_a_job_continues_the_submitters_trace_through_the_worker_and_its_end(
+    spans: InMemorySpanExporter, gateway: RunningGateway, alice: ShoalClient
+) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    caller = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01", "tracestate": "vendor=v1"}
+    seen: list[WorkerJob] = []
+    worker = Worker(gateway.base_url, "key-work-alice")
+
+    @worker.handler("traced")
+    async def traced(job: WorkerJob) -> Any:
+        seen.append(job)
+        return "done"
+
+    async with working(worker):
+        submitted = await alice._http.post("/v1/jobs", json={"kind": "traced"}, headers=caller)
+        assert submitted.status_code == 202, submitted.text
+        job = await until(alice, submitted.json()["id"], lambda j: j.ended)
+        found = await finished_spans(
+            spans,
+            "POST /v1/jobs",
+            "gateway.job_dispatch",
+            "gateway.job_report",
+            "scheduler.job_end",
+        )
+    assert job.status == "succeeded"
+
+    def one(name: str) -> ReadableSpan:
+        [span] = [s for s in found if s.name == name or s.name.endswith(f".{name}")]
+        return span
+
+    submit, start = one("jobs.submit"), one("scheduler.job_start")
+    dispatch, report = one("gateway.job_dispatch"), one("gateway.job_report")
+    complete, end = one("jobs.complete"), one("scheduler.job_end")
+    chain = [one("POST /v1/jobs"), submit, start, dispatch, report, complete, end]
+    assert {format(span.context.trace_id, "032x") for span in chain} == {trace_id}
+    # The claim's start and the dispatch hang off the submit RPC (the context stored with the
+    # job); the worker got the dispatch span as its parent; the report, the scheduler's RPC and
+    # the job's end follow one another.
+    assert parent_of(start) == submit.context.span_id
+    assert parent_of(dispatch) == submit.context.span_id
+    [attempt] = seen
+    assert attempt.traceparent == f"00-{trace_id}-{dispatch.context.span_id:016x}-01"
+    assert attempt.tracestate == "vendor=v1"
+    assert attempt.trace_headers["traceparent"] == attempt.traceparent
+    assert parent_of(report) == dispatch.context.span_id
+    assert parent_of(complete) == report.context.span_id
+    assert parent_of(end) == complete.context.span_id
+    # A claim is the socket's, not the job's: it has a trace of its own.
+    claims = [s for s in found if s.name.endswith(".jobs.claim")]
+    assert claims
+    assert all(claim.context.trace_id != int(trace_id, 16) for claim in claims)
 
 
 async def test_failures_back_off_then_dead_and_retry_revives(

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
+from shoal.common import observability
 from shoal.common.clock import ManualClock
 from shoal.common.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from shoal.common.messaging import Subjects, loads, new_id, request
+from shoal.common.observability import start_span, trace_id_of
 from shoal.scheduler.app import create_app
 from shoal.scheduler.config import SchedulerSettings
 
@@ -139,6 +145,55 @@ async def test_a_claimed_job_completes_once_and_a_stale_report_is_refused(
     msg = await ended.next_msg(timeout=2)
     assert loads(msg.data)["job"]["status"] == "succeeded"
     await ended.unsubscribe()
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Every span ``start_span`` makes in this test, recorded in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(observability, "_TRACER", provider.get_tracer("shoal"))
+    monkeypatch.setattr(observability, "_recording", True)
+    yield exporter
+    provider.shutdown()
+
+
+async def finished(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
+    """The first finished span called ``name`` (waiting up to 5 s: it may end just after the
+    message the test saw)."""
+    for _ in range(250):
+        found = [s for s in exporter.get_finished_spans() if s.name == name]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no {name} span")
+
+
+async def test_a_job_whose_lease_runs_out_ends_in_the_trace_of_its_submit(
+    rpc: Any, clock: ManualClock, nc: NATS, subject_prefix: str, spans: InMemorySpanExporter
+) -> None:
+    caller = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    with start_span("caller", caller):
+        job = await rpc(
+            "jobs.submit", owner="alice", job={"kind": "lost", "timeout": 5, "max_attempts": 1}
+        )
+    (offer,) = (await rpc("jobs.claim", kinds=["lost"], owner=None, worker="w", limit=1))["jobs"]
+    assert trace_id_of(offer) == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert "tracestate" not in offer  # only when the caller had one
+
+    # The sweep (no trace of its own) ends the job: its span joins the submitter's trace.
+    ended = await nc.subscribe(Subjects(subject_prefix).broadcast(f"jobs.ended.{job['id']}"))
+    clock.advance(6)
+    await ended.next_msg(timeout=5)
+    await ended.unsubscribe()
+    end = await finished(spans, "scheduler.job_end")
+    [submit] = [s for s in spans.get_finished_spans() if s.name.endswith(".jobs.submit")]
+    assert end.context.trace_id == submit.context.trace_id == int(offer["traceparent"][3:35], 16)
+    assert end.parent is not None
+    assert end.parent.span_id == submit.context.span_id
+    assert end.attributes is not None
+    assert end.attributes["shoal.job_status"] == "dead"
 
 
 async def test_cancel_and_retry(rpc: Any) -> None:

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from shoal.common.clock import ManualClock
 from shoal.common.errors import BadRequest
 from shoal.common.messaging import Subjects, loads, request
+from shoal.common.observability import start_span, trace_id_of
 from shoal.scheduler.app import create_app
 from shoal.scheduler.config import SchedulerSettings
 from shoal.scheduler.webhooks import verify
@@ -107,9 +108,11 @@ async def test_a_callback_is_signed_retried_after_a_500_and_recorded(
         secret = (await rpc("webhooks.secret", owner="alice"))["secret"]
         assert secret.startswith("whsec_")
         assert (await rpc("webhooks.secret", owner="alice"))["secret"] == secret
-        job = await rpc(
-            "jobs.submit", owner="alice", job={"kind": "k", "callback_url": receiver.url}
-        )
+        submitter = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+        with start_span("submitter", submitter):
+            job = await rpc(
+                "jobs.submit", owner="alice", job={"kind": "k", "callback_url": receiver.url}
+            )
         await rpc("jobs.claim", kinds=["k"], owner=None, worker="w", limit=1)
         await rpc("jobs.complete", job_id=job["id"], attempt=1, output={"ok": True})
 
@@ -119,6 +122,8 @@ async def test_a_callback_is_signed_retried_after_a_500_and_recorded(
         assert not verify(body + b" ", headers["shoal-signature"], secret, now=clock.now())
         assert loads(body)["status"] == "succeeded"
         assert headers["shoal-job-id"] == job["id"]
+        # The delivery is a span in the submitter's trace; the receiver can continue it.
+        assert trace_id_of(headers) == "4bf92f3577b34da6a3ce929d0e0e4736"
 
         headers, body = await next_delivery(receiver, clock)  # after the 1 s backoff
         assert verify(body, headers["shoal-signature"], secret, now=clock.now())

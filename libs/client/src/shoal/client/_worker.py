@@ -43,7 +43,9 @@ _FATAL_CLOSES = frozenset({4400, 4401, 4403})
 
 @dataclass(frozen=True, slots=True)
 class WorkerJob:
-    """One attempt of a job, as a handler sees it."""
+    """One attempt of a job, as a handler sees it. ``traceparent``/``tracestate`` (W3C trace
+    context) place the attempt in the trace of the call that submitted the job: a handler that
+    makes spans of its own continues them, e.g. ``propagate.extract(job.trace_headers)``."""
 
     job_id: str
     kind: str
@@ -51,6 +53,14 @@ class WorkerJob:
     attempt: int
     lease_expires_at: str
     timeout: float
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+    @property
+    def trace_headers(self) -> dict[str, str]:
+        """The trace context as a carrier for an OpenTelemetry propagator (empty: none)."""
+        headers = {"traceparent": self.traceparent, "tracestate": self.tracestate}
+        return {k: v for k, v in headers.items() if v}
 
 
 class JobFailed(Exception):
@@ -63,6 +73,10 @@ class JobFailed(Exception):
 
 
 Handler = Callable[[WorkerJob], Awaitable[Any]]
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 class Worker:
@@ -148,6 +162,8 @@ class Worker:
                     attempt=int(frame["attempt"]),
                     lease_expires_at=str(frame.get("lease_expires_at")),
                     timeout=float(frame.get("timeout") or 30),
+                    traceparent=_text(frame.get("traceparent")),
+                    tracestate=_text(frame.get("tracestate")),
                 )
                 self._running[job.job_id] = asyncio.create_task(self._run_job(ws, job))
             elif kind == "cancel":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -121,6 +122,18 @@ def inject_trace(headers: dict[str, str]) -> dict[str, str]:
     """Add the current span's ``traceparent`` to outgoing NATS headers."""
     propagate.inject(headers)
     return headers
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def trace_id_of(headers: Mapping[str, str]) -> str | None:
+    """The trace id (32 hex digits) of the ``traceparent`` in ``headers``; None when there is
+    none or it is malformed."""
+    match = _TRACEPARENT.fullmatch(headers.get("traceparent") or "")
+    if match is None or match.group(1) == "0" * 32:
+        return None
+    return match.group(1)
 
 
 # One tracer for the process (a proxy until setup_tracing installs the provider): getting one

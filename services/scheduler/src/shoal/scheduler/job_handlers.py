@@ -4,7 +4,8 @@ RPCs (``rpc("scheduler", method)``, queue group ``scheduler``), ``owner`` null =
 - ``jobs.submit`` ``{owner, job: {kind, input, …}}`` -> the job
 - ``jobs.get`` / ``jobs.cancel`` / ``jobs.retry`` ``{owner, id}`` -> the job
 - ``jobs.list`` ``{owner, status?, kind?, limit?, cursor?}`` -> ``{jobs, next}``
-- ``jobs.claim`` ``{kinds, owner, worker, limit}`` -> ``{jobs: [offer]}``
+- ``jobs.claim`` ``{kinds, owner, worker, limit}`` -> ``{jobs: [offer]}`` (an offer carries
+  the submit call's ``traceparent``/``tracestate`` when it had one)
 - ``jobs.heartbeat`` ``{job_id, attempt}`` -> ``{ok, cancel}``
 - ``jobs.complete`` ``{job_id, attempt, output}`` / ``jobs.fail`` ``{job_id, attempt, error,
   retryable?}`` -> ``{accepted}`` (false: the attempt is no longer the running one)
@@ -32,7 +33,8 @@ QUEUE = "scheduler"
 
 
 def offer(job: Job) -> dict[str, Any]:
-    """What a worker is sent for one attempt (the socket's ``job`` frame, without ``type``)."""
+    """What a worker is sent for one attempt (the socket's ``job`` frame, without ``type``),
+    with the submitter's trace context so the attempt continues its trace."""
     assert job.lease_expires_at is not None  # a started attempt holds a lease
     return {
         "job_id": job.id,
@@ -41,6 +43,7 @@ def offer(job: Job) -> dict[str, Any]:
         "attempt": job.attempt,
         "timeout": job.timeout_s,
         "lease_expires_at": iso(job.lease_expires_at.timestamp()),
+        **job.trace_headers,
     }
 
 

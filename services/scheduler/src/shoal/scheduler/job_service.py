@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from shoal.common.clock import Clock
 from shoal.common.errors import BadRequest, NotFound, PayloadTooLarge
 from shoal.common.messaging import dumps, is_token, new_id
+from shoal.common.observability import inject_trace, start_span, trace_id_of
 from shoal.scheduler import jobs as rules
 from shoal.scheduler.job_store import JobStore, Rule, expired_leases
 from shoal.scheduler.jobs import Job, JobStatus
@@ -142,6 +143,7 @@ class JobService:
             callback_url = self._check_callback_url(callback_url)
         now = self.now()
         run_at = parse_time(body["run_at"], "run_at") if body.get("run_at") is not None else now
+        trace = inject_trace({})  # the submit call's: the job's attempts and end continue it
         return Job(
             id=new_id("job"),
             owner=owner,
@@ -156,6 +158,8 @@ class JobService:
             idempotency_key=key,
             callback_url=callback_url,
             schedule_id=schedule_id,
+            traceparent=trace.get("traceparent"),
+            tracestate=trace.get("tracestate"),
         )
 
     async def submit(self, owner: str, body: dict[str, Any]) -> Job:
@@ -250,13 +254,18 @@ class JobService:
         if not 1 <= limit <= 1000:
             raise BadRequest("limit must be from 1 to 1000")
         now = self.now()
-        return await self._store.claim(
+        started = await self._store.claim(
             kinds=kinds,
             owner=owner,
             now=now,
             limit=limit,
             rule=lambda job: rules.start_attempt(job, worker=worker, now=now),
         )
+        # One claim starts jobs of many traces: each start is a span in its own job's trace.
+        for job in started:
+            with start_span("scheduler.job_start", job_trace(job), **_job_attributes(job)):
+                pass
+        return started
 
     async def heartbeat(self, job_id: str, attempt: int) -> Job | None:
         """Extend the lease; ``None`` when the attempt is no longer the running one."""
@@ -274,8 +283,9 @@ class JobService:
             job_id, lambda j: rules.complete(j, attempt=attempt, output=output, now=now)
         )
         if after is not None:
-            _count_end(after)
-            await self._signals.ended(after)
+            with start_span("scheduler.job_end", job_trace(after), **_job_attributes(after)):
+                _count_end(after)
+                await self._signals.ended(after)
         return after
 
     async def fail(
@@ -321,11 +331,34 @@ class JobService:
         return len(changed)
 
     async def _after_change(self, job: Job) -> None:
-        if job.ended:
-            _count_end(job)
-            await self._signals.ended(job)
-        elif job.status == JobStatus.QUEUED and job.run_at <= self.now():
-            await self._signals.ready(job.kind)
+        # A failure or an expired lease ends the attempt: a span in the job's trace, whatever
+        # called (a worker's report, or the lease sweep, which has no trace of its own).
+        name = "scheduler.job_end" if job.ended else "scheduler.job_retry"
+        with start_span(name, job_trace(job), **_job_attributes(job)):
+            if job.ended:
+                _count_end(job)
+                await self._signals.ended(job)
+            elif job.status == JobStatus.QUEUED and job.run_at <= self.now():
+                await self._signals.ready(job.kind)
+
+
+def job_trace(job: Job) -> dict[str, str]:
+    """The trace context a span about ``job`` continues: the current one when it is already in
+    the job's trace (a worker's report relayed with it), else the one stored at submit (else
+    the current one: a job submitted outside a trace)."""
+    current = inject_trace({})
+    stored = job.trace_headers
+    if not stored or trace_id_of(current) == trace_id_of(stored):
+        return current
+    return stored
+
+
+def _job_attributes(job: Job) -> dict[str, Any]:
+    return {
+        "shoal.job_id": job.id,
+        "shoal.job_attempt": job.attempt,
+        "shoal.job_status": str(job.status),
+    }
 
 
 def _count_end(job: Job) -> None:

@@ -44,6 +44,8 @@ jobs = sa.Table(
     sa.Column("deliveries", postgresql.JSONB, nullable=False),
     sa.Column("callback_due_at", sa.DateTime(timezone=True)),
     sa.Column("schedule_id", sa.Text),
+    sa.Column("traceparent", sa.Text),  # migrations/0006
+    sa.Column("tracestate", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
@@ -73,6 +75,8 @@ def _row(job: Job) -> dict[str, Any]:
         "deliveries": list(job.deliveries),
         "callback_due_at": job.callback_due_at,
         "schedule_id": job.schedule_id,
+        "traceparent": job.traceparent,
+        "tracestate": job.tracestate,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
     }
@@ -100,6 +104,8 @@ def _job(row: sa.RowMapping) -> Job:
         deliveries=tuple(row["deliveries"]),
         callback_due_at=row["callback_due_at"],
         schedule_id=row["schedule_id"],
+        traceparent=row["traceparent"],
+        tracestate=row["tracestate"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )

@@ -91,6 +91,15 @@ class Job:
     deliveries: tuple[dict[str, Any], ...] = ()
     callback_due_at: datetime | None = None  # a webhook delivery is owed from this time
     schedule_id: str | None = None
+    # The W3C trace context of the submit call: attempts and the job's end continue that trace.
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+    @property
+    def trace_headers(self) -> dict[str, str]:
+        """The stored trace context as message headers (empty when there is none)."""
+        headers = {"traceparent": self.traceparent, "tracestate": self.tracestate}
+        return {k: v for k, v in headers.items() if v}
 
     @property
     def ended(self) -> bool:

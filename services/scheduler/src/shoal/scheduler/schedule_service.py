@@ -155,7 +155,9 @@ class ScheduleService:
         if "job" in schedule.target:
             body = {**schedule.target["job"], "idempotency_key": f"schedule:{key}"}
             body.pop("run_at", None)
-            job = replace(self._jobs.new_job(schedule.owner, body), schedule_id=schedule.id)
+            # Like a prompt firing, the job starts a trace of its own that its attempts continue.
+            with start_span("scheduler.schedule_fire", None, **{"shoal.schedule_id": schedule.id}):
+                job = replace(self._jobs.new_job(schedule.owner, body), schedule_id=schedule.id)
             stored, _ = await insert_job(session, job)
             record["job_id"] = stored.id
             ready.add(stored.kind)

@@ -22,6 +22,8 @@ from typing import Any
 
 from shoal.common.clock import Clock, iso
 from shoal.common.messaging import dumps
+from shoal.common.observability import start_span
+from shoal.scheduler.job_service import job_trace
 from shoal.scheduler.job_store import JobStore, callbacks_due
 from shoal.scheduler.jobs import Job
 from shoal.scheduler.webhook_store import SigningSecret, SigningSecretStore, WebhookSender
@@ -91,6 +93,12 @@ class WebhookService:
         return len(leased)
 
     async def _deliver(self, job: Job) -> None:
+        # Each delivery runs in its own task (gather), so its span is the current one only there;
+        # the POST carries its traceparent.
+        with start_span("scheduler.webhook", job_trace(job), **{"shoal.job_id": job.id}):
+            await self._deliver_in_span(job)
+
+    async def _deliver_in_span(self, job: Job) -> None:
         assert job.callback_url is not None  # only jobs with a callback owe deliveries
         now = self._now()
         secret = await self._secrets.get_or_create(job.owner, now)

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.dialects import postgresql
 
+from shoal.common.observability import inject_trace
 from shoal.common.storage import DatabaseClient
 from shoal.scheduler.webhooks import SIGNATURE_HEADER, all_public
 
@@ -147,12 +148,14 @@ class WebhookSender:
     async def post(self, url: str, body: bytes, signature: str, job_id: str) -> DeliveryResult:
         if not self._allow_private and not await self._public(url):
             return DeliveryResult(None, "refused: the host resolves to a private address")
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: signature,
-            "Shoal-Job-Id": job_id,
-            "User-Agent": "shoal-webhooks/1",
-        }
+        headers = inject_trace(
+            {
+                "Content-Type": "application/json",
+                SIGNATURE_HEADER: signature,
+                "Shoal-Job-Id": job_id,
+                "User-Agent": "shoal-webhooks/1",
+            }
+        )
         try:
             response = await self._client.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:

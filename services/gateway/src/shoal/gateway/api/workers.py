@@ -11,10 +11,15 @@ announcement, so one job wakes one socket, not all of them; a socket without roo
 announcement on (at most ``MAX_READY_HOPS`` times).
 
 Frames, server -> worker: ``{"type": "job", "job_id", "kind", "input", "attempt",
-"lease_expires_at", "timeout"}``, ``{"type": "cancel", "job_id"}`` (stop: the job was
-cancelled, or the attempt is no longer yours), ``{"type": "error", "message"}``.
-Worker -> server: ``{"type": "heartbeat", "job_id"}``, ``{"type": "job.completed", "job_id",
-"output"}``, ``{"type": "job.failed", "job_id", "error", "retryable"?}``.
+"lease_expires_at", "timeout", "traceparent", "tracestate"?}``, ``{"type": "cancel", "job_id"}``
+(stop: the job was cancelled, or the attempt is no longer yours), ``{"type": "error",
+"message"}``. Worker -> server: ``{"type": "heartbeat", "job_id"}``, ``{"type":
+"job.completed", "job_id", "output"}``, ``{"type": "job.failed", "job_id", "error",
+"retryable"?}``; a report may carry a ``traceparent`` of the job's trace (a worker's own span).
+
+Tracing: sending a job is a ``gateway.job_dispatch`` span in the submitter's trace (stored
+with the job), and its context is the frame's ``traceparent``; relaying a report is a
+``gateway.job_report`` span in the same trace, and the scheduler's RPC continues it.
 
 Close codes: 4400 bad query, 4401 bad key, 4403 a key without ``jobs:work`` (or ``admin``),
 1013 scheduler unreachable at open, 1003 a frame that is not a JSON object.
@@ -36,6 +41,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from shoal.common.errors import Forbidden, ShoalError, Unauthorized
 from shoal.common.messaging import is_token, loads, new_id
+from shoal.common.observability import inject_trace, start_span, trace_id_of
 from shoal.gateway.api.deps import gateway_state
 from shoal.gateway.jobs import Jobs, reader
 from shoal.gateway.service import Principal
@@ -59,6 +65,7 @@ CLOSE_TRY_LATER = 1013
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
+TRACE_FIELDS = ("traceparent", "tracestate")
 
 
 class WorkerRefused(Exception):
@@ -107,6 +114,7 @@ class WorkerSocket:
         self._max = max_in_flight
         self._worker = worker
         self._held: dict[str, int] = {}  # job id -> attempt this socket was given
+        self._traces: dict[str, dict[str, str]] = {}  # job id -> its dispatch span's context
         self._wake = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._subs: list[Subscription] = []
@@ -181,7 +189,7 @@ class WorkerSocket:
             for offer in claimed:
                 self._held[offer["job_id"]] = int(offer["attempt"])
                 try:
-                    await self._send({"type": "job", **offer})
+                    await self._dispatch(offer)
                 except (RuntimeError, OSError, WebSocketDisconnect):
                     return  # the socket is gone: the leases of these jobs run out
             if claimed and len(claimed) == room:
@@ -189,6 +197,20 @@ class WorkerSocket:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL_S)
                 await asyncio.sleep(CLAIM_COALESCE_S)
+
+    async def _dispatch(self, offer: dict[str, Any]) -> None:
+        """Send one claimed attempt, in a span of the submitter's trace that the worker (and the
+        report's relay) continue."""
+        submitted = {k: offer.pop(k) for k in TRACE_FIELDS if isinstance(offer.get(k), str)}
+        job_id = offer["job_id"]
+        with start_span(
+            "gateway.job_dispatch",
+            submitted,
+            **{"shoal.job_id": job_id, "shoal.job_attempt": offer["attempt"]},
+        ):
+            trace = {k: v for k, v in inject_trace({}).items() if k in TRACE_FIELDS}
+            self._traces[job_id] = trace
+            await self._send({"type": "job", **offer, **trace})
 
     async def _read_loop(self) -> None:
         while True:
@@ -234,22 +256,37 @@ class WorkerSocket:
             if not beat.get("ok") or beat.get("cancel"):
                 await self._send({"type": "cancel", "job_id": job_id})
             return
-        if kind == "job.completed":
-            body = {"job_id": job_id, "attempt": attempt, "output": frame.get("output")}
-            await rpc("jobs.complete", body)
-        else:
-            retryable = frame.get("retryable", True)
-            body = {
-                "job_id": job_id,
-                "attempt": attempt,
-                "error": frame.get("error"),
-                "retryable": retryable if isinstance(retryable, bool) else True,
-            }
-            await rpc("jobs.fail", body)
+        with start_span(
+            "gateway.job_report",
+            self._report_trace(job_id, frame),
+            **{"shoal.job_id": job_id, "shoal.job_attempt": attempt, "shoal.report": kind},
+        ):
+            if kind == "job.completed":
+                body = {"job_id": job_id, "attempt": attempt, "output": frame.get("output")}
+                await rpc("jobs.complete", body)
+            else:
+                retryable = frame.get("retryable", True)
+                body = {
+                    "job_id": job_id,
+                    "attempt": attempt,
+                    "error": frame.get("error"),
+                    "retryable": retryable if isinstance(retryable, bool) else True,
+                }
+                await rpc("jobs.fail", body)
         self._release(job_id)
+
+    def _report_trace(self, job_id: str, frame: dict[str, Any]) -> dict[str, str]:
+        """The report's parent: the worker's span when it names one of the job's trace (a
+        worker's own trace or a malformed value is ignored), else the dispatch span."""
+        dispatched = self._traces.get(job_id, {})
+        reported = {k: v for k in TRACE_FIELDS if isinstance(v := frame.get(k), str)}
+        if trace_id_of(dispatched) is not None and trace_id_of(reported) == trace_id_of(dispatched):
+            return reported
+        return dispatched
 
     def _release(self, job_id: str) -> None:
         self._held.pop(job_id, None)
+        self._traces.pop(job_id, None)
         self._wake.set()
 
 
