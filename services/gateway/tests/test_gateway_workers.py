@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -13,6 +14,7 @@ from jobs_fixtures import job_keys, scheduler  # noqa: F401 - fixtures
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from websockets.asyncio.client import connect
 
 from shoal.client import Job, JobFailed, ShoalClient, ShoalConnectionClosed, Worker, WorkerJob
 from shoal.common import observability
@@ -82,12 +84,14 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     provider.shutdown()
 
 
-async def finished_spans(exporter: InMemorySpanExporter, *names: str) -> list[ReadableSpan]:
-    """The finished spans once one of each of ``names`` (a name's start) has ended."""
+async def finished_spans(
+    exporter: InMemorySpanExporter, *names: str, count: int = 1
+) -> list[ReadableSpan]:
+    """The finished spans once ``count`` of each of ``names`` (a name's start) have ended."""
     async with asyncio.timeout(10):
         while True:
             found = list(exporter.get_finished_spans())
-            if all(any(span.name.startswith(name) for span in found) for name in names):
+            if all(sum(span.name.startswith(name) for span in found) >= count for name in names):
                 return found
             await asyncio.sleep(0.02)
 
@@ -147,6 +151,44 @@ async def test_a_job_continues_the_submitters_trace_through_the_worker_and_its_e
     claims = [s for s in found if s.name.endswith(".jobs.claim")]
     assert claims
     assert all(claim.context.trace_id != int(trace_id, 16) for claim in claims)
+
+
+async def test_a_report_is_relayed_under_the_workers_span_only_in_the_jobs_trace(
+    spans: InMemorySpanExporter, gateway: RunningGateway, alice: ShoalClient
+) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    caller = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    own_span = "1111111111111111"
+    url = f"{gateway.ws_url}/v1/workers/ws?kinds=raw&max_in_flight=2"
+    auth = {"Authorization": "Bearer key-work-alice"}
+    async with connect(url, additional_headers=auth, compression=None) as ws:
+        for _ in range(2):
+            answer = await alice._http.post("/v1/jobs", json={"kind": "raw"}, headers=caller)
+            assert answer.status_code == 202
+        frames = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
+        assert all(frame["traceparent"].split("-")[1] == trace_id for frame in frames)
+        mine, foreign = (
+            f"00-{trace_id}-{own_span}-01",  # the worker's own span in the job's trace
+            f"00-{'2' * 32}-{own_span}-01",  # another trace: ignored
+        )
+        for frame, traceparent in zip(frames, (mine, foreign), strict=True):
+            report = {"type": "job.completed", "job_id": frame["job_id"], "output": 1}
+            await ws.send(json.dumps({**report, "traceparent": traceparent}))
+        found = await finished_spans(spans, "gateway.job_report", count=2)
+    reports = {
+        s.attributes["shoal.job_id"]: s
+        for s in found
+        if s.name == "gateway.job_report" and s.attributes is not None
+    }
+    dispatched = {
+        s.attributes["shoal.job_id"]: s.context.span_id
+        for s in found
+        if s.name == "gateway.job_dispatch" and s.attributes is not None
+    }
+    first, second = (str(frame["job_id"]) for frame in frames)
+    assert parent_of(reports[first]) == int(own_span, 16)
+    assert parent_of(reports[second]) == dispatched[second]
+    assert {r.context.trace_id for r in reports.values()} == {int(trace_id, 16)}
 
 
 async def test_failures_back_off_then_dead_and_retry_revives(
