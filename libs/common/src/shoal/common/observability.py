@@ -124,6 +124,12 @@ def inject_trace(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
+def recording() -> bool:
+    """Whether spans are recorded (an exporter is set): a span that only marks a moment, with
+    nothing inside to carry the context to, is worth making only then."""
+    return _recording
+
+
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 

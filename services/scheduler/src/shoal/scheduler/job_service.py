@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from shoal.common.clock import Clock
 from shoal.common.errors import BadRequest, NotFound, PayloadTooLarge
 from shoal.common.messaging import dumps, is_token, new_id
-from shoal.common.observability import inject_trace, start_span, trace_id_of
+from shoal.common.observability import inject_trace, recording, start_span, trace_id_of
 from shoal.scheduler import jobs as rules
 from shoal.scheduler.job_store import JobStore, Rule, expired_leases
 from shoal.scheduler.jobs import Job, JobStatus
@@ -261,10 +261,12 @@ class JobService:
             limit=limit,
             rule=lambda job: rules.start_attempt(job, worker=worker, now=now),
         )
-        # One claim starts jobs of many traces: each start is a span in its own job's trace.
-        for job in started:
-            with start_span("scheduler.job_start", job_trace(job), **_job_attributes(job)):
-                pass
+        # One claim starts jobs of many traces: each start is a span in its own job's trace
+        # (a mark with nothing inside: made only when spans are recorded).
+        if recording():
+            for job in started:
+                with start_span("scheduler.job_start", job_trace(job), **_job_attributes(job)):
+                    pass
         return started
 
     async def heartbeat(self, job_id: str, attempt: int) -> Job | None:
