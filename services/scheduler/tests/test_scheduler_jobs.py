@@ -170,7 +170,7 @@ async def finished(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:
     raise AssertionError(f"no {name} span")
 
 
-async def test_a_job_whose_lease_runs_out_ends_in_the_trace_of_its_submit(
+async def test_a_job_ends_in_its_submits_trace_when_its_lease_runs_out_or_it_is_cancelled(
     rpc: Any, clock: ManualClock, nc: NATS, subject_prefix: str, spans: InMemorySpanExporter
 ) -> None:
     caller = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
@@ -194,6 +194,14 @@ async def test_a_job_whose_lease_runs_out_ends_in_the_trace_of_its_submit(
     assert end.parent.span_id == submit.context.span_id
     assert end.attributes is not None
     assert end.attributes["shoal.job_status"] == "dead"
+
+    # A queued job cancelled by its owner (a call of another trace) ends in its own trace too.
+    with start_span("caller", caller):
+        queued = await rpc("jobs.submit", owner="alice", job={"kind": "never"})
+    await rpc("jobs.cancel", owner="alice", id=queued["id"])
+    ends = [s for s in spans.get_finished_spans() if s.name == "scheduler.job_end"]
+    [cancelled] = [s for s in ends if (s.attributes or {}).get("shoal.job_id") == queued["id"]]
+    assert cancelled.context.trace_id == submit.context.trace_id
 
 
 async def test_cancel_and_retry(rpc: Any) -> None:

@@ -229,9 +229,12 @@ class JobService:
         job = after or before
         if job.status == JobStatus.RUNNING:
             await self._signals.cancel(job.id)
-        elif job.status == JobStatus.CANCELLED:
-            if before.status != JobStatus.CANCELLED:
+        elif job.status == JobStatus.CANCELLED and before.status != JobStatus.CANCELLED:
+            # A queued job ends here: in its own trace, like every other ending.
+            with start_span("scheduler.job_end", job_trace(job), **_job_attributes(job)):
                 _count_end(job)
+                await self._signals.ended(job)
+        elif job.status == JobStatus.CANCELLED:
             await self._signals.ended(job)
         return job
 
