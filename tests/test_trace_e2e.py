@@ -1,7 +1,8 @@
 """One prompt, one trace: the fleet (five ``shoal run`` processes) exports its spans over OTLP
 to a stub collector, and the prompt's trace covers the gateway's request, the keys service's
 verify RPC, the session's apply, the eventbus's fan-out and the gateway's socket delivery; a file
-upload's trace holds the S3 client span of its PutObject (moto's S3 server as the store)."""
+upload's trace holds the S3 client span of its PutObject (moto's S3 server as the store); a job's
+trace runs from its submit through the scheduler and the worker's socket to its end."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from _otlp import OtlpReceiver, ReceivedSpan, wait_for_spans
 
-from shoal.client import Event, ShoalClient
+from shoal.client import Event, ShoalClient, Worker, WorkerJob
 from shoal.devtools.supervisor import FleetFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -45,12 +46,56 @@ def _is_s3_put(span: ReceivedSpan) -> bool:
     return span.attributes.get("rpc.service") == "S3" and span.name == "S3.PutObject"
 
 
-def _covers_every_hop(spans: list[ReceivedSpan]) -> bool:
+JOB_HOPS = {
+    ("shoal-gateway", "POST /v1/jobs"),
+    ("shoal-scheduler", "scheduler.job_start"),
+    ("shoal-gateway", "gateway.job_dispatch"),
+    ("shoal-gateway", "gateway.job_report"),
+    ("shoal-scheduler", "scheduler.job_end"),
+}
+
+
+def _job_trace(spans: list[ReceivedSpan], trace_id: str) -> set[tuple[str, str]]:
+    return {(s.service, s.name) for s in spans if s.trace_id == trace_id}
+
+
+def _covers_every_hop(spans: list[ReceivedSpan], job_trace_id: str) -> bool:
     hops = _prompt_trace(spans)
     services = {service for service, _ in hops}
     delivered = ("shoal-gateway", "gateway.deliver") in hops
     uploaded = any(_is_s3_put(s) for s in _upload_trace(spans))
-    return {"shoal-keys", "shoal-session", "shoal-eventbus"} <= services and delivered and uploaded
+    worked = JOB_HOPS <= _job_trace(spans, job_trace_id)
+    return (
+        {"shoal-keys", "shoal-session", "shoal-eventbus"} <= services
+        and delivered
+        and uploaded
+        and worked
+    )
+
+
+async def _work_one_job(gateway_url: str, admin_key: str) -> WorkerJob:
+    """Submit a job and let an SDK worker run it; the attempt the handler saw."""
+    worker = Worker(gateway_url, admin_key)
+    seen: list[WorkerJob] = []
+
+    @worker.handler("traced")
+    async def traced(job: WorkerJob) -> str:
+        seen.append(job)
+        return "ok"
+
+    running = asyncio.create_task(worker.run())
+    try:
+        async with ShoalClient(gateway_url, api_key=admin_key) as admin, asyncio.timeout(20):
+            await worker.connected.wait()
+            job = await admin.submit_job("traced")
+            while not job.ended:
+                await asyncio.sleep(0.05)
+                job = await admin.get_job(job.id)
+    finally:
+        await worker.stop()
+        await asyncio.wait_for(running, 10)
+    [attempt] = seen
+    return attempt
 
 
 async def test_one_prompt_is_one_trace_through_the_fleet(
@@ -97,7 +142,13 @@ async def test_one_prompt_is_one_trace_through_the_fleet(
                 await asyncio.gather(watcher, return_exceptions=True)
         await client.put_file(session.id, "notes/trace.txt", b"traced", "text/plain")
 
-    spans = await asyncio.to_thread(wait_for_spans, otlp_receiver, _covers_every_hop, 60)
+    attempt = await _work_one_job(running.gateway_url, running.admin_key)
+    assert attempt.traceparent is not None
+    job_trace_id = attempt.traceparent.split("-")[1]
+
+    spans = await asyncio.to_thread(
+        wait_for_spans, otlp_receiver, lambda got: _covers_every_hop(got, job_trace_id), 60
+    )
     hops = _prompt_trace(spans)
     print("\nthe prompt's trace:", sorted(hops))
     assert ("shoal-session", "session.apply") in hops
@@ -106,3 +157,7 @@ async def test_one_prompt_is_one_trace_through_the_fleet(
     upload = _upload_trace(spans)
     print("the upload's trace:", sorted((s.service, s.name) for s in upload))
     assert any(_is_s3_put(s) for s in upload)
+    job_hops = _job_trace(spans, job_trace_id)
+    print("the job's trace:", sorted(job_hops))
+    assert JOB_HOPS <= job_hops
+    assert any(name.endswith(".jobs.complete") for _, name in job_hops)
