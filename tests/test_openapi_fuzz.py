@@ -69,7 +69,7 @@ from shoal.devtools.supervisor import FleetFactory
 
 pytestmark = [pytest.mark.e2e]
 
-FUZZ_EXAMPLES = 100  # per operation, fuzzing phase; examples and coverage phases come on top
+FUZZ_EXAMPLES = 50  # per operation, fuzzing phase; examples and coverage phases come on top
 CHAOS_EXAMPLES = 500
 REQUEST_TIMEOUT = 15.0  # seconds; above the gateway's command timeout (10 s) so a 504 shows
 ENDLESS_STREAMS = ["user_event_stream"]  # operation ids that never end with a valid key

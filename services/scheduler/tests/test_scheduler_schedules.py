@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -151,7 +152,12 @@ async def test_a_prompt_schedule_sends_a_deduplicable_prompt_command(
         )
         clock.advance(10)
         (msg,) = await sub.fetch(1, timeout=10)
-        shown = await rpc("schedules.get", owner="alice", id=created["id"])
+        # The firing is recorded once the prompt is published: it may trail the message.
+        for _ in range(200):
+            shown = await rpc("schedules.get", owner="alice", id=created["id"])
+            if shown["firings"]:
+                break
+            await asyncio.sleep(0.05)
     command = decode(msg.data)
     assert (command.type, command.subject, command.owner) == ("prompt.submit", "ses_1", "alice")
     assert command.data["content"] == "nightly"
