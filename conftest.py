@@ -4,6 +4,7 @@
 - ``nc``: a connected nats client (per test), ``js``: its JetStream context.
 - ``subject_prefix``: a fresh prefix per test, so tests share the server without colliding.
 - ``postgres``: one embedded PostgreSQL (session); ``database_url``: a fresh database per test.
+- ``spans``: every span ``start_span`` makes during the test, recorded in memory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from shoal.common import observability
 from shoal.devtools.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 
 
@@ -77,3 +82,16 @@ def s3_endpoint() -> Iterator[str]:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Every span ``start_span`` makes in this test process, recorded in memory (whatever tracer
+    provider an earlier test installed)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(observability, "_TRACER", provider.get_tracer("shoal"))
+    monkeypatch.setattr(observability, "_recording", True)
+    yield exporter
+    provider.shutdown()

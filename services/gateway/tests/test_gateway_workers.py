@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from jobs_fixtures import job_keys, scheduler  # noqa: F401 - fixtures
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from websockets.asyncio.client import connect
 
 from shoal.client import Job, JobFailed, ShoalClient, ShoalConnectionClosed, Worker, WorkerJob
-from shoal.common import observability
 
 if TYPE_CHECKING:
     from conftest import RunningGateway
@@ -69,19 +67,6 @@ async def test_a_worker_takes_jobs_of_its_kinds_and_reports_results(
     assert {j.attempts[0].worker for j in done} == {"w-test"}
     assert ran.status_code == 200
     assert ran.json()["output"] == 10
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """Every span ``start_span`` makes in this test (gateway and scheduler alike: both run in
-    this process), recorded in memory."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(observability, "_TRACER", provider.get_tracer("shoal"))
-    monkeypatch.setattr(observability, "_recording", True)
-    yield exporter
-    provider.shutdown()
 
 
 async def finished_spans(

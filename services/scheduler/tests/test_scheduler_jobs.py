@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
-from shoal.common import observability
 from shoal.common.clock import ManualClock
 from shoal.common.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
 from shoal.common.messaging import Subjects, loads, new_id, request
@@ -145,18 +143,6 @@ async def test_a_claimed_job_completes_once_and_a_stale_report_is_refused(
     msg = await ended.next_msg(timeout=2)
     assert loads(msg.data)["job"]["status"] == "succeeded"
     await ended.unsubscribe()
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """Every span ``start_span`` makes in this test, recorded in memory."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(observability, "_TRACER", provider.get_tracer("shoal"))
-    monkeypatch.setattr(observability, "_recording", True)
-    yield exporter
-    provider.shutdown()
 
 
 async def finished(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,12 +16,9 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import SecretStr
 
-from shoal.common import observability
 from shoal.common.clock import ManualClock, iso
 from shoal.common.errors import BadRequest
 from shoal.common.messaging import MSG_ID_HEADER, Catalog, Subjects, loads, provision, request
@@ -66,19 +63,6 @@ async def target(js: JetStreamContext, subject_prefix: str) -> Callable[[str], s
         )
     )
     return lambda name: f"{subject_prefix}.target.{name}"
-
-
-@pytest.fixture
-def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """Every span ``start_span`` makes in this test, recorded in memory (whatever tracer
-    provider an earlier test installed for the process)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(observability, "_TRACER", provider.get_tracer("shoal"))
-    monkeypatch.setattr(observability, "_recording", True)
-    yield exporter
-    provider.shutdown()
 
 
 @asynccontextmanager

@@ -124,6 +124,12 @@ def inject_trace(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
+def trace_carrier(traceparent: str | None, tracestate: str | None) -> dict[str, str]:
+    """A stored W3C trace context as message headers (empty when there is none)."""
+    headers = {"traceparent": traceparent, "tracestate": tracestate}
+    return {k: v for k, v in headers.items() if v}
+
+
 def recording() -> bool:
     """Whether spans are recorded (an exporter is set): a span that only marks a moment, with
     nothing inside to carry the context to, is worth making only then."""

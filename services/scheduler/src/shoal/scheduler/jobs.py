@@ -21,6 +21,7 @@ from typing import Any
 
 from shoal.common.clock import iso
 from shoal.common.errors import Conflict
+from shoal.common.observability import trace_carrier
 
 
 class JobStatus(StrEnum):
@@ -98,8 +99,7 @@ class Job:
     @property
     def trace_headers(self) -> dict[str, str]:
         """The stored trace context as message headers (empty when there is none)."""
-        headers = {"traceparent": self.traceparent, "tracestate": self.tracestate}
-        return {k: v for k, v in headers.items() if v}
+        return trace_carrier(self.traceparent, self.tracestate)
 
     @property
     def ended(self) -> bool:

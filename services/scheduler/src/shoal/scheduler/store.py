@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql
 
 from shoal.common.errors import NotFound, Timeout, Unavailable
 from shoal.common.messaging import MSG_ID_HEADER
+from shoal.common.observability import trace_carrier
 from shoal.common.storage import DatabaseClient
 
 metadata = sa.MetaData()
@@ -54,8 +55,7 @@ class Timer:
     @property
     def trace_headers(self) -> dict[str, str]:
         """The stored trace context as message headers (empty when there is none)."""
-        headers = {"traceparent": self.traceparent, "tracestate": self.tracestate}
-        return {k: v for k, v in headers.items() if v}
+        return trace_carrier(self.traceparent, self.tracestate)
 
 
 @dataclass
