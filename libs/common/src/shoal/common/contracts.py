@@ -251,22 +251,70 @@ def decode_snapshot(raw: bytes) -> SessionSnapshot:
     return _snapshot_decoder.decode(raw)
 
 
+class QuestionView(msgspec.Struct, kw_only=True):
+    """A question the runner asked and nobody answered yet (every member, also empty ones)."""
+
+    question_id: str
+    prompt_id: str = ""
+    content: str
+    options: list[str] | None = None
+    expires_at: str | None = None
+    asked_at: str
+
+
+class SessionView(msgspec.Struct, kw_only=True):
+    """The API's view of a session (``GET /v1/sessions/{id}``): no token hash, no counters."""
+
+    id: str
+    owner: str
+    status: str
+    created_at: str
+    updated_at: str
+    metadata: dict[str, Any]
+    runner_connected: bool = False
+    current_prompt_id: str | None = None
+    queued_prompts: int = 0
+    last_seq: int = 0
+    tags: list[str] = msgspec.field(default_factory=list)
+    idle_timeout: int = 0
+    prompt_timeout: int = 0
+    pending_questions: list[QuestionView] = msgspec.field(default_factory=list)
+    error: str | None = None
+
+
+def session_view(snapshot: SessionSnapshot) -> SessionView:
+    """The API's view of a session's state."""
+    return SessionView(
+        id=snapshot.id,
+        owner=snapshot.owner,
+        status=snapshot.status,
+        created_at=snapshot.created_at,
+        updated_at=snapshot.updated_at,
+        metadata=snapshot.metadata,
+        runner_connected=snapshot.runner_connected,
+        current_prompt_id=snapshot.current_prompt.prompt_id if snapshot.current_prompt else None,
+        queued_prompts=len(snapshot.queue),
+        last_seq=snapshot.event_seq,
+        tags=snapshot.tags,
+        idle_timeout=snapshot.idle_timeout,
+        prompt_timeout=snapshot.prompt_timeout,
+        pending_questions=[_question(q) for q in snapshot.questions],
+        error=snapshot.error or None,
+    )
+
+
+def _question(question: PendingQuestion) -> QuestionView:
+    return QuestionView(
+        question_id=question.question_id,
+        prompt_id=question.prompt_id,
+        content=question.content,
+        options=question.options,
+        expires_at=question.expires_at,
+        asked_at=question.asked_at,
+    )
+
+
 def public_session(snapshot: SessionSnapshot) -> dict[str, Any]:
-    """The API's view of a session (no token hash, no internal counters)."""
-    return {
-        "id": snapshot.id,
-        "owner": snapshot.owner,
-        "status": snapshot.status,
-        "created_at": snapshot.created_at,
-        "updated_at": snapshot.updated_at,
-        "metadata": snapshot.metadata,
-        "runner_connected": snapshot.runner_connected,
-        "current_prompt_id": snapshot.current_prompt.prompt_id if snapshot.current_prompt else None,
-        "queued_prompts": len(snapshot.queue),
-        "last_seq": snapshot.event_seq,
-        "tags": snapshot.tags,
-        "idle_timeout": snapshot.idle_timeout,
-        "prompt_timeout": snapshot.prompt_timeout,
-        "pending_questions": [msgspec.structs.asdict(q) for q in snapshot.questions],
-        "error": snapshot.error or None,
-    }
+    """The API's view of a session as JSON-ready builtins (the session service's replies)."""
+    result: dict[str, Any] = msgspec.to_builtins(session_view(snapshot))
+    return result

@@ -45,8 +45,10 @@ from shoal.common.contracts import (
     SessionSnapshot,
     SessionTerminate,
     SessionUpdate,
+    SessionView,
     Status,
     Tag,
+    session_view,
 )
 from shoal.common.errors import (
     BadRequest,
@@ -74,10 +76,8 @@ from shoal.gateway.views import (
     SecretValue,
     SessionPage,
     SessionPlacement,
-    SessionView,
     VerifiedKey,
     convert,
-    session_view,
 )
 
 RUNNER_TOKEN_PREFIX = "srt_"  # noqa: S105 - a recognisable prefix, not a secret
