@@ -163,6 +163,20 @@ class PullRequests:
             await self._sub.unsubscribe()
 
 
+async def stop_on_stdin_close(stop: asyncio.Event) -> asyncio.Task[None]:
+    """Set ``stop`` when stdin closes: how a bench tells the child process it started to stop
+    (the bench exited or is done). Returns the watching task."""
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def watch() -> None:
+        await reader.read()
+        stop.set()
+
+    return asyncio.create_task(watch())
+
+
 async def _main(nats_url: str) -> None:
     nc = await nats.connect(nats_url, name="bench-raw-processor")
     try:
@@ -179,16 +193,7 @@ async def _main(nats_url: str) -> None:
         kv = await js.key_value(STATE_BUCKET)
         processor = Processor(js, kv)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        # Stdin closing (the bench exited or is done) is the signal to stop.
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-
-        async def watch_stdin() -> None:
-            await reader.read()
-            stop.set()
-
-        watcher = asyncio.create_task(watch_stdin())
+        watcher = await stop_on_stdin_close(stop)
         await processor.run(nc, stop)
         watcher.cancel()
         print(

@@ -44,7 +44,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from bench._raw_processor import PullRequests
+from bench._raw_processor import PullRequests, stop_on_stdin_close
 from bench._report import CpuMeter, Latency, fmt, machine_info, run_loop, table
 from shoal.devtools.embedded import EmbeddedNats, free_port
 
@@ -163,15 +163,7 @@ async def _owner_main(nats_url: str, shape: str, ledger_streams: int) -> None:
     nc = await nats.connect(nats_url, name="owner")
     try:
         stop = asyncio.Event()
-        reader = asyncio.StreamReader()  # stdin closing is the signal to stop
-        loop = asyncio.get_running_loop()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-
-        async def watch_stdin() -> None:
-            await reader.read()
-            stop.set()
-
-        watcher = asyncio.create_task(watch_stdin())
+        watcher = await stop_on_stdin_close(stop)
         gc.freeze()
         owner = Owner(nc, ledger_streams)
         await owner.run(shape, stop)
