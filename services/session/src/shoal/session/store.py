@@ -55,6 +55,7 @@ from shoal.common.messaging import (
     MSG_ID_HEADER,
     Envelope,
     Subjects,
+    commit_body,
     decode,
     dumps,
     encode,
@@ -251,7 +252,7 @@ class EventLedger:
             if i >= len(events):
                 return Appended(expected, recorded)
             end = _commit_end(sizes, i, self._budget)
-            body = b'{"events":[' + b",".join(bodies[i:end]) + b"]}"
+            body = commit_body(bodies[i:end])
             with_command = (
                 command is not None
                 and end == len(events)

@@ -20,6 +20,7 @@ from shoal.common.messaging.envelope import (
 )
 from shoal.common.messaging.ledger import (
     LEDGER_SEQ_HEADER,
+    commit_body,
     encode_commit,
     ledger_events,
     ledger_last_seq,
@@ -37,6 +38,7 @@ __all__ = [
     "Catalog",
     "Envelope",
     "Subjects",
+    "commit_body",
     "connect_nats",
     "decode",
     "dumps",

@@ -46,7 +46,12 @@ _seq_decoder = msgspec.json.Decoder(_SeqOnly)
 
 def encode_commit(events: Sequence[Envelope]) -> bytes:
     """The body of one commit: each event's bytes are exactly ``encode(event)``."""
-    return b'{"events":[' + b",".join(encode(e) for e in events) + b"]}"
+    return commit_body([encode(e) for e in events])
+
+
+def commit_body(encoded_events: Sequence[bytes]) -> bytes:
+    """The body of one commit from its events already encoded (a writer sizing its commits)."""
+    return b'{"events":[' + b",".join(encoded_events) + b"]}"
 
 
 def ledger_raw_events(data: bytes) -> list[bytes]:
